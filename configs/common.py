@@ -1,0 +1,128 @@
+"""Shared pieces of the stage configs: argument parsing, dataset presets, model variants.
+
+A stage config is `configs/<stage>.py` with `get_config(arg)`, where `arg` is the text after the colon
+in `--config=configs/<stage>.py:<arg>`: a dataset name, optionally followed by `,key=value` options,
+e.g. `mura,model=small`. Everything else is overridden with flags (`--config.optim.lr=3e-5`).
+This module imports no JAX, so configs load fast and anywhere.
+"""
+
+from __future__ import annotations
+
+from ml_collections import config_dict
+
+# Public ViT shapes (Dosovitskiy et al. 2021; Touvron et al. 2021 for tiny/small), plus two small
+# shapes for CPU runs and tests. The patch size comes from the dataset preset.
+MODEL_VARIANTS = {
+    "tiny": dict(hidden_size=192, depth=12, num_heads=3, mlp_dim=768),
+    "small": dict(hidden_size=384, depth=12, num_heads=6, mlp_dim=1536),
+    "base": dict(hidden_size=768, depth=12, num_heads=12, mlp_dim=3072),
+    "large": dict(hidden_size=1024, depth=24, num_heads=16, mlp_dim=4096),
+    "mini": dict(hidden_size=128, depth=6, num_heads=4, mlp_dim=512),
+    "micro": dict(hidden_size=64, depth=4, num_heads=4, mlp_dim=256),
+}
+
+# What the data fixes (classes, target type, image geometry) and a sensible default model.
+DATASET_PRESETS = {
+    # scikit-learn's bundled 8x8 digits: 16 players of 2x2 pixels; runs anywhere, offline.
+    "digits": dict(num_classes=10, target="multiclass", image_size=8, patch_size=2, model="micro"),
+    # fast.ai imagenette2 (10 ImageNet classes).
+    "imagenette": dict(num_classes=10, target="multiclass", image_size=224, patch_size=16, model="base"),
+    # Oxford-IIIT Pet (37 breeds).
+    "pet": dict(num_classes=37, target="multiclass", image_size=224, patch_size=16, model="base"),
+    # Stanford MURA musculoskeletal X-rays: abnormal vs normal, one logit with a sigmoid link.
+    "mura": dict(num_classes=2, target="binary", image_size=224, patch_size=16, model="base"),
+}
+
+STAGES = ("classifier", "surrogate", "explainer")
+
+
+def parse_arg(arg: str | None, **spec) -> config_dict.ConfigDict:
+    """Parses `"value,key=value,flag"` against `spec` (option name -> default, which fixes the type).
+
+    A lone value in first position fills the first option; a bare word elsewhere sets a boolean
+    option to True; an unknown option or a value of the wrong type is a ValueError.
+    """
+    result = dict(spec)
+    names = list(spec)
+    for i, item in enumerate((arg or "").split(",")):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" in item:
+            key, value = (s.strip() for s in item.split("=", 1))
+        elif i == 0:
+            key, value = names[0], item
+        else:
+            key, value = item, True
+        if key not in spec:
+            raise ValueError(
+                f"unknown option {key!r} in config argument {arg!r}; known options: {', '.join(names)}"
+            )
+        result[key] = _convert(key, value, spec[key])
+    return config_dict.ConfigDict(result)
+
+
+def _convert(key, value, default):
+    if isinstance(default, bool):
+        if value is True or str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"option {key}={value!r}: expected a boolean (True/False)")
+    if value is True:
+        raise ValueError(f"option {key!r} needs a value: write {key}=...")
+    try:
+        return type(default)(value)
+    except ValueError:
+        raise ValueError(f"option {key}={value!r}: expected {type(default).__name__}") from None
+
+
+def base_config(stage: str, opts: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """The fields every stage shares, filled from the dataset preset and the model variant.
+
+    `opts` must hold `dataset` and `model` ("" = the preset's default model).
+    """
+    if opts.dataset not in DATASET_PRESETS:
+        raise ValueError(f"unknown dataset {opts.dataset!r}; known datasets: {', '.join(DATASET_PRESETS)}")
+    preset = DATASET_PRESETS[opts.dataset]
+    variant = opts.model or preset["model"]
+    if variant not in MODEL_VARIANTS:
+        raise ValueError(f"unknown model {variant!r}; known models: {', '.join(MODEL_VARIANTS)}")
+    shape = MODEL_VARIANTS[variant]
+    c = config_dict.ConfigDict()
+    c.stage = stage  # which stage launch.py runs
+    c.seed = 0  # seeds parameter init, data order and coalition sampling
+
+    c.dataset = config_dict.ConfigDict()
+    c.dataset.name = opts.dataset  # a key of DATASET_PRESETS
+    c.dataset.num_classes = preset["num_classes"]  # classes in the data (2 for a binary target)
+    c.dataset.target = preset["target"]  # "multiclass" (softmax, cross-entropy) or "binary" (sigmoid, BCE)
+    c.dataset.image_size = preset["image_size"]  # side of the square model input, in pixels
+    c.dataset.data_dir = config_dict.placeholder(str)  # where prepared data lives (None: default)
+
+    c.model = config_dict.ConfigDict()
+    c.model.variant = variant  # a key of MODEL_VARIANTS (informational once the shape is set)
+    c.model.patch_size = preset["patch_size"]  # side of a square patch (one player) in pixels
+    c.model.hidden_size = shape["hidden_size"]  # token width D
+    c.model.depth = shape["depth"]  # transformer blocks
+    c.model.num_heads = shape["num_heads"]  # attention heads (must divide hidden_size)
+    c.model.mlp_dim = shape["mlp_dim"]  # hidden width of each block's MLP
+    c.model.dropout_rate = 0.0  # dropout after attention and MLP while training
+    c.model.masking = "attention"  # how held-out patches are removed: "attention" or "zero"
+    c.model.dtype = "float32"  # compute dtype ("float32" or "bfloat16"); parameters stay float32
+    c.model.pretrained = config_dict.placeholder(
+        str
+    )  # .npz (big_vision / vision_transformer) or timm .safetensors
+
+    c.optim = config_dict.ConfigDict()
+    c.optim.lr = 1e-5  # peak learning rate of AdamW (reference: 1e-5 classifier and surrogate)
+    c.optim.weight_decay = 1e-5  # AdamW decoupled weight decay
+    c.optim.warmup_steps = 500  # linear warmup before the cosine decay
+    c.optim.grad_clip = 1.0  # global-norm gradient clipping (0 disables)
+
+    c.train = config_dict.ConfigDict()
+    c.train.epochs = 25  # passes over the training split
+    c.train.batch_size = 64  # global batch, split over all devices (must divide evenly)
+    c.train.log_every_steps = 50  # steps between logged training metrics
+    c.train.checkpoint_every_steps = 1000  # steps between "latest" checkpoints (also saved each epoch)
+    return c

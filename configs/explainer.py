@@ -1,0 +1,30 @@
+"""Stage 3: train the explainer (ViT backbone + explainer head) against the frozen surrogate.
+
+    python launch.py --config=configs/explainer.py:mura --workdir=runs/mura --config.optim.lr=3e-5
+
+Reads the surrogate from `{workdir}/surrogate/` unless `--config.upstream=PATH` is given.
+Argument: `<dataset>[,model=<variant>]`.
+"""
+
+from ml_collections import config_dict
+
+from configs import common
+
+
+def get_config(arg=None):
+    opts = common.parse_arg(arg, dataset="digits", model="")
+    c = common.base_config("explainer", opts)
+    c.upstream = config_dict.placeholder(str)  # surrogate run directory (None: {workdir}/surrogate)
+    c.optim.lr = 1e-4  # reference explainer learning rate
+    c.train.epochs = 100  # reference: 100 epochs, best checkpoint by validation loss
+
+    c.explainer = config_dict.ConfigDict()
+    c.explainer.num_coalitions = 32  # coalitions per image drawn from the Shapley kernel
+    c.explainer.paired = True  # each coalition comes with its complement (num_coalitions must be even)
+    c.explainer.head_blocks = 1  # extra transformer blocks in the head, over all tokens
+    c.explainer.mlp_layers = 3  # Dense layers of the head MLP (the last one outputs the classes)
+    c.explainer.mlp_ratio = 4  # hidden width of the head MLP, in multiples of hidden_size
+    c.explainer.activation = "gelu"  # activation between head MLP layers: "gelu" or "relu"
+    c.explainer.freeze_backbone = False  # train only the head (the reference trains everything)
+    c.lock()
+    return c

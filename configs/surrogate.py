@@ -1,0 +1,22 @@
+"""Stage 2: fine-tune the classifier into a surrogate that tolerates held-out patches.
+
+    python launch.py --config=configs/surrogate.py:imagenette,masking=zero --workdir=runs/imagenette
+
+Reads the classifier from `{workdir}/classifier/` unless `--config.upstream=PATH` is given.
+Argument: `<dataset>[,model=<variant>][,masking=attention|zero]`.
+"""
+
+from ml_collections import config_dict
+
+from configs import common
+
+
+def get_config(arg=None):
+    opts = common.parse_arg(arg, dataset="digits", model="", masking="attention")
+    c = common.base_config("surrogate", opts)
+    c.model.masking = opts.masking  # one surrogate is trained per masking strategy
+    c.upstream = config_dict.placeholder(str)  # classifier run directory (None: {workdir}/classifier)
+    c.optim.lr = 1e-5  # reference surrogate learning rate
+    c.train.epochs = 50  # reference: 50 epochs, best checkpoint by validation KL
+    c.lock()
+    return c

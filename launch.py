@@ -1,0 +1,130 @@
+"""Runs one stage of vitshap_jax.
+
+    python launch.py --config=configs/<stage>.py:<dataset>[,k=v] --workdir=DIR [--config.a.b=value ...]
+
+Parses the config (configs/*.py), checks it, optionally joins a multi-host run, builds the device mesh
+and hands over to the stage's `run(config, workdir, mesh)`. Bad flags give a one-line error, exit 2.
+"""
+
+import importlib.util
+import json
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Stage config: configs/<stage>.py:<dataset>[,key=value,...].", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; a stage writes {workdir}/{stage}/.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Check the config, build the mesh, print the resolved config as JSON and exit."
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (multi-host; cluster env auto-detected)."
+)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (--distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (--distributed).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (--distributed).")
+
+
+def _fail(message: str):
+    print(f"launch.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _load_config_module(spec: str):
+    """Loads `path[:arg]` the way config_flags does, to explain a failed override."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_vitshap_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _unknown_key(argv) -> str | None:
+    """Names the first `--config.a.b` override that the config lacks."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        return None
+    config = _load_config_module(spec)
+    for arg in argv:
+        match = re.match(r"--config\.([\w.]+)", arg)
+        if not match:
+            continue
+        node, parts = config, match.group(1).split(".")
+        for i, part in enumerate(parts):
+            if not hasattr(node, "keys") or part not in node:
+                where = "config" + "".join(f".{p}" for p in parts[:i])
+                known = ", ".join(node.keys()) if hasattr(node, "keys") else "(not a group)"
+                return f"--config.{match.group(1)}: {where} has no field {part!r}; its fields: {known}"
+            node = node[part]
+    return None
+
+
+def parse_flags(argv):
+    """absl flag parsing with one-line errors for unknown config keys and bad config arguments."""
+    try:
+        rest = flags.FLAGS(argv)
+        _CONFIG.value.stage  # noqa: B018 -- the config file's load error surfaces on first use
+        return rest
+    except (AttributeError, KeyError) as e:  # an override names a field the config lacks
+        _fail(_unknown_key(argv) or f"unknown config field {e}")
+    except OSError as e:  # the config file itself; its last line holds the reason
+        spec = next((a for a in argv if a.startswith("--config=")), "--config")
+        reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+        _fail(f"{spec}: cannot load the config file: {reason}")
+    except flags.Error as e:
+        text = str(e)
+        if "Traceback" in text:  # get_config raised: keep the flag and the exception's last line
+            last = [line for line in text.splitlines() if line.strip()][-1]
+            _fail(f"{text.splitlines()[0].rstrip(':')}: {last}")
+        _fail(text.splitlines()[0])
+
+
+def main(argv):
+    if len(argv) > 1:
+        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    import jax
+
+    from vitshap_jax import parallel, stages
+    from vitshap_jax.config import ConfigError, validate
+
+    config = _CONFIG.value
+    try:
+        validate(config)
+    except ConfigError as e:
+        _fail(str(e))
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+    mesh = parallel.make_mesh()
+    try:
+        parallel.check_batch_size(config.train.batch_size, mesh)
+    except ValueError as e:
+        _fail(str(e))
+    logging.info(
+        "process %d/%d, %d devices (%s)",
+        jax.process_index(),
+        jax.process_count(),
+        mesh.devices.size,
+        jax.devices()[0].platform,
+    )
+    if _DRY_RUN.value:
+        print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+        return
+    try:
+        run = stages.get_stage(config.stage)
+    except stages.StageNotAvailableError as e:
+        print(f"launch.py: {e}", file=sys.stderr)
+        sys.exit(1)
+    run(config, _WORKDIR.value, mesh)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main, flags_parser=parse_flags)

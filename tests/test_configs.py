@@ -1,0 +1,103 @@
+"""Stage configs: every stage x dataset loads and validates; options, presets and errors."""
+
+import importlib.util
+
+import pytest
+
+from configs import common
+from vitshap_jax.config import ConfigError, num_outputs, validate
+
+
+def load(stage, arg=None):
+    """Loads configs/<stage>.py the way config_flags does (by path) and calls get_config(arg)."""
+    spec = importlib.util.spec_from_file_location(f"cfg_{stage}", f"configs/{stage}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg is not None else module.get_config()
+
+
+@pytest.mark.parametrize("dataset", sorted(common.DATASET_PRESETS))
+@pytest.mark.parametrize("stage", common.STAGES)
+def test_every_stage_and_dataset_loads_and_validates(stage, dataset):
+    c = load(stage, dataset)
+    validate(c)
+    preset = common.DATASET_PRESETS[dataset]
+    assert c.stage == stage and c.dataset.name == dataset
+    assert (c.dataset.num_classes, c.dataset.target, c.dataset.image_size, c.model.patch_size) == (
+        preset["num_classes"],
+        preset["target"],
+        preset["image_size"],
+        preset["patch_size"],
+    )
+    assert c.model.hidden_size == common.MODEL_VARIANTS[preset["model"]]["hidden_size"]
+    with pytest.raises(AttributeError):  # locked: a misspelled field cannot be created
+        c.optim.learning_rate = 1.0
+
+
+def test_default_dataset_is_digits():
+    assert load("classifier").dataset.name == "digits"
+
+
+def test_mura_is_binary_with_one_logit():
+    c = load("explainer", "mura")
+    assert c.dataset.target == "binary" and num_outputs(c) == 1
+    assert num_outputs(load("classifier", "pet")) == 37
+
+
+@pytest.mark.parametrize("variant", ["tiny", "small", "base", "large"])
+def test_model_option_picks_the_variant(variant):
+    c = load("classifier", f"imagenette,model={variant}")
+    assert c.model.variant == variant
+    assert {k: c.model[k] for k in common.MODEL_VARIANTS[variant]} == common.MODEL_VARIANTS[variant]
+
+
+def test_stage_specific_options_and_defaults():
+    assert load("surrogate", "pet,masking=zero").model.masking == "zero"
+    e = load("explainer", "imagenette")
+    assert (e.explainer.num_coalitions, e.explainer.paired, e.optim.lr) == (32, True, 1e-4)
+    assert e.upstream is None
+    with pytest.raises(ValueError, match="unknown option 'masking'"):
+        load("classifier", "pet,masking=zero")
+
+
+def test_parse_arg_rules():
+    p = common.parse_arg("mura,flag,n=3", dataset="", flag=False, n=1, x=0.5)
+    assert (p.dataset, p.flag, p.n, p.x) == ("mura", True, 3, 0.5)
+    assert common.parse_arg("", dataset="digits").dataset == "digits"
+    with pytest.raises(ValueError, match="unknown option 'nope'.*known options: dataset, n"):
+        common.parse_arg("mura,nope=1", dataset="", n=1)
+    with pytest.raises(ValueError, match="option n='x': expected int"):
+        common.parse_arg("mura,n=x", dataset="", n=1)
+    with pytest.raises(ValueError, match="option 'n' needs a value"):
+        common.parse_arg("mura,n", dataset="", n=1)
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
+        load("classifier", "cifar")
+    with pytest.raises(ValueError, match="unknown model 'huge'"):
+        load("classifier", "pet,model=huge")
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("model.num_heads", 5, r"config.model.num_heads=5: must divide config.model.hidden_size=768"),
+        ("model.masking", "pixel", r"config.model.masking='pixel': must be one of attention, zero"),
+        ("dataset.num_classes", 3, r"config.dataset.num_classes=3: a binary target has 2 classes"),
+        ("dataset.image_size", 200, r"config.dataset.image_size=200: must be a positive multiple"),
+        ("optim.lr", 0.0, r"config.optim.lr=0.0: must be positive"),
+        ("train.batch_size", 0, r"config.train.batch_size=0: must be positive"),
+        ("explainer.num_coalitions", 31, r"config.explainer.num_coalitions=31: must be even"),
+        (
+            "model.pretrained",
+            "/nonexistent/vit.npz",
+            r"config.model.pretrained='/nonexistent/vit.npz': no such file",
+        ),
+        ("model.pretrained", "/tmp/vit.pth", r"expected a .npz .* or .safetensors"),
+        ("model.dtype", "float16", r"config.model.dtype='float16': must be one of float32, bfloat16"),
+    ],
+)
+def test_validate_names_the_field(field, value, message):
+    c = load("explainer", "mura")
+    group, key = field.split(".")
+    c[group][key] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(c)

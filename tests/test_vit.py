@@ -1,0 +1,155 @@
+"""The masked ViT: masking strategies against oracles, and the public parameter counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common
+from vitshap_jax.models import ViT, num_patches
+
+IMAGE, PATCH = 16, 4  # 16 players
+N = num_patches(IMAGE, PATCH)
+
+
+def _model(masking="attention", **kw):
+    shape = dict(hidden_size=32, depth=3, num_heads=4, mlp_dim=64)
+    shape.update(kw)
+    return ViT(num_classes=5, patch_size=PATCH, masking=masking, **shape)
+
+
+def _random_params(model, key):
+    """Initial params, with a random head (its default init is zero, which would hide every difference)."""
+    images = jnp.zeros((1, IMAGE, IMAGE, 3))
+    params = model.init(key, images)["params"]
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+    leaves = [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    return jax.tree.unflatten(tree, leaves)
+
+
+def _images(key, batch=6):
+    return jax.random.normal(key, (batch, IMAGE, IMAGE, 3))
+
+
+def _random_masks(key, batch):
+    """Coalitions of every size between 0 and n over the batch."""
+    sizes = jnp.linspace(0, N, batch).round().astype(int)
+    order = jax.vmap(lambda k: jax.random.permutation(k, N))(jax.random.split(key, batch))
+    ranks = jnp.argsort(order, axis=1)
+    return ranks < sizes[:, None]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    key = jax.random.key(0)
+    return _images(jax.random.key(1)), _random_masks(jax.random.key(2), 6), key
+
+
+@pytest.mark.parametrize("masking", ["attention", "zero"])
+def test_all_visible_mask_is_the_unmasked_model(setup, masking):
+    images, _, key = setup
+    model = _model(masking)
+    params = _random_params(model, key)
+    plain = model.apply({"params": params}, images)
+    ones = model.apply({"params": params}, images, jnp.ones((6, N), bool))
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(ones))
+    assert float(jnp.abs(plain).max()) > 0.1  # a non-trivial output
+
+
+def test_attention_masking_equals_running_the_visible_tokens_alone(setup):
+    images, masks, key = setup
+    model = _model("attention")
+    params = _random_params(model, key)
+    masked = model.apply({"params": params}, images, masks)
+    for i in range(images.shape[0]):
+        visible = np.flatnonzero(np.asarray(masks[i]))[None]
+        alone = model.apply({"params": params}, images[i : i + 1], patch_indices=jnp.asarray(visible))
+        np.testing.assert_allclose(np.asarray(masked[i]), np.asarray(alone[0]), atol=2e-5, rtol=1e-5)
+    # The mask matters: the same images with every patch visible give other outputs.
+    full = model.apply({"params": params}, images)
+    assert float(jnp.abs(masked[1:-1] - full[1:-1]).min(axis=1).max()) > 1e-2
+
+
+def test_patch_indices_keep_the_chosen_tokens_with_their_own_position_embeddings():
+    """The oracle above must not share the masking code: with no blocks the encoder output is
+    LayerNorm(embedding + position) row by row, so the kept rows equal those rows of the full run."""
+    model = _model("attention", depth=0)
+    params = _random_params(model, jax.random.key(3))
+    images = _images(jax.random.key(4), 1)
+    keep = jnp.array([[0, 5, 9]])
+    kept = model.apply({"params": params}, images, method=ViT.encode, patch_indices=keep)
+    full = model.apply({"params": params}, images, method=ViT.encode)
+    assert kept.shape == (1, 4, 32)
+    np.testing.assert_allclose(np.asarray(kept[0]), np.asarray(full[0, jnp.array([0, 1, 6, 10])]), atol=1e-6)
+
+
+@pytest.mark.parametrize("masking", ["attention", "zero"])
+def test_pixels_of_held_out_patches_do_not_change_the_output(setup, masking):
+    images, masks, key = setup
+    model = _model(masking)
+    params = _random_params(model, key)
+    pixel_mask = np.repeat(np.repeat(np.asarray(masks).reshape(6, 4, 4), PATCH, 1), PATCH, 2)[..., None]
+    noise = jax.random.normal(jax.random.key(5), images.shape) * 10
+    changed = jnp.where(pixel_mask, images, noise)
+    a = model.apply({"params": params}, images, masks)
+    b = model.apply({"params": params}, changed, masks)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-5)
+    # ... while without the mask those pixels do change it.
+    c = model.apply({"params": params}, changed)
+    assert float(jnp.abs(c - model.apply({"params": params}, images)).max()) > 1e-2
+
+
+def test_zero_masking_is_zeroing_the_pixels(setup):
+    images, masks, key = setup
+    model = _model("zero")
+    params = _random_params(model, key)
+    pixel_mask = np.repeat(np.repeat(np.asarray(masks).reshape(6, 4, 4), PATCH, 1), PATCH, 2)[..., None]
+    masked = model.apply({"params": params}, images, masks)
+    zeroed = model.apply({"params": params}, images * pixel_mask)
+    np.testing.assert_allclose(np.asarray(masked), np.asarray(zeroed), atol=1e-6)
+
+
+def test_float_masks_and_bool_masks_agree(setup):
+    images, masks, key = setup
+    model = _model("attention")
+    params = _random_params(model, key)
+    a = model.apply({"params": params}, images, masks)
+    b = model.apply({"params": params}, images, masks.astype(jnp.float32))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bad_mask_shape_is_a_clear_error(setup):
+    images, _, key = setup
+    model = _model()
+    params = _random_params(model, key)
+    with pytest.raises(ValueError, match=r"patch_mask has shape \(6, 15\); expected .* \(6, 16\)"):
+        model.apply({"params": params}, images, jnp.ones((6, 15), bool))
+    with pytest.raises(ValueError, match="masking='pixel'"):
+        _model("pixel").init(key, images)
+
+
+def test_jit_and_grad_through_the_masked_model(setup):
+    images, masks, key = setup
+    model = _model("attention", dropout_rate=0.1)
+    params = _random_params(model, key)
+
+    @jax.jit
+    def loss(p, rng):
+        out = model.apply({"params": p}, images, masks, train=True, rngs={"dropout": rng})
+        return jnp.mean(out**2)
+
+    grads = jax.grad(loss)(params, jax.random.key(7))
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+    assert float(jnp.abs(grads["embedding"]["kernel"]).sum()) > 0
+
+
+# Public counts, e.g. timm's vit_{tiny,small,base,large}_patch16_224 (1000 classes, 224 px, patch 16).
+PUBLIC_COUNTS = {"tiny": 5_717_416, "small": 22_050_664, "base": 86_567_656, "large": 304_326_632}
+
+
+@pytest.mark.parametrize("variant", sorted(PUBLIC_COUNTS))
+def test_parameter_count_matches_public_vit(variant):
+    model = ViT(num_classes=1000, patch_size=16, **common.MODEL_VARIANTS[variant])
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    assert sum(x.size for x in jax.tree.leaves(shapes)) == PUBLIC_COUNTS[variant]

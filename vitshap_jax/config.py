@@ -1,0 +1,106 @@
+"""Checks a stage config before any work starts, with one-line errors that name the field.
+
+The configs themselves live in `configs/` (plain ml_collections, no JAX); this module holds the rules
+that a config must satisfy, whoever built it (launch.py, a notebook, a test).
+"""
+
+from __future__ import annotations
+
+import os
+
+STAGES = ("classifier", "surrogate", "explainer")
+MASKING_STRATEGIES = ("attention", "zero")  # see vitshap_jax/models/vit.py
+DATASETS = ("digits", "imagenette", "pet", "mura")
+TARGETS = ("multiclass", "binary")
+DTYPES = ("float32", "bfloat16")
+ACTIVATIONS = ("gelu", "relu")
+PRETRAINED_SUFFIXES = (".npz", ".safetensors")
+
+
+class ConfigError(ValueError):
+    """A config field has a value the run cannot use; the message names the field."""
+
+
+def num_outputs(config) -> int:
+    """Logits the model produces: one for a binary target (sigmoid link), else one per class."""
+    return 1 if config.dataset.target == "binary" else config.dataset.num_classes
+
+
+def _require(ok: bool, key: str, value, why: str):
+    if not ok:
+        raise ConfigError(f"config.{key}={value!r}: {why}")
+
+
+def _one_of(config, key: str, allowed):
+    value = _get(config, key)
+    _require(value in allowed, key, value, f"must be one of {', '.join(map(str, allowed))}")
+
+
+def _get(config, key: str):
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def validate(config) -> None:
+    """Raises ConfigError (one line, naming the field) if `config` cannot run."""
+    _one_of(config, "stage", STAGES)
+    d, m, o, t = config.dataset, config.model, config.optim, config.train
+
+    _one_of(config, "dataset.name", DATASETS)
+    _one_of(config, "dataset.target", TARGETS)
+    if d.target == "binary":
+        _require(d.num_classes == 2, "dataset.num_classes", d.num_classes, "a binary target has 2 classes")
+    else:
+        _require(d.num_classes >= 2, "dataset.num_classes", d.num_classes, "needs at least 2 classes")
+    _require(m.patch_size >= 1, "model.patch_size", m.patch_size, "must be positive")
+    _require(
+        d.image_size >= m.patch_size and d.image_size % m.patch_size == 0,
+        "dataset.image_size",
+        d.image_size,
+        f"must be a positive multiple of config.model.patch_size={m.patch_size}",
+    )
+
+    for key in ("hidden_size", "depth", "num_heads", "mlp_dim"):
+        _require(m[key] >= 1, f"model.{key}", m[key], "must be positive")
+    _require(
+        m.hidden_size % m.num_heads == 0,
+        "model.num_heads",
+        m.num_heads,
+        f"must divide config.model.hidden_size={m.hidden_size}",
+    )
+    _require(0.0 <= m.dropout_rate < 1.0, "model.dropout_rate", m.dropout_rate, "must be in [0, 1)")
+    _one_of(config, "model.masking", MASKING_STRATEGIES)
+    _one_of(config, "model.dtype", DTYPES)
+    if m.pretrained is not None:
+        _require(
+            m.pretrained.endswith(PRETRAINED_SUFFIXES),
+            "model.pretrained",
+            m.pretrained,
+            "expected a .npz (big_vision / vision_transformer) or .safetensors (timm) file",
+        )
+        _require(os.path.isfile(m.pretrained), "model.pretrained", m.pretrained, "no such file")
+
+    _require(o.lr > 0, "optim.lr", o.lr, "must be positive")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+
+    for key in ("epochs", "batch_size", "log_every_steps", "checkpoint_every_steps"):
+        _require(t[key] >= 1, f"train.{key}", t[key], "must be positive")
+
+    if config.stage == "explainer":
+        e = config.explainer
+        _require(e.num_coalitions >= 1, "explainer.num_coalitions", e.num_coalitions, "must be positive")
+        if e.paired:
+            _require(
+                e.num_coalitions % 2 == 0,
+                "explainer.num_coalitions",
+                e.num_coalitions,
+                "must be even with config.explainer.paired=True (each coalition comes with its complement)",
+            )
+        _require(e.head_blocks >= 0, "explainer.head_blocks", e.head_blocks, "must be >= 0")
+        _require(e.mlp_layers >= 1, "explainer.mlp_layers", e.mlp_layers, "must be positive")
+        _require(e.mlp_ratio >= 1, "explainer.mlp_ratio", e.mlp_ratio, "must be positive")
+        _one_of(config, "explainer.activation", ACTIVATIONS)
