@@ -21,16 +21,53 @@ MODEL_VARIANTS = {
     "micro": dict(hidden_size=64, depth=4, num_heads=4, mlp_dim=256),
 }
 
-# What the data fixes (classes, target type, image geometry) and a sensible default model.
+# What the data fixes (classes, target type, image geometry, sensible augmentation) and a default model.
 DATASET_PRESETS = {
-    # scikit-learn's bundled 8x8 digits: 16 players of 2x2 pixels; runs anywhere, offline.
-    "digits": dict(num_classes=10, target="multiclass", image_size=8, patch_size=2, model="micro"),
+    # scikit-learn's bundled 8x8 digits: 16 players of 2x2 pixels; runs anywhere, offline. No crop or
+    # flip: a mirrored or cropped digit is another digit or none.
+    "digits": dict(
+        num_classes=10,
+        target="multiclass",
+        image_size=8,
+        patch_size=2,
+        model="micro",
+        resize_size=8,
+        crop_scale_min=1.0,
+        hflip=False,
+    ),
     # fast.ai imagenette2 (10 ImageNet classes).
-    "imagenette": dict(num_classes=10, target="multiclass", image_size=224, patch_size=16, model="base"),
+    "imagenette": dict(
+        num_classes=10,
+        target="multiclass",
+        image_size=224,
+        patch_size=16,
+        model="base",
+        resize_size=256,
+        crop_scale_min=0.8,
+        hflip=True,
+    ),
     # Oxford-IIIT Pet (37 breeds).
-    "pet": dict(num_classes=37, target="multiclass", image_size=224, patch_size=16, model="base"),
+    "pet": dict(
+        num_classes=37,
+        target="multiclass",
+        image_size=224,
+        patch_size=16,
+        model="base",
+        resize_size=256,
+        crop_scale_min=0.8,
+        hflip=True,
+    ),
     # Stanford MURA musculoskeletal X-rays: abnormal vs normal, one logit with a sigmoid link.
-    "mura": dict(num_classes=2, target="binary", image_size=224, patch_size=16, model="base"),
+    "mura": dict(
+        num_classes=2,
+        target="binary",
+        image_size=224,
+        patch_size=16,
+        model="base",
+        resize_size=256,
+        crop_scale_min=0.8,
+        hflip=True,
+    ),
 }
 
 STAGES = ("classifier", "surrogate", "explainer")
@@ -98,7 +135,22 @@ def base_config(stage: str, opts: config_dict.ConfigDict) -> config_dict.ConfigD
     c.dataset.num_classes = preset["num_classes"]  # classes in the data (2 for a binary target)
     c.dataset.target = preset["target"]  # "multiclass" (softmax, cross-entropy) or "binary" (sigmoid, BCE)
     c.dataset.image_size = preset["image_size"]  # side of the square model input, in pixels
-    c.dataset.data_dir = config_dict.placeholder(str)  # where prepared data lives (None: default)
+    c.dataset.data_dir = config_dict.placeholder(
+        str
+    )  # prepared data (None: $TFDS_DATA_DIR or ~/tensorflow_datasets)
+    c.dataset.manual_dir = config_dict.placeholder(str)  # the user's download, to prepare from on first use
+    c.dataset.on_bad_image = "fail"  # an unreadable image while preparing: "fail" (with its path) or "skip"
+    c.dataset.resize_size = preset["resize_size"]  # eval: shorter side resized to this, then center crop
+    c.dataset.crop_scale_min = preset[
+        "crop_scale_min"
+    ]  # train: random-resized-crop area in [this, 1] (1: none)
+    c.dataset.hflip = preset["hflip"]  # train: random horizontal flips
+    c.dataset.normalization = (
+        "inception"  # pixel normalization of the pretrained ViT: "inception" or "imagenet"
+    )
+    c.dataset.workers = 0  # grain worker processes for decoding and augmentation (0: threads only)
+    c.dataset.read_threads = 4  # grain threads reading and transforming examples
+    c.dataset.prefetch = 4  # batches grain prepares ahead
 
     c.model = config_dict.ConfigDict()
     c.model.variant = variant  # a key of MODEL_VARIANTS (informational once the shape is set)

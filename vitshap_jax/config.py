@@ -15,6 +15,8 @@ TARGETS = ("multiclass", "binary")
 DTYPES = ("float32", "bfloat16")
 ACTIVATIONS = ("gelu", "relu")
 PRETRAINED_SUFFIXES = (".npz", ".safetensors")
+BAD_IMAGE_POLICIES = ("fail", "skip")  # see vitshap_jax/data/base.py
+NORMALIZATIONS = ("inception", "imagenet")  # see vitshap_jax/data/transforms.py
 
 
 class ConfigError(ValueError):
@@ -54,6 +56,17 @@ def validate(config) -> None:
         _require(d.num_classes == 2, "dataset.num_classes", d.num_classes, "a binary target has 2 classes")
     else:
         _require(d.num_classes >= 2, "dataset.num_classes", d.num_classes, "needs at least 2 classes")
+    _one_of(config, "dataset.on_bad_image", BAD_IMAGE_POLICIES)
+    _one_of(config, "dataset.normalization", NORMALIZATIONS)
+    _require(
+        d.resize_size >= d.image_size,
+        "dataset.resize_size",
+        d.resize_size,
+        f"must be >= config.dataset.image_size={d.image_size} (resize, then center crop)",
+    )
+    _require(0 < d.crop_scale_min <= 1, "dataset.crop_scale_min", d.crop_scale_min, "must be in (0, 1]")
+    for key in ("workers", "read_threads", "prefetch"):
+        _require(d[key] >= 0, f"dataset.{key}", d[key], "must be >= 0")
     _require(m.patch_size >= 1, "model.patch_size", m.patch_size, "must be positive")
     _require(
         d.image_size >= m.patch_size and d.image_size % m.patch_size == 0,

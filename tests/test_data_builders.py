@@ -1,0 +1,255 @@
+"""Dataset builders on miniature copies of each official layout (written here; no download, no TF)."""
+
+import io
+import os
+import tarfile
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+from sklearn.datasets import load_digits
+
+from vitshap_jax import data
+from vitshap_jax.data import imagenette, mura, pet
+from vitshap_jax.data.base import BadImageError, DataNotFoundError
+
+
+def _image_bytes(fmt="JPEG", mode="RGB", seed=0, size=(12, 10)):
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "L": 1, "CMYK": 4}[mode]
+    pixels = rng.integers(0, 255, (size[1], size[0], channels), dtype=np.uint8)
+    image = PIL.Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode=mode)
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _write(root, files: dict):
+    for rel, content in files.items():
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(content.encode() if isinstance(content, str) else content)
+
+
+def _tar(path, root, members):
+    with tarfile.open(path, "w:gz") as tf:
+        for m in members:
+            tf.add(os.path.join(root, m), arcname=m)
+
+
+def _records(builder, split):
+    source = builder.as_data_source(split=split)
+    return [source[i] for i in range(len(source))]
+
+
+def test_digits_fixed_split_and_labels(tmp_path):
+    b = data.prepare("digits", data_dir=str(tmp_path))
+    sizes = {s: b.info.splits[s].num_examples for s in data.SPLITS}
+    assert sizes == {"train": 1257, "validation": 270, "test": 270}
+    digits = load_digits()
+    wanted = {int(i) for i in data.digits.split_indices()["test"]}
+    for record in _records(b, "test")[:40]:
+        image = record["image"]
+        assert image.shape == (8, 8, 3) and image.dtype == np.uint8
+        matches = [i for i in wanted if np.array_equal(np.round(digits.images[i] * 255 / 16), image[..., 0])]
+        assert matches and all(digits.target[i] == record["label"] for i in matches)
+
+
+def test_a_prepared_dataset_is_reused(tmp_path, monkeypatch):
+    b = data.prepare("digits", data_dir=str(tmp_path))
+    stamp = os.path.getmtime(os.path.join(b.data_path, "dataset_info.json"))
+
+    def no_rebuild(self, dl_manager):
+        raise AssertionError("rebuilt")
+
+    monkeypatch.setattr(data.digits.Digits, "_split_generators", no_rebuild)
+    again = data.prepare("digits", data_dir=str(tmp_path))
+    assert os.path.getmtime(os.path.join(again.data_path, "dataset_info.json")) == stamp
+
+
+# ---- imagenette
+
+WNIDS = list(imagenette.CLASSES)[:3]
+
+
+def _imagenette_tree(root, corrupt=False):
+    files = {}
+    for c, wnid in enumerate(WNIDS):
+        for i in range(3):
+            files[f"imagenette2/train/{wnid}/{wnid}_{i}.JPEG"] = _image_bytes(seed=c * 10 + i)
+        for i in range(4):
+            mode = "L" if i == 0 else "CMYK" if i == 1 else "RGB"  # imagenette has gray and CMYK JPEGs
+            files[f"imagenette2/val/{wnid}/ILSVRC2012_val_{c}{i:04d}.JPEG"] = _image_bytes(
+                mode=mode, seed=99 + i
+            )
+    files["imagenette2/noisy_imagenette.csv"] = "path,noisy_labels_0\n"
+    if corrupt:
+        files[f"imagenette2/train/{WNIDS[0]}/broken.JPEG"] = b"not a jpeg"
+    _write(root, files)
+    return files
+
+
+@pytest.mark.parametrize("archive", [False, True])
+def test_imagenette_splits_and_labels(tmp_path, archive):
+    manual = tmp_path / "manual"
+    files = _imagenette_tree(manual)
+    if archive:  # the .tgz as downloaded, folder removed
+        _tar(tmp_path / "imagenette2.tgz", manual, ["imagenette2"])
+        manual = tmp_path
+        import shutil
+
+        shutil.rmtree(tmp_path / "manual")
+    b = data.prepare("imagenette", str(manual), str(tmp_path / "prepared"))
+    names = b.info.features["label"].names
+    assert names == list(imagenette.CLASSES) and b.info.features["label"].num_classes == 10
+    records = {s: _records(b, s) for s in data.SPLITS}
+    assert len(records["train"]) == 9
+    val_files = sorted(k.removeprefix("imagenette2/") for k in files if "/val/" in k)
+    got_val = sorted(r["file_name"].decode() for s in ("validation", "test") for r in records[s])
+    assert got_val == val_files  # the official val split, halved: nothing lost, nothing twice
+    for split in data.SPLITS:
+        for r in records[split]:
+            path = r["file_name"].decode()
+            assert names[r["label"]] == path.split("/")[-2]
+            assert r["image"].shape == (10, 12, 3)
+            if split != "train":
+                assert imagenette.val_half(path.split("/")[-1]) == split
+
+
+def test_imagenette_bad_image_fails_or_is_skipped_and_counted(tmp_path):
+    manual = tmp_path / "manual"
+    _imagenette_tree(manual, corrupt=True)
+    prepared = str(tmp_path / "prepared")
+    with pytest.raises(BadImageError, match=r"broken\.JPEG: cannot read the image.*on_bad_image='skip'"):
+        data.prepare("imagenette", str(manual), prepared)
+    b = data.prepare(
+        "imagenette", str(manual), prepared, on_bad_image="skip"
+    )  # nothing half-written in the way
+    assert b.info.splits["train"].num_examples == 9
+    with open(os.path.join(b.data_path, data.SKIPPED_FILE)) as f:
+        assert [line.split("/")[-1] for line in f.read().splitlines()] == ["broken.JPEG"]
+
+
+def test_missing_download_says_what_goes_where(tmp_path):
+    with pytest.raises(
+        DataNotFoundError, match=r"imagenette: expected .*imagenette2\.tgz.*fastai/imagenette"
+    ):
+        data.prepare("imagenette", str(tmp_path), str(tmp_path / "p"))
+    with pytest.raises(DataNotFoundError, match=r"mura: expected .*MURA-v1\.1.*stanfordmlgroup.github.io"):
+        data.prepare("mura", str(tmp_path), str(tmp_path / "p"))
+    with pytest.raises(DataNotFoundError, match=r"pet: expected .*images\.tar\.gz.*robots\.ox\.ac\.uk"):
+        data.prepare("pet", str(tmp_path), str(tmp_path / "p"))
+
+
+# ---- Oxford-IIIT Pet
+
+PET_BREEDS = [(1, "Abyssinian", 1), (2, "american_bulldog", 2), (8, "Bombay", 1)]
+
+
+def _pet_tree(root, per_breed=12, test_per_breed=3):
+    files, trainval, test = {}, [], []
+    for class_id, breed, species in PET_BREEDS:
+        for i in range(1, per_breed + test_per_breed + 1):
+            files[f"images/{breed}_{i}.jpg"] = _image_bytes(seed=class_id * 100 + i)
+            (trainval if i <= per_breed else test).append(f"{breed}_{i} {class_id} {species} 1")
+    files["images/Abyssinian_1.mat"] = b"matlab"  # the official archive has a few .mat files
+    files["annotations/trainval.txt"] = "\n".join(trainval) + "\n"
+    files["annotations/test.txt"] = "\n".join(test) + "\n"
+    files["annotations/list.txt"] = "#Image CLASS-ID SPECIES BREED ID\n"
+    _write(root, files)
+    return trainval, test
+
+
+def test_pet_official_split_from_archives(tmp_path):
+    src = tmp_path / "src"
+    trainval, test = _pet_tree(src)
+    _tar(tmp_path / "images.tar.gz", src, ["images"])
+    _tar(tmp_path / "annotations.tar.gz", src, ["annotations"])
+    b = data.prepare("pet", str(tmp_path), str(tmp_path / "prepared"))
+    assert b.info.features["label"].num_classes == 37
+    records = {s: _records(b, s) for s in data.SPLITS}
+    assert len(records["test"]) == len(test)
+    assert len(records["train"]) + len(records["validation"]) == len(trainval)
+    assert records["validation"], "the miniature should put some trainval images in validation"
+    breeds = dict((b_, (c - 1, s - 1)) for c, b_, s in PET_BREEDS)
+    for split, rs in records.items():
+        for r in rs:
+            stem = os.path.basename(r["file_name"].decode())[:-4]
+            assert (r["label"], r["species"]) == breeds[stem.rsplit("_", 1)[0]]
+            assert pet.is_validation(stem) == (split == "validation") or split == "test"
+
+
+def test_pet_annotation_naming_the_wrong_breed_is_an_error(tmp_path):
+    _pet_tree(tmp_path)
+    _write(tmp_path, {"annotations/test.txt": "Bombay_13 2 1 1\n"})
+    with pytest.raises(ValueError, match=r"test\.txt, line 1: class id 2 does not name 'Bombay'"):
+        data.prepare("pet", str(tmp_path), str(tmp_path / "prepared"))
+
+
+# ---- MURA
+
+
+def _mura_tree(root, patients=30):
+    files, rows = {}, {"train": ([], []), "valid": ([], [])}
+    for split, count in (("train", patients), ("valid", 4)):
+        for p in range(count):
+            part = mura.BODY_PARTS[p % len(mura.BODY_PARTS)]
+            patient = f"patient{(p if split == 'train' else 11000 + p):05d}"
+            for s in range(1 + p % 2):
+                label = (p + s) % 2
+                study = (
+                    f"MURA-v1.1/{split}/{part}/{patient}/study{s + 1}_{'positive' if label else 'negative'}/"
+                )
+                rows[split][1].append(f"{study},{label}")
+                for m in range(1 + s):
+                    files[f"{study}image{m + 1}.png"] = _image_bytes("PNG", "L", seed=p * 10 + s + m)
+                    rows[split][0].append(f"{study}image{m + 1}.png")
+    for split, (paths, studies) in rows.items():
+        files[f"MURA-v1.1/{split}_image_paths.csv"] = "\n".join(paths) + "\n"
+        files[f"MURA-v1.1/{split}_labeled_studies.csv"] = "\n".join(studies) + "\n"
+    _write(root, files)
+    return rows
+
+
+@pytest.mark.parametrize("archive", [False, True])
+def test_mura_labels_follow_the_study_and_patients_stay_in_one_split(tmp_path, archive):
+    manual = tmp_path / "manual"
+    rows = _mura_tree(manual)
+    if archive:
+        with zipfile.ZipFile(tmp_path / "MURA-v1.1.zip", "w") as zf:
+            for dirpath, _, names in os.walk(manual):
+                for name in names:
+                    full = os.path.join(dirpath, name)
+                    zf.write(full, os.path.relpath(full, manual))
+        manual = tmp_path
+    b = data.prepare("mura", str(manual), str(tmp_path / "prepared"))
+    assert b.info.features["label"].names == ["negative", "positive"]
+    records = {s: _records(b, s) for s in data.SPLITS}
+    assert len(records["train"]) + len(records["validation"]) == len(rows["train"][0])
+    assert len(records["test"]) == len(rows["valid"][0])
+    assert records["validation"] and records["train"]
+    patients = {s: {r["patient"] for r in rs} for s, rs in records.items()}
+    assert not patients["train"] & patients["validation"]
+    assert not (patients["train"] | patients["validation"]) & patients["test"]
+    for rs in records.values():
+        for r in rs:
+            study = r["study"].decode()
+            assert r["label"] == (1 if study.rstrip("/").endswith("positive") else 0)
+            assert mura.BODY_PARTS[r["body_part"]] == study.split("/")[2]
+            assert r["image"].shape == (10, 12, 3)  # grayscale X-ray, 3 channels
+            assert np.array_equal(r["image"][..., 0], r["image"][..., 2])
+
+
+def test_mura_inconsistent_or_missing_csv_is_an_error(tmp_path):
+    rows = _mura_tree(tmp_path, patients=3)
+    study, label = rows["train"][1][0].rsplit(",", 1)
+    flipped = [f"{study},{1 - int(label)}"] + rows["train"][1][1:]
+    _write(tmp_path, {"MURA-v1.1/train_labeled_studies.csv": "\n".join(flipped) + "\n"})
+    with pytest.raises(ValueError, match="labels .*study1_negative.* 1, its folder name says 0"):
+        data.prepare("mura", str(tmp_path), str(tmp_path / "prepared"))
+    _write(tmp_path, {"MURA-v1.1/train_labeled_studies.csv": "\n".join(rows["train"][1]) + "\n"})
+    os.remove(tmp_path / "MURA-v1.1" / "valid_image_paths.csv")
+    with pytest.raises(DataNotFoundError, match=r"valid_image_paths\.csv is missing"):
+        data.prepare("mura", str(tmp_path), str(tmp_path / "prepared"))

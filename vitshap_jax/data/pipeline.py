@@ -1,0 +1,187 @@
+"""Input pipeline: a random-access source -> grain -> fixed-shape batches -> global arrays on the mesh.
+
+The global batch at step k is a fixed function of (seed, k): positions k*G .. k*G+G-1 of a stream that
+visits the split once per epoch in a fresh permutation (training) or in order (evaluation). Each process
+reads only its own rows of every global batch (`parallel.process_batch_slice`), so the data a run sees
+does not depend on the number of processes or devices. Augmentation draws from an rng seeded by
+(seed, global position), for the same reason.
+
+Every batch is a dict of numpy arrays: `image` float32 `[L, S, S, 3]`, `label` int32 `[L]`, `index` int32
+`[L]` (the example's index in its split; use it to seed per-example randomness such as validation masks),
+and `valid` bool `[L]` (False on the padding that completes the last evaluation batch). L is this
+process's share of the global batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import deque
+
+import grain
+import numpy as np
+
+from vitshap_jax import parallel
+from vitshap_jax.data import transforms
+
+
+def batches(
+    source,
+    transform,
+    *,
+    global_batch_size: int,
+    rows: slice,
+    seed: int,
+    train: bool,
+    num_epochs: int = 1,
+) -> grain.MapDataset:
+    """This process's batches of `source` as a grain MapDataset (random access by step).
+
+    Args:
+      source: random-access examples with "image" (uint8 `[H, W, 3]`) and "label".
+      transform: `(image, rng) -> float32 [S, S, 3]`; rng is a numpy Generator.
+      global_batch_size: G, the batch over all processes.
+      rows: this process's rows of each global batch.
+      train: shuffle every epoch and drop the incomplete last batch; otherwise visit the split once in
+        order and pad the last batch (flagged `valid=False`).
+      num_epochs: passes over the data (training).
+    """
+    n, g = len(source), global_batch_size
+    if n == 0:
+        raise ValueError("the split is empty")
+    local = rows.stop - rows.start
+    if train:
+        order = grain.MapDataset.range(n).shuffle(seed=seed).repeat(num_epochs)
+        total = n * num_epochs
+        steps = total // g
+        if steps == 0:
+            raise ValueError(f"a global batch of {g} is larger than the {total} training examples")
+    else:
+        order, total = grain.MapDataset.range(n), n
+        steps = -(-n // g)
+    load = functools.partial(
+        _load,
+        source=source,
+        order=order,
+        transform=transform,
+        g=g,
+        local=local,
+        start=rows.start,
+        total=total,
+        seed=seed,
+    )
+    return grain.MapDataset.range(steps * local).map(load).batch(local, drop_remainder=True)
+
+
+def _load(p, *, source, order, transform, g, local, start, total, seed):
+    position = (p // local) * g + start + p % local  # in the global stream
+    valid = position < total
+    index = int(order[position]) if valid else 0  # padding repeats example 0, flagged invalid
+    example = source[index]
+    rng = np.random.default_rng([seed, position])
+    return {
+        "image": transform(np.asarray(example["image"]), rng),
+        "label": np.int32(example["label"]),
+        "index": np.int32(index),
+        "valid": np.bool_(valid),
+    }
+
+
+def config_transform(config, train: bool):
+    """The train or eval transform that `config.dataset` / `config.model` describe."""
+    d = config.dataset
+    if train:
+        fn = functools.partial(
+            transforms.train_transform,
+            size=d.image_size,
+            crop_scale_min=d.crop_scale_min,
+            hflip=d.hflip,
+            norm=d.normalization,
+        )
+        return fn
+    return lambda image, rng: transforms.eval_transform(
+        image, size=d.image_size, resize_size=d.resize_size, norm=d.normalization
+    )
+
+
+class Loader:
+    """Iterates local batches with grain (threads, optional worker processes); resumable.
+
+    `get_state()` is a JSON-able dict to store with a checkpoint; `set_state()` continues with the next
+    batch after the one that was consumed last when the state was taken.
+    """
+
+    def __init__(
+        self, dataset: grain.MapDataset, *, workers: int = 0, read_threads: int = 4, prefetch: int = 4
+    ):
+        self.steps = len(dataset)
+        it_ds = dataset.to_iter_dataset(
+            grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
+        )
+        if workers > 0:  # needs parsed absl flags (launch.py does it; tests mark them parsed)
+            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        self._iterator = iter(it_ds)
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._iterator)
+
+    def get_state(self) -> dict:
+        return self._iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._iterator.set_state(state)
+
+
+def make_loader(config, source, split_is_train: bool, mesh, *, num_epochs: int = 1) -> Loader:
+    """The Loader of a stage config over `source`, with this process's rows of `mesh`."""
+    g = config.train.batch_size
+    dataset = batches(
+        source,
+        config_transform(config, split_is_train),
+        global_batch_size=g,
+        rows=parallel.process_batch_slice(g, mesh),
+        seed=config.seed,
+        train=split_is_train,
+        num_epochs=num_epochs,
+    )
+    d = config.dataset
+    return Loader(dataset, workers=d.workers, read_threads=d.read_threads, prefetch=d.prefetch)
+
+
+class DeviceIterator:
+    """Global arrays sharded over the mesh's "data" axis, `size` batches ahead of the consumer.
+
+    `get_state()` is the loader state after the last batch *handed out*, not after the ones prefetched,
+    so a checkpoint taken between steps resumes exactly at the next step.
+    """
+
+    def __init__(self, loader: Loader, mesh, size: int = 2):
+        self.loader, self.mesh, self.size = loader, mesh, size
+        self._queue: deque = deque()
+        self._state = loader.get_state()
+
+    def __iter__(self):
+        return self
+
+    def _fill(self):
+        while len(self._queue) < self.size:
+            try:
+                batch = next(self.loader)
+            except StopIteration:
+                return
+            self._queue.append((parallel.global_batch(batch, self.mesh), self.loader.get_state()))
+
+    def __next__(self):
+        self._fill()
+        if not self._queue:
+            raise StopIteration
+        batch, self._state = self._queue.popleft()
+        return batch
+
+    def get_state(self) -> dict:
+        return self._state
