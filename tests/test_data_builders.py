@@ -141,6 +141,14 @@ def test_missing_download_says_what_goes_where(tmp_path):
         data.prepare("mura", str(tmp_path), str(tmp_path / "p"))
     with pytest.raises(DataNotFoundError, match=r"pet: expected .*images\.tar\.gz.*robots\.ox\.ac\.uk"):
         data.prepare("pet", str(tmp_path), str(tmp_path / "p"))
+    with pytest.raises(
+        DataNotFoundError, match=r"pet: the download folder '/nonexistent' does not exist.*robots"
+    ):
+        data.prepare("pet", "/nonexistent", str(tmp_path / "p"))
+    with pytest.raises(
+        DataNotFoundError, match=r"mura: the download folder None does not exist.*stanfordmlgroup"
+    ):
+        data.prepare("mura", None, str(tmp_path / "p"))
 
 
 # ---- Oxford-IIIT Pet

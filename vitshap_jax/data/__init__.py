@@ -55,6 +55,9 @@ def prepare(
     import tensorflow_datasets as tfds
 
     manual_dir = os.path.expanduser(manual_dir) if manual_dir else None
+    instructions = BUILDERS[name].MANUAL_DOWNLOAD_INSTRUCTIONS
+    if instructions and not (manual_dir and os.path.isdir(manual_dir)):
+        raise DataNotFoundError(f"{name}: the download folder {manual_dir!r} does not exist. {instructions}")
     b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     if b.skipped:
         with open(os.path.join(b.data_path, SKIPPED_FILE), "w") as f:

@@ -1,0 +1,182 @@
+"""The grain pipeline over prepared digits: shapes, determinism, resume, sharding, transforms."""
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+
+from configs import common
+from tests.test_configs import load
+from vitshap_jax import data, parallel
+from vitshap_jax.data import pipeline, transforms
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    c = load("classifier", "digits")
+    c.dataset.data_dir = str(tmp_path_factory.mktemp("tfds"))
+    c.train.batch_size = 64
+    return c
+
+
+@pytest.fixture(scope="module")
+def train_source(config):
+    return data.open_split(config, "train")
+
+
+def _dataset(config, source, rows=None, seed=0, train=True, epochs=2, g=64):
+    return pipeline.batches(
+        source,
+        pipeline.config_transform(config, train),
+        global_batch_size=g,
+        rows=rows or slice(0, g),
+        seed=seed,
+        train=train,
+        num_epochs=epochs,
+    )
+
+
+def _take(loader, k):
+    return [b for b in itertools.islice(loader, k)]
+
+
+def test_batches_have_fixed_shapes_and_dtypes(config, train_source):
+    ds = _dataset(config, train_source)
+    assert len(ds) == 2 * 1257 // 64
+    b = ds[0]
+    assert b["image"].shape == (64, 8, 8, 3) and b["image"].dtype == np.float32
+    assert b["label"].dtype == np.int32 and b["index"].dtype == np.int32 and b["valid"].all()
+    assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0  # inception normalization
+    np.testing.assert_array_equal(b["label"], [train_source[int(i)]["label"] for i in b["index"]])
+
+
+def test_order_is_deterministic_per_seed_and_reshuffled_every_epoch(config, train_source):
+    a = [b["index"] for b in _dataset(config, train_source, seed=3)]
+    b = [b["index"] for b in _dataset(config, train_source, seed=3)]
+    c = [b["index"] for b in _dataset(config, train_source, seed=4)]
+    np.testing.assert_array_equal(np.concatenate(a), np.concatenate(b))
+    assert not np.array_equal(np.concatenate(a), np.concatenate(c))
+    stream = np.concatenate(a)
+    first, second = stream[:1257], stream[1257:]
+    assert sorted(first) == list(range(1257))  # each epoch is a permutation of the split
+    assert not np.array_equal(first[: len(second)], second)
+
+
+def test_two_processes_read_disjoint_rows_that_make_the_global_batch(config, train_source):
+    whole = _dataset(config, train_source, rows=slice(0, 64))
+    p0 = _dataset(config, train_source, rows=slice(0, 32))
+    p1 = _dataset(config, train_source, rows=slice(32, 64))
+    assert len(p0) == len(p1) == len(whole)
+    for step in (0, 7, len(whole) - 1):
+        i0, i1 = p0[step]["index"], p1[step]["index"]
+        assert not set(i0) & set(i1)
+        np.testing.assert_array_equal(np.concatenate([i0, i1]), whole[step]["index"])
+        np.testing.assert_array_equal(
+            np.concatenate([p0[step]["image"], p1[step]["image"]]), whole[step]["image"]
+        )
+
+
+def test_eval_covers_every_example_once_with_padding_flagged(config):
+    source = data.open_split(config, "test")
+    ds = _dataset(config, source, train=False)
+    assert len(ds) == -(-270 // 64)
+    batches = list(ds)
+    valid = np.concatenate([b["valid"] for b in batches])
+    index = np.concatenate([b["index"] for b in batches])
+    assert valid.sum() == 270 and not valid[270:].any()
+    assert sorted(index[valid]) == list(range(270))
+
+
+@pytest.mark.parametrize("consumed", [1, 5])
+def test_resume_from_state_continues_with_the_same_batches(config, train_source, consumed):
+    mesh = parallel.make_mesh()
+    full = pipeline.DeviceIterator(pipeline.make_loader(config, train_source, True, mesh, num_epochs=2), mesh)
+    reference = [np.asarray(b["index"]) for b in itertools.islice(full, consumed + 3)]
+
+    first = pipeline.DeviceIterator(
+        pipeline.make_loader(config, train_source, True, mesh, num_epochs=2), mesh
+    )
+    _take(first, consumed)  # the device iterator has prefetched further than this
+    state = first.get_state()
+    resumed_loader = pipeline.make_loader(config, train_source, True, mesh, num_epochs=2)
+    resumed_loader.set_state(state)
+    resumed = pipeline.DeviceIterator(resumed_loader, mesh)
+    for expected, batch in zip(reference[consumed:], resumed, strict=False):
+        np.testing.assert_array_equal(np.asarray(batch["index"]), expected)
+
+
+def test_device_batches_are_global_arrays_sharded_over_data(config, train_source):
+    mesh = parallel.make_mesh()
+    it = pipeline.DeviceIterator(pipeline.make_loader(config, train_source, True, mesh), mesh)
+    batch = next(it)
+    assert isinstance(batch["image"], jax.Array) and batch["image"].shape == (64, 8, 8, 3)
+    assert batch["image"].sharding == parallel.batch_sharding(mesh)
+    assert {s.data.shape for s in batch["image"].addressable_shards} == {(8, 8, 8, 3)}
+
+
+def test_worker_processes_give_the_same_batches(config, train_source):
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
+    ds = _dataset(config, train_source, epochs=1)
+    plain = [b["index"] for b in pipeline.Loader(ds, workers=0)]
+    workers = [b["index"] for b in pipeline.Loader(ds, workers=2)]
+    np.testing.assert_array_equal(np.concatenate(plain), np.concatenate(workers))
+
+
+def test_class_count_mismatch_is_an_error_before_training(config):
+    c = load("classifier", "digits")
+    c.dataset.data_dir = config.dataset.data_dir
+    c.dataset.num_classes = 9
+    with pytest.raises(ValueError, match=r"num_classes=9 but the prepared digits data .* has 10 classes"):
+        data.open_split(c, "train")
+
+
+def test_unprepared_dataset_says_how_to_prepare_it(config, tmp_path):
+    c = load("classifier", "pet")
+    c.dataset.data_dir = str(tmp_path)
+    with pytest.raises(
+        data.DataNotFoundError, match=r"(?s)pet is not prepared .* python -c .*prepare\('pet'"
+    ):
+        data.open_split(c, "train")
+
+
+# ---- transforms
+
+
+def test_eval_transform_resizes_the_shorter_side_and_center_crops():
+    image = np.zeros((300, 400, 3), np.uint8)
+    image[:, 150:250] = 255  # a vertical band around the center column
+    out = transforms.eval_transform(image, size=224, resize_size=256, norm="inception")
+    assert out.shape == (224, 224, 3) and out.dtype == np.float32
+    # 300x400 -> 256x341; the band (x 150..250 -> 96..213) lies at 96-58..213-58 of the crop.
+    assert out[:, 112, 0].min() == 1.0 and out[:, 10, 0].max() == -1.0
+
+
+def test_train_transform_is_deterministic_per_rng_and_stays_in_range():
+    image = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    kw = dict(size=32, crop_scale_min=0.5, hflip=True, norm="imagenet")
+    a = transforms.train_transform(image, np.random.default_rng(1), **kw)
+    b = transforms.train_transform(image, np.random.default_rng(1), **kw)
+    c = transforms.train_transform(image, np.random.default_rng(2), **kw)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (32, 32, 3) and not np.array_equal(a, c)
+    for seed in range(50):
+        top, left, h, w = transforms.random_resized_crop_box(50, 70, np.random.default_rng(seed), (0.5, 1.0))
+        assert 0 <= top and top + h <= 50 and 0 <= left and left + w <= 70
+        assert 0.5 * 3500 * 0.9 <= h * w <= 3500
+
+
+def test_digits_train_transform_only_normalizes():
+    image = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
+    p = common.DATASET_PRESETS["digits"]
+    out = transforms.train_transform(
+        image,
+        np.random.default_rng(0),
+        size=8,
+        crop_scale_min=p["crop_scale_min"],
+        hflip=p["hflip"],
+        norm="inception",
+    )
+    np.testing.assert_allclose(out, image / 127.5 - 1, atol=1e-6)
