@@ -29,6 +29,15 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (--distributed).")
 
 
+class _QuietLibraries:
+    """Drops the INFO chatter of orbax, grain and tfds (warnings and errors still show)."""
+
+    NOISY = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/jax/_src/")
+
+    def filter(self, record) -> bool:
+        return record.levelno > 20 or not any(part in record.pathname for part in self.NOISY)
+
+
 def _fail(message: str):
     print(f"launch.py: error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -86,6 +95,7 @@ def parse_flags(argv):
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax
 
     from vitshap_jax import parallel, stages
@@ -103,8 +113,14 @@ def main(argv):
             process_id=_PROCESS_ID.value,
         )
     mesh = parallel.make_mesh()
+    sub_configs = (
+        [config[s] for s in ("classifier", "surrogate", "explainer")]
+        if config.stage == "pipeline"
+        else [config]
+    )
     try:
-        parallel.check_batch_size(config.train.batch_size, mesh)
+        for c in sub_configs:
+            parallel.check_batch_size(c.train.batch_size, mesh)
     except ValueError as e:
         _fail(str(e))
     logging.info(
@@ -117,12 +133,16 @@ def main(argv):
     if _DRY_RUN.value:
         print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         return
+    from vitshap_jax.data import BadImageError, DataNotFoundError
+    from vitshap_jax.models import PretrainedMismatchError
+    from vitshap_jax.stages.common import StageError
+    from vitshap_jax.train.loop import NonFiniteLossError
+
     try:
-        run = stages.get_stage(config.stage)
-    except stages.StageNotAvailableError as e:
-        print(f"launch.py: {e}", file=sys.stderr)
+        stages.get_stage(config.stage)(config, _WORKDIR.value, mesh)
+    except (StageError, DataNotFoundError, BadImageError, PretrainedMismatchError, NonFiniteLossError) as e:
+        print(f"launch.py: error: {e}", file=sys.stderr)
         sys.exit(1)
-    run(config, _WORKDIR.value, mesh)
 
 
 if __name__ == "__main__":

@@ -14,5 +14,7 @@ def get_config(arg=None):
     c = common.base_config("classifier", opts)
     c.optim.lr = 1e-5  # reference classifier learning rate
     c.train.epochs = 25  # reference: 25 epochs, best checkpoint by validation accuracy
+    c.train.mask_patches = False  # train on random coalitions (can then serve as its own surrogate)
+    common.apply_training(c)  # per-dataset settings, e.g. digits trains from scratch
     c.lock()
     return c

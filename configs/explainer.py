@@ -26,5 +26,6 @@ def get_config(arg=None):
     c.explainer.mlp_ratio = 4  # hidden width of the head MLP, in multiples of hidden_size
     c.explainer.activation = "gelu"  # activation between head MLP layers: "gelu" or "relu"
     c.explainer.freeze_backbone = False  # train only the head (the reference trains everything)
+    common.apply_training(c)  # per-dataset settings, e.g. digits trains from scratch
     c.lock()
     return c

@@ -18,5 +18,6 @@ def get_config(arg=None):
     c.upstream = config_dict.placeholder(str)  # classifier run directory (None: {workdir}/classifier)
     c.optim.lr = 1e-5  # reference surrogate learning rate
     c.train.epochs = 50  # reference: 50 epochs, best checkpoint by validation KL
+    common.apply_training(c)  # per-dataset settings, e.g. digits trains from scratch
     c.lock()
     return c

@@ -101,3 +101,15 @@ def test_validate_names_the_field(field, value, message):
     c[group][key] = value
     with pytest.raises(ConfigError, match=message):
         validate(c)
+
+
+@pytest.mark.parametrize("dataset", sorted(common.DATASET_PRESETS))
+def test_pipeline_config_holds_the_three_stages(dataset):
+    c = load("pipeline", f"{dataset},masking=zero")
+    validate(c)
+    assert c.stage == "pipeline"
+    assert [c[s].stage for s in common.STAGES] == list(common.STAGES)
+    assert c.surrogate.model.masking == "zero" and c.classifier.dataset.name == dataset
+    c.explainer.model.num_heads = 5
+    with pytest.raises(ConfigError, match=r"config.explainer.model.num_heads=5: must divide"):
+        validate(c)

@@ -33,8 +33,9 @@ def test_overrides_parse_validate_and_reach_the_stage(tmp_path):
     config = json.loads(r.stdout)
     assert (config["stage"], config["dataset"]["name"], config["optim"]["lr"]) == ("explainer", "mura", 3e-5)
     r = launch("--config=configs/explainer.py:mura", f"--workdir={tmp_path}", "--config.optim.lr=3e-5")
-    # Until the stages land, dispatch says so plainly and writes nothing.
-    assert r.returncode == 1 and "the explainer stage is not implemented" in r.stderr
+    # Dispatched to the explainer stage, which finds no surrogate: one line, exit 1, nothing written.
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "launch.py: error: no surrogate run in" in r.stderr
     assert not os.listdir(tmp_path)
 
 

@@ -47,6 +47,13 @@ def _get(config, key: str):
 
 def validate(config) -> None:
     """Raises ConfigError (one line, naming the field) if `config` cannot run."""
+    if config.stage == "pipeline":
+        for stage in STAGES:
+            try:
+                validate(config[stage])
+            except ConfigError as e:
+                raise ConfigError(str(e).replace("config.", f"config.{stage}.", 1)) from None
+        return
     _one_of(config, "stage", STAGES)
     d, m, o, t = config.dataset, config.model, config.optim, config.train
 

@@ -65,3 +65,12 @@ def global_batch(local_batch, mesh: Mesh):
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
     )
+
+
+def to_host(tree):
+    """Global arrays -> numpy arrays with every row, on every process (allgather across hosts)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, jax.device_get(tree))
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))

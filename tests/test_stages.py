@@ -1,0 +1,284 @@
+"""The three stages end to end on tiny generated datasets (real builders), and their guarantees:
+checkpoints and chaining, 1 vs 8 devices, resume, NaN guard, upstream checks."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from tests.test_configs import load
+from tests.test_data_builders import _imagenette_tree, _mura_tree
+from vitshap_jax import checkpoints, data, parallel
+from vitshap_jax.stages import classifier, common, explainer, surrogate
+from vitshap_jax.train.loop import NonFiniteLossError, is_complete
+
+TINY = dict(hidden_size=32, depth=1, num_heads=2, mlp_dim=64, patch_size=4)
+
+
+def tiny(stage, dataset, data_dir, **train):
+    c = load(stage, dataset)
+    c.dataset.data_dir = str(data_dir)
+    c.dataset.image_size, c.dataset.resize_size, c.dataset.read_threads = 16, 16, 1
+    c.model.update(TINY)
+    c.train.update(dict(batch_size=8, epochs=1, log_every_steps=1) | train)
+    if stage == "explainer":
+        c.explainer.update(dict(num_coalitions=4, mlp_ratio=1))
+    return c
+
+
+@pytest.fixture(scope="module")
+def imagenette_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenette")
+    _imagenette_tree(root / "manual")
+    data.prepare("imagenette", str(root / "manual"), str(root / "prepared"))
+    return root / "prepared"
+
+
+@pytest.fixture(scope="module")
+def mura_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mura")
+    _mura_tree(root / "manual")
+    data.prepare("mura", str(root / "manual"), str(root / "prepared"))
+    return root / "prepared"
+
+
+def assert_same_params(a: dict, b: dict, rtol=1e-5, atol=1e-6):
+    """Flat param dicts equal within float tolerance, except attention key biases: their gradient is zero
+    in exact arithmetic (softmax ignores a shift shared by all keys), so Adam turns float noise, which
+    differs with the device count, into +-lr updates."""
+    assert a.keys() == b.keys()
+    for k in a:
+        if not k.endswith("key/bias"):
+            np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
+
+
+def _flat(tree):
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+
+
+def _best(stage_path, like):
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+    return checkpoints.load_best_params(stage_path, target)
+
+
+def _check_stage_dir(path, steps):
+    assert str(steps) in os.listdir(os.path.join(path, "checkpoints"))
+    assert os.listdir(os.path.join(path, "best"))
+    assert json.load(open(os.path.join(path, "config.json")))["stage"] == os.path.basename(path)
+    lines = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
+    assert any("train/loss" in line for line in lines)
+    assert any("epoch" in line and any(k.startswith("val/") for k in line) for line in lines)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(path, "tensorboard")))
+    assert is_complete(path)
+
+
+@pytest.mark.parametrize("dataset", ["imagenette", "mura"])
+def test_three_stages_chain_through_checkpoints(tmp_path, dataset, request):
+    data_dir = request.getfixturevalue(f"{dataset}_dir")
+    mesh = parallel.make_mesh()
+    work = str(tmp_path)
+    steps = data.builder(dataset, str(data_dir)).info.splits["train"].num_examples // 8
+    c1 = classifier.run(tiny("classifier", dataset, data_dir), work, mesh)
+    _check_stage_dir(c1["path"], steps)
+    assert set(c1["test"]) >= {"loss", "accuracy"} | ({"auroc"} if dataset == "mura" else set())
+
+    c2 = surrogate.run(tiny("surrogate", dataset, data_dir), work, mesh)
+    _check_stage_dir(c2["path"], steps)
+    assert {"kl", "kl_heldout_0.50", "accuracy_heldout_0.90"} <= set(c2["test"])
+    cls = _flat(_best(c1["path"], _shapes("classifier", dataset, data_dir)))
+    sur = _flat(_best(c2["path"], _shapes("classifier", dataset, data_dir)))
+    diffs = [np.abs(cls[k] - sur[k]).max() for k in cls]
+    assert 0 < max(diffs) < 1e-3 * steps  # the surrogate is the classifier after a few small AdamW steps
+
+    c3 = explainer.run(tiny("explainer", dataset, data_dir), work, mesh)
+    _check_stage_dir(c3["path"], steps)
+    assert c3["test"]["efficiency_gap"] < 1e-5
+    exp = _flat(_best(c3["path"], _explainer_shapes(dataset, data_dir)))
+    backbone = {k.removeprefix("backbone/"): v for k, v in exp.items() if k.startswith("backbone/")}
+    assert set(backbone) == {k for k in sur if not k.startswith("head/")}
+    assert max(np.abs(backbone[k] - sur[k]).max() for k in backbone) < 1e-3 * steps
+    outputs = 1 if dataset == "mura" else 10
+    assert exp[f"explainer_head/mlp_{2}/kernel"].shape == (32, outputs)
+
+
+def _shapes(stage, dataset, data_dir):
+    from vitshap_jax.models import build_model
+
+    c = tiny(stage, dataset, data_dir)
+    return jax.eval_shape(lambda: build_model(c).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"])
+
+
+def _explainer_shapes(dataset, data_dir):
+    c = tiny("explainer", dataset, data_dir)
+    model = explainer.build_explainer(c)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"])
+
+
+def test_upstream_is_checked_before_training(tmp_path, imagenette_dir):
+    mesh = parallel.make_mesh()
+    with pytest.raises(
+        common.StageError, match=r"no classifier run in .*classifier.*run the classifier stage"
+    ):
+        surrogate.run(tiny("surrogate", "imagenette", imagenette_dir), str(tmp_path), mesh)
+    assert not os.path.exists(tmp_path / "surrogate")  # a refused start writes nothing
+    classifier.run(tiny("classifier", "imagenette", imagenette_dir), str(tmp_path), mesh)
+    wide = tiny("surrogate", "imagenette", imagenette_dir)
+    wide.model.hidden_size = 48
+    with pytest.raises(common.StageError, match=r"config.model.hidden_size=48, the classifier has 32"):
+        surrogate.run(wide, str(tmp_path), mesh)
+    # A different model into the same stage directory is refused: its checkpoints could not resume.
+    other = tiny("classifier", "imagenette", imagenette_dir)
+    other.model.depth = 2
+    with pytest.raises(common.StageError, match=r"different setup \(model.depth: 1 -> 2\)"):
+        classifier.run(other, str(tmp_path), mesh)
+
+
+def _digits(data_dir, **train):
+    c = tiny("classifier", "digits", data_dir, **train)
+    c.dataset.image_size, c.dataset.resize_size, c.model.patch_size = 8, 8, 2
+    return c
+
+
+def test_a_killed_run_resumes_to_the_same_result(tmp_path):
+    mesh = parallel.make_mesh()
+    config = _digits(tmp_path / "tfds", batch_size=64, checkpoint_every_steps=5, log_every_steps=5)
+    whole = classifier.run(config, str(tmp_path / "a"), mesh)
+    assert (
+        classifier.run(config, str(tmp_path / "b"), mesh, stop_after=7) is not None
+    )  # "killed" after step 7
+    assert not is_complete(str(tmp_path / "b" / "classifier"))
+    resumed = classifier.run(config, str(tmp_path / "b"), mesh)  # resumes from the step-5 checkpoint
+    assert resumed["test"] == whole["test"]
+    a = _flat(_best(whole["path"], _digits_shapes(config)))
+    b = _flat(_best(resumed["path"], _digits_shapes(config)))
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def _digits_shapes(config):
+    from vitshap_jax.models import build_model
+
+    return jax.eval_shape(
+        lambda: build_model(config).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    )
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    mesh = parallel.make_mesh()
+    config = _digits(tmp_path / "tfds", batch_size=64, checkpoint_every_steps=1, log_every_steps=100)
+    config.optim.update(dict(lr=1e30, warmup_steps=0, grad_clip=0.0))
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step (\d+); the last good checkpoint"):
+        classifier.run(config, str(tmp_path), mesh)
+    manager = checkpoints.StageCheckpoints(str(tmp_path / "classifier"))
+    kept = manager.latest_step()
+    state, _, meta = manager.restore_latest(_train_state_like(config, mesh))
+    manager.close()
+    assert kept is not None and meta["step"] == kept and not meta["complete"]
+
+
+def _train_state_like(config, mesh):
+    from vitshap_jax.models import build_model
+
+    params = build_model(config).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    tx = common.make_optimizer(config, common.total_steps(config, 1257))
+    return common.create_state(params, tx, mesh)
+
+
+# ---- 1 vs 8 devices
+
+
+def _one_step(step_fn, mesh, state, batch, *frozen):
+    jitted = common.jit_train_step(step_fn, mesh, num_frozen=len(frozen))
+    rep = parallel.replicated(mesh)
+    state = jax.device_put(jax.tree.map(jnp.copy, state), rep)
+    frozen = jax.device_put(frozen, rep)
+    new_state, metrics = jitted(state, parallel.global_batch(batch, mesh), *frozen)
+    return jax.device_get(new_state), jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("stage", ["classifier", "explainer"])
+def test_one_step_on_8_devices_equals_1_device(tmp_path, stage):
+    config = tiny(stage, "imagenette", tmp_path)
+    config.optim.update(dict(warmup_steps=0, lr=1e-3))  # warmup would make the first step's lr 0
+    from vitshap_jax.models import build_model
+
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.standard_normal((16, 16, 16, 3)).astype(np.float32),
+        "label": rng.integers(0, 10, 16).astype(np.int32),
+        "index": np.arange(16, dtype=np.int32),
+        "valid": np.ones(16, bool),
+    }
+    vit = build_model(config)
+    vit_params = vit.init(jax.random.key(1), batch["image"][:1])["params"]
+    vit_params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), vit_params)
+    tx = common.make_optimizer(config, 100)
+    if stage == "classifier":
+        params, frozen = vit_params, ()
+        fn = functools.partial(
+            classifier.train_step, model=vit, tx=tx, target="multiclass", seed=0, mask_patches=True
+        )
+    else:
+        model = explainer.build_explainer(config)
+        params = model.init(jax.random.key(3), batch["image"][:1])["params"]
+        frozen = (vit_params,)
+        fn = functools.partial(
+            explainer.train_step,
+            explainer=model,
+            surrogate=vit,
+            tx=tx,
+            target="multiclass",
+            seed=0,
+            num_coalitions=4,
+            paired=True,
+        )
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    one, m1 = _one_step(fn, parallel.make_mesh(jax.devices()[:1]), state, batch, *frozen)
+    eight, m8 = _one_step(fn, parallel.make_mesh(), state, batch, *frozen)
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+    a, b = _flat(one["params"]), _flat(eight["params"])
+    assert_same_params(a, b)
+    assert max(np.abs(a[k] - _flat(params)[k]).max() for k in a) > 0  # the step did move the parameters
+
+
+def test_a_masked_classifier_serves_as_its_own_surrogate(tmp_path, imagenette_dir):
+    mesh = parallel.make_mesh()
+    c = tiny("classifier", "imagenette", imagenette_dir, mask_patches=True)
+    first = classifier.run(c, str(tmp_path), mesh)
+    e = tiny("explainer", "imagenette", imagenette_dir)
+    e.upstream = first["path"]  # no surrogate stage: the explainer reads the classifier's run
+    e.explainer.freeze_backbone = True
+    e.optim.update(dict(warmup_steps=0, lr=1e-3))
+    result = explainer.run(e, str(tmp_path), mesh)
+    assert result["test"]["efficiency_gap"] < 1e-5
+    assert not os.path.exists(tmp_path / "surrogate")
+    cls = _flat(_best(first["path"], _shapes("classifier", "imagenette", imagenette_dir)))
+    exp = _flat(_best(result["path"], _explainer_shapes("imagenette", imagenette_dir)))
+    for k, v in exp.items():  # a frozen backbone stays the classifier's, bit for bit; the head trains
+        if k.startswith("backbone/"):
+            np.testing.assert_array_equal(v, cls[k.removeprefix("backbone/")], err_msg=k)
+    init = _flat(
+        explainer.build_explainer(e).init(jax.random.key(e.seed), jnp.zeros((1, 16, 16, 3)))["params"]
+    )
+    assert np.abs(exp["explainer_head/mlp_2/kernel"] - init["explainer_head/mlp_2/kernel"]).max() > 1e-4
+
+
+def test_pipeline_runs_the_stages_and_skips_finished_ones(tmp_path, imagenette_dir, capsys):
+    from vitshap_jax.stages import pipeline
+
+    config = load("pipeline", "imagenette")
+    for stage in ("classifier", "surrogate", "explainer"):
+        config[stage] = tiny(stage, "imagenette", imagenette_dir)
+    mesh = parallel.make_mesh()
+    pipeline.run(config, str(tmp_path), mesh)
+    out = capsys.readouterr().out
+    assert "vitshap_jax pipeline finished" in out and str(tmp_path / "explainer" / "results.json") in out
+    stamps = {s: os.path.getmtime(tmp_path / s / "results.json") for s in pipeline.ORDER}
+    again = pipeline.run(config, str(tmp_path), mesh)  # everything finished: nothing is retrained
+    assert {s: os.path.getmtime(tmp_path / s / "results.json") for s in pipeline.ORDER} == stamps
+    assert again["explainer"]["test"]["efficiency_gap"] < 1e-5

@@ -1,0 +1,59 @@
+"""The explainer: a ViT backbone and an explainer head giving raw per-patch, per-class values.
+
+Head (the reference's design, configurable): `head_blocks` extra transformer blocks over all tokens
+[CLS; patches], the class token then dropped, LayerNorm, an MLP of `mlp_layers` Dense layers
+(D -> ratio*D -> ... -> C) with `activation` between them, and `tanh`. The output `phi_raw [B, n, C]` is
+made efficient afterwards with `shapley.additive_efficient_normalization` using the surrogate's
+v(all) and v(empty) (the explainer stage does it, since it needs the surrogate).
+
+Parameters: `backbone` has exactly the ViT's names (minus its classification head), so it is
+initialized from the surrogate's parameters by copying; the head lives under `explainer_head`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vitshap_jax.models.vit import _LN_EPS, Encoder1DBlock, ViT
+
+ACTIVATIONS = {"gelu": lambda x: nn.gelu(x, approximate=False), "relu": nn.relu}
+
+
+class ExplainerHead(nn.Module):
+    num_classes: int
+    num_heads: int
+    mlp_dim: int
+    head_blocks: int = 1
+    mlp_layers: int = 3
+    mlp_ratio: int = 4
+    activation: str = "gelu"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens, *, train: bool = False):
+        """`tokens [B, 1 + n, D]` -> `phi_raw [B, n, C]` in (-1, 1), float32."""
+        x = tokens
+        for i in range(self.head_blocks):
+            x = Encoder1DBlock(self.num_heads, self.mlp_dim, dtype=self.dtype, name=f"block_{i}")(
+                x, None, deterministic=not train
+            )
+        x = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm")(x[:, 1:])
+        width = self.mlp_ratio * tokens.shape[-1]
+        act = ACTIVATIONS[self.activation]
+        for i in range(self.mlp_layers - 1):
+            x = act(nn.Dense(width, dtype=self.dtype, name=f"mlp_{i}")(x))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, name=f"mlp_{self.mlp_layers - 1}")(x)
+        return jnp.tanh(x).astype(jnp.float32)
+
+
+class Explainer(nn.Module):
+    """`Explainer(backbone=ViT(...), explainer_head=ExplainerHead(...)).apply(variables, images)`
+    -> `phi_raw [B, n_patches, C]`. Modules given as fields are named after them."""
+
+    backbone: ViT
+    explainer_head: ExplainerHead
+
+    def __call__(self, images, *, train: bool = False):
+        tokens = self.backbone.encode(images, train=train)
+        return self.explainer_head(tokens, train=train)

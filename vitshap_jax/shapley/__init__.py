@@ -1,0 +1,21 @@
+"""Shapley-value machinery: coalition samplers and the efficiency normalization.
+
+Vocabulary (as in shapiq): players are patches, a coalition is a boolean mask `[..., n_players]`
+(True = present), a game is `value_fn(images, masks) -> values`.
+"""
+
+from vitshap_jax.shapley.normalize import additive_efficient_normalization
+from vitshap_jax.shapley.sampling import (
+    coalitions_of_size,
+    shapley_kernel_coalitions,
+    shapley_kernel_size_probs,
+    uniform_size_coalitions,
+)
+
+__all__ = [
+    "additive_efficient_normalization",
+    "coalitions_of_size",
+    "shapley_kernel_coalitions",
+    "shapley_kernel_size_probs",
+    "uniform_size_coalitions",
+]

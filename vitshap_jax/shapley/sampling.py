@@ -1,0 +1,52 @@
+"""Coalition samplers, jit-friendly (static shapes, explicit keys).
+
+* `uniform_size_coalitions`: a size uniform in 0..n, then a uniformly random coalition of that size
+  (the surrogate's training distribution).
+* `shapley_kernel_coalitions`: a size k in 1..n-1 with probability proportional to 1 / (k (n - k)),
+  then a uniformly random coalition of that size (the Shapley kernel; the explainer's loss). With
+  `paired=True` the second half of the coalitions are the complements of the first half. Unlike the
+  reference implementation, whose visible count is only approximately kernel-distributed, the size
+  here is drawn exactly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def coalitions_of_size(key, sizes, n: int):
+    """Uniformly random coalitions with `sizes [...]` players each: bool `[..., n]`."""
+    noise = jax.random.uniform(key, (*jnp.shape(sizes), n))
+    ranks = jnp.argsort(jnp.argsort(noise, axis=-1), axis=-1)  # a uniform random permutation
+    return ranks < jnp.asarray(sizes)[..., None]
+
+
+def uniform_size_coalitions(key, shape: tuple[int, ...], n: int):
+    """bool `[*shape, n]`: size uniform in 0..n, then a uniform coalition of that size."""
+    k_size, k_set = jax.random.split(key)
+    sizes = jax.random.randint(k_size, shape, 0, n + 1)
+    return coalitions_of_size(k_set, sizes, n)
+
+
+def shapley_kernel_size_probs(n: int) -> np.ndarray:
+    """`p[k]` for k = 0..n: proportional to 1 / (k (n - k)) for 0 < k < n, zero at 0 and n."""
+    if n < 2:
+        raise ValueError(f"the Shapley kernel needs at least 2 players, got {n}")
+    k = np.arange(1, n)
+    w = 1.0 / (k * (n - k))
+    return np.concatenate([[0.0], w / w.sum(), [0.0]])
+
+
+def shapley_kernel_coalitions(key, shape: tuple[int, ...], n: int, num: int, paired: bool = True):
+    """bool `[*shape, num, n]` drawn from the Shapley kernel; with `paired`, coalition `num/2 + j` is
+    the complement of coalition j (num must then be even)."""
+    if paired and num % 2:
+        raise ValueError(f"paired sampling needs an even number of coalitions, got {num}")
+    draws = num // 2 if paired else num
+    k_size, k_set = jax.random.split(key)
+    logits = jnp.log(jnp.asarray(shapley_kernel_size_probs(n)[1:n], jnp.float32))
+    sizes = 1 + jax.random.categorical(k_size, logits, shape=(*shape, draws))
+    masks = coalitions_of_size(k_set, sizes, n)
+    return jnp.concatenate([masks, ~masks], axis=-2) if paired else masks

@@ -1,0 +1,117 @@
+"""Stage 1: fine-tune a ViT classifier (cross-entropy, or BCE with one logit for a binary target).
+
+With `config.train.mask_patches=True` it trains on random coalitions from the start (a size uniform in
+0..n, then a uniform coalition of that size), the reference's `training_classifier_masked`, so that
+the classifier can serve directly as its own surrogate.
+
+Validation: loss and accuracy (plus AUROC for a binary target); the best checkpoint has the highest
+accuracy. The test split is evaluated with the best parameters at the end (`results.json`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vitshap_jax import checkpoints as ckpt_lib
+from vitshap_jax import losses, parallel, shapley
+from vitshap_jax.models import build_model, load_pretrained, num_patches
+from vitshap_jax.stages import common
+from vitshap_jax.train.loop import Task, fit
+
+
+def predictions(logits, target: str):
+    return (logits[:, 0] > 0).astype(jnp.int32) if target == "binary" else jnp.argmax(logits, -1)
+
+
+def scores(logits, target: str):
+    """Probability of the positive class (binary) or of the predicted class."""
+    return jax.nn.sigmoid(logits[:, 0]) if target == "binary" else jnp.max(jax.nn.softmax(logits, -1), -1)
+
+
+def train_step(state, batch, *, model, tx, target: str, seed: int, mask_patches: bool):
+    rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+    k_dropout, k_mask = jax.random.split(rng)
+    images, labels = batch["image"], batch["label"]
+    masks = None
+    if mask_patches:
+        masks = shapley.uniform_size_coalitions(
+            k_mask, (images.shape[0],), num_patches(images.shape[1], model.patch_size)
+        )
+
+    def loss_fn(params):
+        logits = model.apply({"params": params}, images, masks, train=True, rngs={"dropout": k_dropout})
+        return jnp.mean(losses.classification_loss(logits, labels, target)), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = {
+        "step": state["step"] + 1,
+        "params": optax.apply_updates(state["params"], updates),
+        "opt_state": opt_state,
+    }
+    accuracy = jnp.mean(predictions(logits, target) == labels)
+    return new_state, {"loss": loss, "accuracy": accuracy}
+
+
+def eval_step(params, batch, *, model, target: str):
+    logits = model.apply({"params": params}, batch["image"])
+    return {
+        "loss": losses.classification_loss(logits, batch["label"], target),
+        "correct": (predictions(logits, target) == batch["label"]).astype(jnp.float32),
+        "score": scores(logits, target),
+    }
+
+
+def summarize(out: dict, target: str) -> dict:
+    metrics = {"loss": float(out["loss"].mean()), "accuracy": float(out["correct"].mean())}
+    if target == "binary":
+        from sklearn.metrics import roc_auc_score
+
+        labels = out["label"]
+        metrics["auroc"] = (
+            float(roc_auc_score(labels, out["score"])) if 0 < labels.sum() < len(labels) else float("nan")
+        )
+    return metrics
+
+
+def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
+    path = common.stage_dir(workdir, "classifier", config)
+    splits = common.open_splits(config)
+    target = config.dataset.target
+    model = build_model(config)
+    sample = jnp.zeros((1, config.dataset.image_size, config.dataset.image_size, 3))
+    params = model.init(jax.random.key(config.seed), sample)["params"]
+    if config.model.pretrained:
+        params = load_pretrained(config.model.pretrained, params)
+    params = jax.device_put(params, parallel.replicated(mesh))
+    tx = common.make_optimizer(config, common.total_steps(config, len(splits["train"])))
+    state = common.create_state(params, tx, mesh)
+    best_target = ckpt_lib.abstract(state["params"])
+    step = common.jit_train_step(
+        functools.partial(
+            train_step,
+            model=model,
+            tx=tx,
+            target=target,
+            seed=config.seed,
+            mask_patches=config.train.mask_patches,
+        ),
+        mesh,
+    )
+    ev = common.jit_eval_step(functools.partial(eval_step, model=model, target=target), mesh, 1)
+
+    def evaluate(state, split):
+        return summarize(common.per_example(ev, (state["params"],), config, splits[split], mesh), target)
+
+    task = Task(state, step, evaluate, ("accuracy", "max"), lambda s: s["params"])
+    validation = fit(task, config, path, mesh, splits["train"], stop_after=stop_after)
+    if stop_after is not None:
+        return validation
+    best = ckpt_lib.load_best_params(path, best_target)
+    results = {"validation": validation, "test": evaluate({"params": best}, "test"), "path": path}
+    common.write_results(path, results)
+    return results

@@ -1,0 +1,159 @@
+"""What the three stages share: optimizer, train state, evaluation over a split, upstream loading."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from vitshap_jax import checkpoints as ckpt_lib
+from vitshap_jax import data, parallel
+from vitshap_jax.data import pipeline
+
+# Fields that must agree between a stage and the upstream run it builds on.
+UPSTREAM_FIELDS = (
+    "dataset.name",
+    "dataset.num_classes",
+    "dataset.target",
+    "dataset.image_size",
+    "model.patch_size",
+    "model.hidden_size",
+    "model.depth",
+    "model.num_heads",
+    "model.mlp_dim",
+)
+
+
+class StageError(ValueError):
+    """A stage cannot start: its upstream run is missing or does not match, or its directory holds an
+    incompatible run. The message says what to do."""
+
+
+def _field(tree, key):
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
+
+
+def make_optimizer(config, total_steps: int, trainable=None):
+    """AdamW with linear warmup and cosine decay to 0, global-norm clipping; `trainable` (a pytree
+    of bools like the params, or None for all) freezes the False leaves."""
+    o = config.optim
+    warmup = o.warmup_steps
+    if warmup >= total_steps:
+        warmup = total_steps // 10
+        logging.warning(
+            "optim.warmup_steps=%d >= %d total steps: warming up for %d", o.warmup_steps, total_steps, warmup
+        )
+    schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup, max(total_steps, warmup + 1), 0.0)
+    tx = optax.adamw(schedule, weight_decay=o.weight_decay)
+    if o.grad_clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
+    if trainable is not None:
+        labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx
+
+
+def total_steps(config, num_train: int) -> int:
+    return (num_train * config.train.epochs) // config.train.batch_size
+
+
+def create_state(params, tx, mesh):
+    """`{"step", "params", "opt_state"}` replicated on the mesh."""
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    return jax.device_put(state, parallel.replicated(mesh))
+
+
+def jit_train_step(step_fn, mesh, num_frozen: int = 0):
+    """jit `step_fn(state, batch, *frozen)`: state, frozen params replicated; batch sharded; state donated."""
+    rep, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    return jax.jit(
+        step_fn,
+        in_shardings=(rep, data_sharding) + (rep,) * num_frozen,
+        out_shardings=(rep, rep),
+        donate_argnums=0,
+    )
+
+
+def jit_eval_step(step_fn, mesh, num_params: int):
+    """jit `step_fn(*params, batch) -> {name: [B] per example}` with the batch sharded."""
+    rep, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    return jax.jit(step_fn, in_shardings=(rep,) * num_params + (data_sharding,), out_shardings=data_sharding)
+
+
+def per_example(eval_step, params: tuple, config, source, mesh) -> dict[str, np.ndarray]:
+    """Runs `eval_step(*params, batch)` over a whole split; per-example numpy arrays, padding removed."""
+    loader = pipeline.make_loader(config, source, False, mesh)
+    outputs = []
+    for batch in pipeline.DeviceIterator(loader, mesh):
+        out = eval_step(*params, batch)
+        outputs.append(parallel.to_host({**out, "valid": batch["valid"], "label": batch["label"]}))
+    joined = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+    valid = joined.pop("valid")
+    return {k: v[valid] for k, v in joined.items()}
+
+
+def eval_keys(seed: int, indices, salt: int):
+    """A key per example, fixed by its index in the split: evaluation masks are the same every epoch."""
+    base = jax.random.fold_in(jax.random.key(seed), salt)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
+
+
+def stage_dir(workdir: str, stage: str, config) -> str:
+    """`{workdir}/{stage}`, with the config written there. Refuses a directory whose earlier run used an
+    incompatible model or dataset (its checkpoints could not be resumed)."""
+    if not workdir:
+        raise StageError("--workdir is required: every stage writes {workdir}/{stage}/")
+    path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), stage)
+    if os.path.exists(os.path.join(path, ckpt_lib.CONFIG_FILE)):
+        old = ckpt_lib.read_config(path)
+        new = config.to_dict()
+        changed = [k for k in UPSTREAM_FIELDS + ("model.masking",) if _field(old, k) != _field(new, k)]
+        if changed:
+            diffs = ", ".join(f"{k}: {_field(old, k)!r} -> {_field(new, k)!r}" for k in changed)
+            raise StageError(
+                f"{path} holds a {stage} run with a different setup ({diffs}); its checkpoints cannot be "
+                "resumed. Use another --workdir, or delete that directory to start over."
+            )
+    ckpt_lib.write_config(path, config)
+    return path
+
+
+def upstream_params(config, workdir: str, upstream_stage: str, model, sample_images, mesh):
+    """The best parameters of the upstream stage, replicated on `mesh`, after checking that the run
+    matches `config` (dataset, classes, model shape). Looks in `config.upstream` or
+    `{workdir}/{upstream_stage}`. Returns (params, the upstream's config as a dict)."""
+    path = config.upstream or os.path.join(os.path.abspath(os.path.expanduser(workdir)), upstream_stage)
+    if not os.path.exists(os.path.join(path, ckpt_lib.CONFIG_FILE)):
+        raise StageError(
+            f"no {upstream_stage} run in {path} ({ckpt_lib.CONFIG_FILE} is missing): run the "
+            f"{upstream_stage} stage with the same --workdir first, or set --config.upstream to its directory"
+        )
+    up = ckpt_lib.read_config(path)
+    new = config.to_dict()
+    changed = [k for k in UPSTREAM_FIELDS if _field(up, k) != _field(new, k)]
+    if changed:
+        diffs = "; ".join(
+            f"config.{k}={_field(new, k)!r}, the {upstream_stage} has {_field(up, k)!r}" for k in changed
+        )
+        raise StageError(f"{path}: the {upstream_stage} run does not match this config: {diffs}")
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), sample_images)["params"])
+    rep = parallel.replicated(mesh)
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
+    return ckpt_lib.load_best_params(path, target), up
+
+
+def write_results(stage_path: str, results: dict) -> None:
+    if jax.process_index() == 0:
+        with open(os.path.join(stage_path, "results.json"), "w") as f:
+            json.dump(results, f, indent=2, sort_keys=True)
+
+
+def open_splits(config):
+    return {split: data.open_split(config, split) for split in data.SPLITS}

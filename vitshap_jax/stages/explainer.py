@@ -1,0 +1,142 @@
+"""Stage 3: train the explainer against the frozen surrogate with the Shapley weighted-least-squares loss.
+
+The backbone starts from the surrogate's best parameters (its classification head dropped) and the
+explainer head from scratch (`models/explainer.py`). For each image: phi_raw = explainer(x); v(all)
+and v(empty) come from the surrogate (same masking strategy as the surrogate run); phi is made
+efficient (`sum_i phi_i = v(all) - v(empty)`); `num_coalitions` coalitions are drawn from the Shapley
+kernel (paired: each with its complement), the surrogate is evaluated on all of them as one
+vectorized (`vmap`) batch inside the jitted step, and the loss is
+`n * mean((v(empty) + 1_S . phi - v(S))^2)`. `freeze_backbone` trains the head only.
+
+Validation reports that loss with coalitions fixed per image, and the efficiency gap
+`max |sum_i phi_i - (v(all) - v(empty))|`. The best checkpoint has the lowest loss.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vitshap_jax import checkpoints as ckpt_lib
+from vitshap_jax import losses, shapley
+from vitshap_jax.config import num_outputs
+from vitshap_jax.models import build_model
+from vitshap_jax.models.explainer import Explainer, ExplainerHead
+from vitshap_jax.stages import common
+from vitshap_jax.train.loop import Task, fit
+
+
+def build_explainer(config) -> Explainer:
+    m, e = config.model, config.explainer
+    head = ExplainerHead(
+        num_classes=num_outputs(config),
+        num_heads=m.num_heads,
+        mlp_dim=m.mlp_dim,
+        head_blocks=e.head_blocks,
+        mlp_layers=e.mlp_layers,
+        mlp_ratio=e.mlp_ratio,
+        activation=e.activation,
+        dtype=jnp.dtype(m.dtype),
+    )
+    return Explainer(backbone=build_model(config), explainer_head=head)
+
+
+def surrogate_values(surrogate, surrogate_params, images, masks, target: str):
+    """v(S) for `masks [B, M, n]` -> `[B, M, C]`: the M coalitions as one vmapped batch."""
+
+    def one(m):
+        return losses.link(surrogate.apply({"params": surrogate_params}, images, m), target)
+
+    return jax.vmap(one, in_axes=1, out_axes=1)(masks)
+
+
+def grand_and_null(surrogate, surrogate_params, images, target: str):
+    """v(all), v(empty): `[B, C]` each."""
+    b, n = (
+        images.shape[0],
+        (images.shape[1] // surrogate.patch_size) * (images.shape[2] // surrogate.patch_size),
+    )
+    both = jnp.stack([jnp.ones((b, n), bool), jnp.zeros((b, n), bool)], axis=1)
+    values = surrogate_values(surrogate, surrogate_params, images, both, target)
+    return values[:, 0], values[:, 1]
+
+
+def train_step(
+    state, batch, surrogate_params, *, explainer, surrogate, tx, target, seed, num_coalitions, paired
+):
+    rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+    k_dropout, k_mask = jax.random.split(rng)
+    images = batch["image"]
+    grand, null = grand_and_null(surrogate, surrogate_params, images, target)
+    n = (images.shape[1] // surrogate.patch_size) ** 2
+    masks = shapley.shapley_kernel_coalitions(k_mask, (images.shape[0],), n, num_coalitions, paired)
+    values = surrogate_values(surrogate, surrogate_params, images, masks, target)
+
+    def loss_fn(params):
+        phi_raw = explainer.apply({"params": params}, images, train=True, rngs={"dropout": k_dropout})
+        phi = shapley.additive_efficient_normalization(phi_raw, grand - null)
+        return jnp.mean(losses.shapley_loss(null, phi, masks, values))
+
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = {
+        "step": state["step"] + 1,
+        "params": optax.apply_updates(state["params"], updates),
+        "opt_state": opt_state,
+    }
+    return new_state, {"loss": loss}
+
+
+def eval_step(params, surrogate_params, batch, *, explainer, surrogate, target, seed, num_coalitions, paired):
+    images = batch["image"]
+    grand, null = grand_and_null(surrogate, surrogate_params, images, target)
+    n = (images.shape[1] // surrogate.patch_size) ** 2
+    keys = common.eval_keys(seed, batch["index"], salt=2)
+    masks = jax.vmap(lambda k: shapley.shapley_kernel_coalitions(k, (), n, num_coalitions, paired))(keys)
+    values = surrogate_values(surrogate, surrogate_params, images, masks, target)
+    phi = shapley.additive_efficient_normalization(explainer.apply({"params": params}, images), grand - null)
+    gap = jnp.max(jnp.abs(phi.sum(1) - (grand - null)), axis=-1)
+    return {"loss": losses.shapley_loss(null, phi, masks, values), "efficiency_gap": gap}
+
+
+def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
+    target, e = config.dataset.target, config.explainer
+    sample = jnp.zeros((1, config.dataset.image_size, config.dataset.image_size, 3))
+    probe = build_model(config)
+    surrogate_params, up = common.upstream_params(config, workdir, "surrogate", probe, sample, mesh)
+    path = common.stage_dir(
+        workdir, "explainer", config
+    )  # after the upstream check: nothing written on failure
+    splits = common.open_splits(config)
+    surrogate = build_model(config, masking=up["model"]["masking"])  # evaluate the game the surrogate learned
+    explainer = build_explainer(config)
+    params = explainer.init(jax.random.key(config.seed), sample)["params"]
+    params = {**params, "backbone": {k: v for k, v in surrogate_params.items() if k != "head"}}
+    trainable = None
+    if e.freeze_backbone:
+        trainable = {k: jax.tree.map(lambda _, keep=(k != "backbone"): keep, v) for k, v in params.items()}
+    tx = common.make_optimizer(config, common.total_steps(config, len(splits["train"])), trainable)
+    state = common.create_state(jax.tree.map(jnp.copy, params), tx, mesh)
+    best_target = ckpt_lib.abstract(state["params"])
+    kw = dict(explainer=explainer, surrogate=surrogate, target=target, seed=config.seed)
+    kw |= dict(num_coalitions=e.num_coalitions, paired=e.paired)
+    step = common.jit_train_step(functools.partial(train_step, tx=tx, **kw), mesh, num_frozen=1)
+    ev = common.jit_eval_step(functools.partial(eval_step, **kw), mesh, 2)
+
+    def evaluate(state, split):
+        out = common.per_example(ev, (state["params"], surrogate_params), config, splits[split], mesh)
+        return {"loss": float(out["loss"].mean()), "efficiency_gap": float(out["efficiency_gap"].max())}
+
+    task = Task(
+        state, lambda s, b: step(s, b, surrogate_params), evaluate, ("loss", "min"), lambda s: s["params"]
+    )
+    validation = fit(task, config, path, mesh, splits["train"], stop_after=stop_after)
+    if stop_after is not None:
+        return validation
+    best = ckpt_lib.load_best_params(path, best_target)
+    results = {"validation": validation, "test": evaluate({"params": best}, "test"), "path": path}
+    common.write_results(path, results)
+    return results

@@ -1,0 +1,117 @@
+"""Stage 2: fine-tune the classifier into a surrogate g(x, S) that predicts well with patches held out.
+
+Initialized from the classifier's best checkpoint. Each training image gets one coalition (a size
+uniform in 0..n, then a uniform coalition of that size); the loss is KL(f(x) || g(x, S)) with f the
+frozen classifier on the full image, evaluated in the same jitted step (Bernoulli KL for binary
+targets). `config.model.masking` picks attention or zero masking.
+
+Validation reports KL and accuracy with one coalition per image (fixed by the image's index, so epochs
+compare), and at fixed held-out fractions (`kl_heldout_0.50` = half the patches held out). The best checkpoint
+has the lowest KL.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vitshap_jax import checkpoints as ckpt_lib
+from vitshap_jax import losses, shapley
+from vitshap_jax.models import build_model, num_patches
+from vitshap_jax.stages import common
+from vitshap_jax.stages.classifier import predictions
+from vitshap_jax.train.loop import Task, fit
+
+HELD_OUT_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.9)
+
+
+def train_step(state, batch, classifier_params, *, model, classifier, tx, target: str, seed: int):
+    rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+    k_dropout, k_mask = jax.random.split(rng)
+    images = batch["image"]
+    teacher = classifier.apply({"params": classifier_params}, images)
+    masks = shapley.uniform_size_coalitions(
+        k_mask, (images.shape[0],), num_patches(images.shape[1], model.patch_size)
+    )
+
+    def loss_fn(params):
+        student = model.apply({"params": params}, images, masks, train=True, rngs={"dropout": k_dropout})
+        return jnp.mean(losses.kl_from_logits(teacher, student, target))
+
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = {
+        "step": state["step"] + 1,
+        "params": optax.apply_updates(state["params"], updates),
+        "opt_state": opt_state,
+    }
+    return new_state, {"loss": loss}
+
+
+def fixed_fraction_coalitions(keys, n: int, held_out: float):
+    """One coalition per key with exactly round((1 - held_out) * n) visible players: `[B, n]`."""
+    visible = round((1 - held_out) * n)
+    return jax.vmap(lambda k: shapley.coalitions_of_size(k, jnp.asarray(visible), n))(keys)
+
+
+def eval_step(params, classifier_params, batch, *, model, classifier, target: str, seed: int):
+    images, labels = batch["image"], batch["label"]
+    n = num_patches(images.shape[1], model.patch_size)
+    teacher = classifier.apply({"params": classifier_params}, images)
+    keys = common.eval_keys(seed, batch["index"], salt=1)
+    masks = jax.vmap(lambda k: shapley.uniform_size_coalitions(k, (), n))(keys)
+    out = {}
+    for name, m in [("", masks)] + [
+        (f"_heldout_{f:.2f}", fixed_fraction_coalitions(keys, n, f)) for f in HELD_OUT_FRACTIONS
+    ]:
+        logits = model.apply({"params": params}, images, m)
+        out[f"kl{name}"] = losses.kl_from_logits(teacher, logits, target)
+        out[f"accuracy{name}"] = (predictions(logits, target) == labels).astype(jnp.float32)
+    return out
+
+
+def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
+    target = config.dataset.target
+    model = build_model(config)
+    classifier = build_model(config, masking="attention")  # always evaluated on full images
+    sample = jnp.zeros((1, config.dataset.image_size, config.dataset.image_size, 3))
+    classifier_params, _ = common.upstream_params(config, workdir, "classifier", classifier, sample, mesh)
+    path = common.stage_dir(
+        workdir, "surrogate", config
+    )  # after the upstream check: nothing written on failure
+    splits = common.open_splits(config)
+    params = jax.tree.map(jnp.copy, classifier_params)  # the surrogate starts as the classifier
+    tx = common.make_optimizer(config, common.total_steps(config, len(splits["train"])))
+    state = common.create_state(params, tx, mesh)
+    best_target = ckpt_lib.abstract(state["params"])
+    step = common.jit_train_step(
+        functools.partial(
+            train_step, model=model, classifier=classifier, tx=tx, target=target, seed=config.seed
+        ),
+        mesh,
+        num_frozen=1,
+    )
+    ev = common.jit_eval_step(
+        functools.partial(eval_step, model=model, classifier=classifier, target=target, seed=config.seed),
+        mesh,
+        2,
+    )
+
+    def evaluate(state, split):
+        out = common.per_example(ev, (state["params"], classifier_params), config, splits[split], mesh)
+        return {k: float(v.mean()) for k, v in out.items() if k != "label"}
+
+    def train_step_with_classifier(state, batch):
+        return step(state, batch, classifier_params)
+
+    task = Task(state, train_step_with_classifier, evaluate, ("kl", "min"), lambda s: s["params"])
+    validation = fit(task, config, path, mesh, splits["train"], stop_after=stop_after)
+    if stop_after is not None:
+        return validation
+    best = ckpt_lib.load_best_params(path, best_target)
+    results = {"validation": validation, "test": evaluate({"params": best}, "test"), "path": path}
+    common.write_results(path, results)
+    return results

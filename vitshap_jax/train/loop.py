@@ -1,0 +1,194 @@
+"""`fit`: the training loop every stage shares.
+
+It resumes from the latest checkpoint (train state + input-pipeline state) if one exists, runs the
+jitted train step over the epochs, evaluates on the validation split after each epoch, keeps the
+best parameters by the stage's metric, and writes metrics as JSON lines (`metrics.jsonl`) and
+TensorBoard events (`tensorboard/`). On an interactive terminal a progress bar shows the running loss
+and throughput; otherwise plain log lines every `config.train.log_every_steps`.
+
+A non-finite loss stops the run with NonFiniteLossError. Losses are checked (on the host) before every
+checkpoint, so no checkpoint ever holds a state that came from a NaN step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from vitshap_jax import checkpoints as ckpt_lib
+from vitshap_jax.data import pipeline
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class Task:
+    """What a stage hands to `fit`.
+
+    state: the initial train state, a pytree with an int "step" leaf, replicated on the mesh.
+    train_step: `(state, batch) -> (state, {"loss": scalar, ...})`, jitted, state donated.
+    evaluate: `(state, split) -> {name: float}` over a whole split.
+    select: the validation metric that picks the best checkpoint, and "min" or "max".
+    export: `state -> params` saved as the stage's best checkpoint.
+    """
+
+    state: Any
+    train_step: Callable
+    evaluate: Callable[[Any, str], dict]
+    select: tuple[str, str]
+    export: Callable[[Any], Any]
+
+
+class _Metrics:
+    """JSON lines and TensorBoard on process 0."""
+
+    def __init__(self, stage_dir: str):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        self.jsonl = open(os.path.join(stage_dir, "metrics.jsonl"), "a")  # noqa: SIM115 -- closed in close()
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(os.path.join(stage_dir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for name, value in metrics.items():
+            if isinstance(value, int | float):
+                self.tb.add_scalar(name, value, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+def _epoch_ends(num_examples: int, batch_size: int, epochs: int) -> dict[int, int]:
+    """Step (1-based count) after which each epoch is over -> epoch number (1-based)."""
+    return {max(1, (e * num_examples) // batch_size): e for e in range(1, epochs + 1)}
+
+
+def _better(value: float, best: float | None, mode: str) -> bool:
+    if best is None or math.isnan(best):
+        return not math.isnan(value)
+    return value < best if mode == "min" else value > best
+
+
+def fit(task: Task, config, stage_dir: str, mesh, train_source, *, stop_after: int | None = None) -> dict:
+    """Trains until `config.train.epochs` are done; returns the best validation metrics.
+
+    `stop_after` ends the run after that many steps without a final checkpoint, as if the process
+    had been killed there (used by the resume tests).
+    """
+    loader = pipeline.make_loader(config, train_source, True, mesh, num_epochs=config.train.epochs)
+    total = len(loader)
+    ends = _epoch_ends(len(train_source), config.train.batch_size, config.train.epochs)
+    metric, mode = task.select
+    checkpoints = ckpt_lib.StageCheckpoints(stage_dir)
+    state, best, best_metrics = task.state, None, {}
+    if checkpoints.latest_step() is not None:
+        state, loader_state, meta = checkpoints.restore_latest(state)
+        loader.set_state(loader_state)
+        best, best_metrics = meta["best"], meta["best_metrics"]
+        logging.info("%s: resuming at step %d of %d", stage_dir, meta["step"], total)
+    start = int(jax.device_get(state["step"]))
+    if start >= total:
+        checkpoints.close()
+        return best_metrics
+    batches = pipeline.DeviceIterator(loader, mesh)
+    writer = _Metrics(stage_dir)
+    bar = None
+    if sys.stderr.isatty() and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc=os.path.basename(stage_dir), unit="step")
+    pending, last_checked, t0 = [], start, time.perf_counter()
+
+    def check(step: int) -> dict:
+        """Host sync: fails on a non-finite loss since the last check; returns the mean metrics."""
+        nonlocal pending, last_checked, t0
+        if not pending:
+            return {}
+        values = jax.device_get(pending)
+        means = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+        bad = [last_checked + 1 + i for i, v in enumerate(values) if not np.isfinite(v["loss"])]
+        if bad:
+            kept = checkpoints.latest_step()
+            raise NonFiniteLossError(
+                f"{stage_dir}: the training loss became {values[bad[0] - last_checked - 1]['loss']} at step "
+                f"{bad[0]}; the last good checkpoint (step {kept}) is kept in "
+                f"{checkpoints.latest.directory}. "
+                "Lower config.optim.lr or raise config.optim.warmup_steps, then rerun to resume from it."
+            )
+        elapsed = time.perf_counter() - t0
+        means["examples_per_sec"] = len(values) * config.train.batch_size / max(elapsed, 1e-9)
+        pending, last_checked, t0 = [], step, time.perf_counter()
+        return means
+
+    try:
+        for step in range(start + 1, total + 1):
+            state, step_metrics = task.train_step(state, next(batches))
+            pending.append(step_metrics)
+            if bar is not None:
+                bar.update(1)
+            epoch = ends.get(step)
+            save = epoch is not None or step % config.train.checkpoint_every_steps == 0 or step == total
+            if step % config.train.log_every_steps == 0 or save:
+                train_metrics = check(step)
+                writer.write(step, {f"train/{k}": v for k, v in train_metrics.items()})
+                if bar is not None:
+                    bar.set_postfix(
+                        loss=f"{train_metrics['loss']:.4g}", ex_s=f"{train_metrics['examples_per_sec']:.0f}"
+                    )
+                else:
+                    logging.info("step %d/%d %s", step, total, json.dumps(train_metrics))
+            if epoch is not None:
+                val = task.evaluate(state, "validation")
+                writer.write(step, {f"val/{k}": v for k, v in val.items()} | {"epoch": epoch})
+                logging.info("epoch %d/%d validation %s", epoch, config.train.epochs, json.dumps(val))
+                if _better(val[metric], best, mode):
+                    best, best_metrics = val[metric], val
+                    checkpoints.save_best(step, task.export(state), {"step": step, "epoch": epoch, **val})
+                t0 = time.perf_counter()  # throughput counts training steps only
+            if save:
+                meta = {"step": step, "total_steps": total, "complete": step == total}
+                checkpoints.save_latest(
+                    step, state, batches.get_state(), meta | {"best": best, "best_metrics": best_metrics}
+                )
+            if stop_after is not None and step >= stop_after:
+                break
+    finally:
+        checkpoints.wait()
+        checkpoints.close()
+        writer.close()
+        if bar is not None:
+            bar.close()
+    return best_metrics
+
+
+def is_complete(stage_dir: str) -> bool:
+    """Whether the stage in `stage_dir` finished all its steps."""
+    if not os.path.isdir(os.path.join(stage_dir, "checkpoints")):
+        return False
+    checkpoints = ckpt_lib.StageCheckpoints(stage_dir)
+    try:
+        meta = checkpoints.latest_meta()
+    finally:
+        checkpoints.close()
+    return bool(meta and meta.get("complete"))
