@@ -14,13 +14,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from vitshap_jax import checkpoints as ckpt_lib
 from vitshap_jax import losses, parallel, shapley
 from vitshap_jax.models import build_model, load_pretrained, num_patches
 from vitshap_jax.stages import common
-from vitshap_jax.train.loop import Task, fit
+from vitshap_jax.train.loop import Task
 
 
 def predictions(logits, target: str):
@@ -47,12 +45,7 @@ def train_step(state, batch, *, model, tx, target: str, seed: int, mask_patches:
         return jnp.mean(losses.classification_loss(logits, labels, target)), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_state = {
-        "step": state["step"] + 1,
-        "params": optax.apply_updates(state["params"], updates),
-        "opt_state": opt_state,
-    }
+    new_state = common.apply_gradients(state, grads, tx)
     accuracy = jnp.mean(predictions(logits, target) == labels)
     return new_state, {"loss": loss, "accuracy": accuracy}
 
@@ -90,7 +83,6 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     params = jax.device_put(params, parallel.replicated(mesh))
     tx = common.make_optimizer(config, common.total_steps(config, len(splits["train"])))
     state = common.create_state(params, tx, mesh)
-    best_target = ckpt_lib.abstract(state["params"])
     step = common.jit_train_step(
         functools.partial(
             train_step,
@@ -108,10 +100,4 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
         return summarize(common.per_example(ev, (state["params"],), config, splits[split], mesh), target)
 
     task = Task(state, step, evaluate, ("accuracy", "max"), lambda s: s["params"])
-    validation = fit(task, config, path, mesh, splits["train"], stop_after=stop_after)
-    if stop_after is not None:
-        return validation
-    best = ckpt_lib.load_best_params(path, best_target)
-    results = {"validation": validation, "test": evaluate({"params": best}, "test"), "path": path}
-    common.write_results(path, results)
-    return results
+    return common.train_and_test(task, config, path, mesh, splits, stop_after=stop_after)

@@ -70,6 +70,33 @@ def create_state(params, tx, mesh):
     return jax.device_put(state, parallel.replicated(mesh))
 
 
+def apply_gradients(state, grads, tx):
+    """One optimizer update of a train state `{"step", "params", "opt_state"}`."""
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return {
+        "step": state["step"] + 1,
+        "params": optax.apply_updates(state["params"], updates),
+        "opt_state": opt_state,
+    }
+
+
+def train_and_test(task, config, path: str, mesh, splits, *, stop_after: int | None = None) -> dict:
+    """Runs `fit`, then evaluates the best parameters on the test split and writes `results.json`.
+
+    Returns `{"validation", "test", "path"}` (only the validation metrics when `stop_after` cuts the run).
+    """
+    from vitshap_jax.train.loop import fit
+
+    best_target = ckpt_lib.abstract(task.export(task.state))  # before the first step donates the state
+    validation = fit(task, config, path, mesh, splits["train"], stop_after=stop_after)
+    if stop_after is not None:
+        return validation
+    best = ckpt_lib.load_best_params(path, best_target)
+    results = {"validation": validation, "test": task.evaluate({"params": best}, "test"), "path": path}
+    write_results(path, results)
+    return results
+
+
 def jit_train_step(step_fn, mesh, num_frozen: int = 0):
     """jit `step_fn(state, batch, *frozen)`: state, frozen params replicated; batch sharded; state donated."""
     rep, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)

@@ -18,15 +18,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from vitshap_jax import checkpoints as ckpt_lib
 from vitshap_jax import losses, shapley
 from vitshap_jax.config import num_outputs
 from vitshap_jax.models import build_model
 from vitshap_jax.models.explainer import Explainer, ExplainerHead
 from vitshap_jax.stages import common
-from vitshap_jax.train.loop import Task, fit
+from vitshap_jax.train.loop import Task
 
 
 def build_explainer(config) -> Explainer:
@@ -81,12 +79,7 @@ def train_step(
         return jnp.mean(losses.shapley_loss(null, phi, masks, values))
 
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_state = {
-        "step": state["step"] + 1,
-        "params": optax.apply_updates(state["params"], updates),
-        "opt_state": opt_state,
-    }
+    new_state = common.apply_gradients(state, grads, tx)
     return new_state, {"loss": loss}
 
 
@@ -120,7 +113,6 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
         trainable = {k: jax.tree.map(lambda _, keep=(k != "backbone"): keep, v) for k, v in params.items()}
     tx = common.make_optimizer(config, common.total_steps(config, len(splits["train"])), trainable)
     state = common.create_state(jax.tree.map(jnp.copy, params), tx, mesh)
-    best_target = ckpt_lib.abstract(state["params"])
     kw = dict(explainer=explainer, surrogate=surrogate, target=target, seed=config.seed)
     kw |= dict(num_coalitions=e.num_coalitions, paired=e.paired)
     step = common.jit_train_step(functools.partial(train_step, tx=tx, **kw), mesh, num_frozen=1)
@@ -133,10 +125,4 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     task = Task(
         state, lambda s, b: step(s, b, surrogate_params), evaluate, ("loss", "min"), lambda s: s["params"]
     )
-    validation = fit(task, config, path, mesh, splits["train"], stop_after=stop_after)
-    if stop_after is not None:
-        return validation
-    best = ckpt_lib.load_best_params(path, best_target)
-    results = {"validation": validation, "test": evaluate({"params": best}, "test"), "path": path}
-    common.write_results(path, results)
-    return results
+    return common.train_and_test(task, config, path, mesh, splits, stop_after=stop_after)

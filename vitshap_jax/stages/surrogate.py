@@ -16,14 +16,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from vitshap_jax import checkpoints as ckpt_lib
 from vitshap_jax import losses, shapley
 from vitshap_jax.models import build_model, num_patches
 from vitshap_jax.stages import common
 from vitshap_jax.stages.classifier import predictions
-from vitshap_jax.train.loop import Task, fit
+from vitshap_jax.train.loop import Task
 
 HELD_OUT_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.9)
 
@@ -42,12 +40,7 @@ def train_step(state, batch, classifier_params, *, model, classifier, tx, target
         return jnp.mean(losses.kl_from_logits(teacher, student, target))
 
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_state = {
-        "step": state["step"] + 1,
-        "params": optax.apply_updates(state["params"], updates),
-        "opt_state": opt_state,
-    }
+    new_state = common.apply_gradients(state, grads, tx)
     return new_state, {"loss": loss}
 
 
@@ -86,7 +79,6 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     params = jax.tree.map(jnp.copy, classifier_params)  # the surrogate starts as the classifier
     tx = common.make_optimizer(config, common.total_steps(config, len(splits["train"])))
     state = common.create_state(params, tx, mesh)
-    best_target = ckpt_lib.abstract(state["params"])
     step = common.jit_train_step(
         functools.partial(
             train_step, model=model, classifier=classifier, tx=tx, target=target, seed=config.seed
@@ -108,10 +100,4 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
         return step(state, batch, classifier_params)
 
     task = Task(state, train_step_with_classifier, evaluate, ("kl", "min"), lambda s: s["params"])
-    validation = fit(task, config, path, mesh, splits["train"], stop_after=stop_after)
-    if stop_after is not None:
-        return validation
-    best = ckpt_lib.load_best_params(path, best_target)
-    results = {"validation": validation, "test": evaluate({"params": best}, "test"), "path": path}
-    common.write_results(path, results)
-    return results
+    return common.train_and_test(task, config, path, mesh, splits, stop_after=stop_after)
