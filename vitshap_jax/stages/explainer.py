@@ -23,6 +23,7 @@ from vitshap_jax import losses, shapley
 from vitshap_jax.config import num_outputs
 from vitshap_jax.models import build_model
 from vitshap_jax.models.explainer import Explainer, ExplainerHead
+from vitshap_jax.shapley.game import surrogate_values
 from vitshap_jax.stages import common
 from vitshap_jax.train.loop import Task
 
@@ -40,15 +41,6 @@ def build_explainer(config) -> Explainer:
         dtype=jnp.dtype(m.dtype),
     )
     return Explainer(backbone=build_model(config), explainer_head=head)
-
-
-def surrogate_values(surrogate, surrogate_params, images, masks, target: str):
-    """v(S) for `masks [B, M, n]` -> `[B, M, C]`: the M coalitions as one vmapped batch."""
-
-    def one(m):
-        return losses.link(surrogate.apply({"params": surrogate_params}, images, m), target)
-
-    return jax.vmap(one, in_axes=1, out_axes=1)(masks)
 
 
 def grand_and_null(surrogate, surrogate_params, images, target: str):

@@ -1,0 +1,1 @@
+"""Evaluation of explanations: accuracy against ground truth, insertion/deletion."""
