@@ -113,11 +113,10 @@ def main(argv):
             process_id=_PROCESS_ID.value,
         )
     mesh = parallel.make_mesh()
-    sub_configs = (
-        [config[s] for s in ("classifier", "surrogate", "explainer")]
-        if config.stage == "pipeline"
-        else [config]
-    )
+    if config.stage == "pipeline":
+        sub_configs = [config[s] for s in ("classifier", "surrogate", "explainer")]
+    else:
+        sub_configs = [] if config.stage == "explain" else [config]  # explain: the run's own settings
     try:
         for c in sub_configs:
             parallel.check_batch_size(c.train.batch_size, mesh)

@@ -47,6 +47,17 @@ def _get(config, key: str):
 
 def validate(config) -> None:
     """Raises ConfigError (one line, naming the field) if `config` cannot run."""
+    if config.stage == "explain":
+        _require(
+            bool(config.images),
+            "images",
+            config.images,
+            "name image files or folders: --config.images=a.jpg,b.png",
+        )
+        _one_of(config, "dataset", DATASETS)
+        _require(config.batch_size >= 1, "batch_size", config.batch_size, "must be positive")
+        _require(config.max_classes >= 1, "max_classes", config.max_classes, "must be positive")
+        return
     if config.stage == "pipeline":
         for stage in STAGES:
             try:

@@ -29,7 +29,31 @@ BUILDERS: dict[str, type[ImageBuilder]] = {
 SPLITS = ("train", "validation", "test")
 SKIPPED_FILE = "skipped_images.txt"
 
-__all__ = ["BUILDERS", "BadImageError", "DataNotFoundError", "SPLITS", "builder", "open_split", "prepare"]
+__all__ = [
+    "BUILDERS",
+    "BadImageError",
+    "DataNotFoundError",
+    "SPLITS",
+    "builder",
+    "class_names",
+    "open_split",
+    "prepare",
+]
+
+
+def class_names(name: str) -> list[str]:
+    """Readable class names of a dataset, in label order (no prepared data needed)."""
+    from vitshap_jax.data import imagenette, pet
+
+    names = {
+        "digits": [str(d) for d in range(10)],
+        "imagenette": list(imagenette.CLASSES.values()),
+        "pet": list(pet.BREEDS),
+        "mura": ["normal (negative)", "abnormal (positive)"],
+    }
+    if name not in names:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(BUILDERS)}")
+    return names[name]
 
 
 def builder(name: str, data_dir: str | None = None, on_bad_image: str = "fail") -> ImageBuilder:

@@ -12,6 +12,7 @@ MODULES = {
     "surrogate": "vitshap_jax.stages.surrogate",
     "explainer": "vitshap_jax.stages.explainer",
     "pipeline": "vitshap_jax.stages.pipeline",
+    "explain": "vitshap_jax.stages.explain",
 }
 
 

@@ -1,0 +1,29 @@
+"""Explain your own images with a trained run (one explainer forward pass per batch).
+
+    python launch.py --config=configs/explain.py:digits --workdir=runs/digits --config.images=a.png,b.jpg
+
+Writes, per image, `<name>.npz` (phi [n_patches, classes], v_all, v_empty, class names) and
+`<name>.png` (heatmaps) to `{workdir}/explanations/` unless `--config.output_dir` says otherwise.
+Argument: the dataset the run was trained on.
+"""
+
+from ml_collections import config_dict
+
+from configs import common
+
+
+def get_config(arg=None):
+    opts = common.parse_arg(arg, dataset="digits")
+    if opts.dataset not in common.DATASET_PRESETS:
+        raise ValueError(
+            f"unknown dataset {opts.dataset!r}; known datasets: {', '.join(common.DATASET_PRESETS)}"
+        )
+    c = config_dict.ConfigDict()
+    c.stage = "explain"  # explain images with the run in --workdir
+    c.dataset = opts.dataset  # the dataset the run was trained on (checked against the run)
+    c.images = config_dict.placeholder(str)  # comma-separated image files and/or folders of images
+    c.output_dir = config_dict.placeholder(str)  # where results go (None: {workdir}/explanations)
+    c.max_classes = 3  # classes drawn per heatmap, highest v(all) first (the .npz holds all)
+    c.batch_size = 8  # images per explainer forward pass
+    c.lock()
+    return c

@@ -1,0 +1,88 @@
+"""Explaining users' images with a trained run: the Python call, the command, the pictures."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from tests.test_stages import tiny
+from vitshap_jax import parallel
+from vitshap_jax.explain import load_explainer
+from vitshap_jax.stages import pipeline
+from vitshap_jax.viz.heatmaps import figure_size, save_explanation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_heatmap_file_size_and_symmetric_scale(tmp_path):
+    phi = np.linspace(-0.2, 0.5, 16 * 3).reshape(16, 3)
+    image = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    limits = save_explanation(image, phi, ["a", "b", "c"], str(tmp_path / "x.png"))
+    assert limits == (-0.5, 0.5)  # symmetric around 0, set by the largest |value| of the figure
+    with PIL.Image.open(tmp_path / "x.png") as png:
+        assert png.size == figure_size(3)
+    with pytest.raises(ValueError, match="square grid"):
+        save_explanation(image, phi[:15], ["a", "b", "c"], str(tmp_path / "y.png"))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from tests.test_stages import _imagenette_tree
+    from vitshap_jax import data
+
+    root = tmp_path_factory.mktemp("run")
+    _imagenette_tree(root / "manual")
+    data.prepare("imagenette", str(root / "manual"), str(root / "prepared"))
+    from tests.test_configs import load
+
+    config = load("pipeline", "imagenette")
+    for stage in pipeline.ORDER:
+        config[stage] = tiny(stage, "imagenette", root / "prepared")
+    pipeline.run(config, str(root / "work"), parallel.make_mesh())
+    return root / "work"
+
+
+def test_load_explainer_gives_efficient_values(trained_run):
+    explain = load_explainer(str(trained_run))
+    image = np.random.default_rng(1).integers(0, 255, (30, 20, 3), dtype=np.uint8)  # any size
+    x = explain.preprocess(image)
+    assert x.shape == (16, 16, 3) and x.dtype == np.float32
+    out = explain(np.stack([x, x[::-1]]))
+    assert out["phi"].shape == (2, 16, 10) and out["v_all"].shape == (2, 10)
+    np.testing.assert_allclose(
+        np.asarray(out["phi"]).sum(1), np.asarray(out["v_all"] - out["v_empty"]), atol=1e-5
+    )
+    assert len(explain.class_names) == 10 and explain.class_names[0] == "tench"
+
+
+def test_explain_command_writes_values_and_pictures_and_reports_bad_files(trained_run, tmp_path):
+    PIL.Image.fromarray(np.full((50, 40), 128, np.uint8)).save(tmp_path / "gray.png")  # grayscale, odd size
+    PIL.Image.fromarray(np.zeros((20, 20, 4), np.uint8), mode="RGBA").save(tmp_path / "alpha.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "launch.py",
+            "--config=configs/explain.py:imagenette",
+            f"--workdir={trained_run}",
+            f"--config.images={tmp_path}",
+            f"--config.output_dir={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+    )
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "1 of 3 files could not be explained" in r.stderr and "broken.jpg" in r.stderr
+    assert sorted(os.listdir(out)) == ["alpha.npz", "alpha.png", "gray.npz", "gray.png"]
+    values = np.load(out / "gray.npz")
+    assert values["phi"].shape == (16, 10)
+    np.testing.assert_allclose(values["phi"].sum(0), values["v_all"] - values["v_empty"], atol=1e-5)
+    with PIL.Image.open(out / "gray.png") as png:
+        assert png.size == figure_size(3)

@@ -1,0 +1,118 @@
+"""Explain images with a trained run: one forward pass of the explainer per batch.
+
+    from vitshap_jax.explain import load_explainer
+    explain = load_explainer("runs/digits")  # the workdir of a finished pipeline
+    x = explain.preprocess(uint8_image)      # [S, S, 3] float32, as in evaluation
+    out = explain(x[None])     # {"phi": [B, n, C], "v_all": [B, C], "v_empty": [B, C]}
+
+`phi` satisfies efficiency: `phi.sum(1) == v_all - v_empty` (up to float error). For a binary target C = 1
+(the positive class).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+from ml_collections import config_dict
+
+from vitshap_jax import checkpoints as ckpt_lib
+from vitshap_jax import data, shapley
+from vitshap_jax.config import num_outputs
+from vitshap_jax.data import transforms
+from vitshap_jax.models import build_model
+from vitshap_jax.stages.common import StageError
+from vitshap_jax.stages.explainer import build_explainer, grand_and_null
+
+
+@dataclasses.dataclass
+class LoadedExplainer:
+    """A trained explainer and its surrogate, ready to explain images.
+
+    Calling it maps preprocessed images `[B, S, S, 3]` to {"phi", "v_all", "v_empty"} (jitted).
+    """
+
+    config: config_dict.ConfigDict
+    class_names: list[str]
+    fn: Callable
+
+    def __call__(self, images) -> dict:
+        return self.fn(jnp.asarray(images, jnp.float32))
+
+    @property
+    def image_size(self) -> int:
+        return self.config.dataset.image_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.model.patch_size
+
+    def crop(self, image: np.ndarray) -> np.ndarray:
+        """uint8 `[H, W, 3]` -> the uint8 `[S, S, 3]` view the model sees (resize + center crop)."""
+        d = self.config.dataset
+        x = transforms.eval_transform(image, size=d.image_size, resize_size=d.resize_size, norm="inception")
+        return np.round((x + 1) * 127.5).astype(np.uint8)
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """uint8 `[H, W, 3]` (any size) -> float32 `[S, S, 3]`, exactly as in evaluation."""
+        d = self.config.dataset
+        return transforms.eval_transform(
+            image, size=d.image_size, resize_size=d.resize_size, norm=d.normalization
+        )
+
+
+def read_image(path: str) -> np.ndarray:
+    """Any image file Pillow reads, in any mode -> uint8 RGB `[H, W, 3]`."""
+    with PIL.Image.open(path) as image:
+        image.load()
+        return np.asarray(image.convert("RGB"))
+
+
+def _explainer_dir(path: str) -> str:
+    path = os.path.abspath(os.path.expanduser(path))
+    for candidate in (os.path.join(path, "explainer"), path):
+        if os.path.exists(os.path.join(candidate, ckpt_lib.CONFIG_FILE)):
+            if ckpt_lib.read_config(candidate).get("stage") == "explainer":
+                return candidate
+    raise StageError(
+        f"no explainer run in {path}: give the workdir of a finished pipeline or its explainer/ folder"
+    )
+
+
+def load_explainer(workdir: str) -> LoadedExplainer:
+    """Loads the best explainer of a run (`{workdir}/explainer`, or that folder itself) and its surrogate."""
+    explainer_dir = _explainer_dir(workdir)
+    config = config_dict.ConfigDict(ckpt_lib.read_config(explainer_dir))
+    surrogate_dir = config.upstream or os.path.join(os.path.dirname(explainer_dir), "surrogate")
+    if not os.path.exists(os.path.join(surrogate_dir, ckpt_lib.CONFIG_FILE)):
+        raise StageError(
+            f"the explainer in {explainer_dir} was trained against {surrogate_dir}, which is missing"
+        )
+    masking = ckpt_lib.read_config(surrogate_dir)["model"]["masking"]
+    surrogate, explainer = build_model(config, masking=masking), build_explainer(config)
+    sample = jnp.zeros((1, config.dataset.image_size, config.dataset.image_size, 3))
+    e_params = ckpt_lib.load_best_params(
+        explainer_dir, jax.eval_shape(lambda: explainer.init(jax.random.key(0), sample)["params"])
+    )
+    s_params = ckpt_lib.load_best_params(
+        surrogate_dir, jax.eval_shape(lambda: surrogate.init(jax.random.key(0), sample)["params"])
+    )
+    target = config.dataset.target
+
+    @jax.jit
+    def explain(e_params, s_params, images):
+        grand, null = grand_and_null(surrogate, s_params, images, target)
+        phi = shapley.additive_efficient_normalization(
+            explainer.apply({"params": e_params}, images), grand - null
+        )
+        return {"phi": phi, "v_all": grand, "v_empty": null}
+
+    names = data.class_names(config.dataset.name)
+    if num_outputs(config) == 1:
+        names = names[1:]  # a binary target explains the positive class
+    return LoadedExplainer(config, names, lambda images: explain(e_params, s_params, images))

@@ -1,0 +1,89 @@
+"""The `explain` command: heatmaps and values for users' own images, with a trained run."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from absl import logging
+
+from vitshap_jax.explain import load_explainer, read_image
+from vitshap_jax.stages.common import StageError
+from vitshap_jax.viz.heatmaps import save_explanation
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class SomeImagesFailed(StageError):
+    """Some files could not be read; the others were explained."""
+
+
+def image_paths(spec: str) -> list[str]:
+    """Files named in `spec` (comma-separated), folders expanded to the image files inside (sorted)."""
+    paths = []
+    for item in (p.strip() for p in spec.split(",")):
+        if not item:
+            continue
+        item = os.path.expanduser(item)
+        if os.path.isdir(item):
+            paths += [
+                os.path.join(item, f) for f in sorted(os.listdir(item)) if f.lower().endswith(IMAGE_SUFFIXES)
+            ]
+        else:
+            paths.append(item)
+    return paths
+
+
+def run(config, workdir: str, mesh) -> dict:
+    loaded = load_explainer(workdir)
+    if loaded.config.dataset.name != config.dataset:
+        raise StageError(
+            f"the run in {workdir} was trained on {loaded.config.dataset.name}, not {config.dataset}: "
+            f"use configs/explain.py:{loaded.config.dataset.name}"
+        )
+    out_dir = os.path.abspath(os.path.expanduser(config.output_dir or os.path.join(workdir, "explanations")))
+    os.makedirs(out_dir, exist_ok=True)
+    paths, failed, done = image_paths(config.images), [], {}
+    images = []
+    for path in paths:
+        try:
+            images.append((path, read_image(path)))
+        except Exception as e:  # unreadable, missing, not an image: report and go on
+            failed.append(f"{path}: {type(e).__name__}: {e}")
+    size = config.batch_size
+    for start in range(0, len(images), size):
+        chunk = images[start : start + size]
+        batch = np.stack([loaded.preprocess(img) for _, img in chunk])
+        padded = np.concatenate(
+            [batch, np.zeros((size - len(chunk), *batch.shape[1:]), batch.dtype)]
+        )  # one shape
+        out = {k: np.asarray(v)[: len(chunk)] for k, v in loaded(padded).items()}
+        for i, (path, img) in enumerate(chunk):
+            stem = os.path.splitext(os.path.basename(path))[0]
+            target = os.path.join(out_dir, stem)
+            np.savez(
+                target + ".npz",
+                phi=out["phi"][i],
+                v_all=out["v_all"][i],
+                v_empty=out["v_empty"][i],
+                class_names=np.array(loaded.class_names),
+                patch_size=loaded.patch_size,
+                image_size=loaded.image_size,
+            )
+            shown = np.argsort(-out["v_all"][i])[: config.max_classes]
+            titles = [f"{loaded.class_names[c]} (p={out['v_all'][i][c]:.2f})" for c in shown]
+            save_explanation(
+                loaded.crop(img),
+                out["phi"][i][:, shown],
+                [loaded.class_names[c] for c in shown],
+                target + ".png",
+                titles=titles,
+            )
+            done[path] = target
+    logging.info("explained %d images into %s", len(done), out_dir)
+    print(f"explained {len(done)} of {len(paths)} images; results in {out_dir}")
+    if failed:
+        raise SomeImagesFailed(
+            f"{len(failed)} of {len(paths)} files could not be explained:\n  " + "\n  ".join(failed)
+        )
+    return done

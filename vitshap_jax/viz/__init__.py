@@ -1,0 +1,1 @@
+"""Pictures of explanations (matplotlib, file output only)."""

@@ -1,0 +1,62 @@
+"""Heatmap overlays of patch values: the image, then one map per class on a symmetric red/blue scale
+(red positive, blue negative, the same scale for every class of a figure) with the patch grid."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+PANEL_INCHES, DPI = 2.4, 100
+
+
+def figure_size(num_classes: int) -> tuple[int, int]:
+    """Pixel size (width, height) of a figure with the image and `num_classes` maps."""
+    return round(PANEL_INCHES * (1 + num_classes) * DPI), round(PANEL_INCHES * 1.15 * DPI)
+
+
+def save_explanation(image, phi, class_names, path: str, *, titles=None) -> tuple[float, float]:
+    """Writes a PNG: `image` (uint8 `[H, W, 3]`, as the model saw it) and one overlay per column of
+    `phi [n_patches, C]` (patches row-major on a square grid). Returns the color limits used (symmetric)."""
+    phi = np.asarray(phi, np.float64)
+    n, c = phi.shape
+    grid = math.isqrt(n)
+    if grid * grid != n:
+        raise ValueError(f"{n} patches do not form a square grid")
+    h, w = image.shape[:2]
+    scale = float(np.abs(phi).max()) or 1e-12
+    width, height = figure_size(c)
+    fig, axes = plt.subplots(1, 1 + c, figsize=(width / DPI, height / DPI), dpi=DPI, squeeze=False)
+    axes = axes[0]
+    axes[0].imshow(image, interpolation="nearest")
+    axes[0].set_title("image", fontsize=8)
+    limits = None
+    for j in range(c):
+        ax = axes[1 + j]
+        ax.imshow(image.mean(-1), cmap="gray", interpolation="nearest", alpha=0.5)
+        im = ax.imshow(
+            phi[:, j].reshape(grid, grid),
+            cmap="bwr",
+            vmin=-scale,
+            vmax=scale,
+            alpha=0.75,
+            extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+            interpolation="nearest",
+        )
+        for k in range(1, grid):  # the patch grid
+            ax.axhline(k * h / grid - 0.5, color="k", lw=0.3, alpha=0.4)
+            ax.axvline(k * w / grid - 0.5, color="k", lw=0.3, alpha=0.4)
+        title = titles[j] if titles else class_names[j]
+        ax.set_title(f"{title}\nsum {phi[:, j].sum():+.3f}", fontsize=7)
+        limits = im.get_clim()
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=axes[1:].tolist(), fraction=0.025, pad=0.02)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return limits
