@@ -112,6 +112,12 @@ def main(argv):
             num_processes=_NUM_PROCESSES.value,
             process_id=_PROCESS_ID.value,
         )
+        import orbax.checkpoint  # noqa: F401 -- defines the flag below
+
+        # Orbax's default barriers are collectives (a psum over all devices), some issued from its
+        # background save threads; racing the train step's collectives, they can deadlock the
+        # processes. The coordination service's barriers need no collectives.
+        flags.FLAGS.experimental_orbax_use_distributed_barrier = True
     mesh = parallel.make_mesh()
     if config.stage == "pipeline":
         sub_configs = [config[s] for s in ("classifier", "surrogate", "explainer")]

@@ -63,6 +63,9 @@ def test_two_processes_train_together_like_one(tmp_path):
     data_dir = str(tmp_path / "tfds")
     data.prepare("digits", data_dir=data_dir)  # before the processes start: they must not race to prepare
     port = _free_port()
+    # Each process logs to its own file: with pipes, a process whose pipe nobody drains blocks on a full
+    # buffer, stops joining the collectives, and its peer waits forever.
+    logs = [open(tmp_path / f"process{i}.log", "w") for i in range(2)]  # noqa: SIM115 -- closed below
     procs = [
         subprocess.Popen(
             _command(
@@ -75,17 +78,20 @@ def test_two_processes_train_together_like_one(tmp_path):
             ),
             cwd=ROOT,
             env=_env(2),
-            stdout=subprocess.PIPE,
+            stdout=logs[i],
             stderr=subprocess.STDOUT,
             text=True,
         )
         for i in range(2)
     ]
     try:
-        outputs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:  # a process left waiting for its peer must not outlive the test
         for p in procs:
+            p.wait(timeout=300)
+    finally:  # a process left waiting for its peer must not outlive the test
+        for p, log in zip(procs, logs, strict=True):
             p.kill()
+            log.close()
+    outputs = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
     assert "process 1/2, 4 devices" in outputs[1]
