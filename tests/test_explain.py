@@ -86,3 +86,21 @@ def test_explain_command_writes_values_and_pictures_and_reports_bad_files(traine
     np.testing.assert_allclose(values["phi"].sum(0), values["v_all"] - values["v_empty"], atol=1e-5)
     with PIL.Image.open(out / "gray.png") as png:
         assert png.size == figure_size(3)
+
+
+def test_curve_pictures_are_written_at_their_size(tmp_path):
+    from vitshap_jax.viz.curves import curve_size, save_insertion_deletion, save_kl_curves
+
+    save_kl_curves(
+        [0.0, 0.5, 0.9], {"attention": [0.01, 0.2, 0.5], "zero": [0.02, 0.4, 0.9]}, str(tmp_path / "kl.png")
+    )
+    curves = {
+        "insertion": np.linspace(0, 1, 17)[None].repeat(3, 0),
+        "deletion": np.linspace(1, 0, 17)[None].repeat(3, 0),
+    }
+    curves |= {"insertion_auc": curves["insertion"].mean(1), "deletion_auc": curves["deletion"].mean(1)}
+    save_insertion_deletion({"explainer": curves, "random": curves}, str(tmp_path / "curves.png"))
+    for name in ("kl.png", "curves.png"):
+        with PIL.Image.open(tmp_path / name) as png:
+            assert png.size == curve_size()
+            assert np.asarray(png.convert("L")).std() > 5  # something was drawn
