@@ -55,8 +55,7 @@ class LoadedExplainer:
     def crop(self, image: np.ndarray) -> np.ndarray:
         """uint8 `[H, W, 3]` -> the uint8 `[S, S, 3]` view the model sees (resize + center crop)."""
         d = self.config.dataset
-        x = transforms.eval_transform(image, size=d.image_size, resize_size=d.resize_size, norm="inception")
-        return np.round((x + 1) * 127.5).astype(np.uint8)
+        return transforms.eval_crop(image, size=d.image_size, resize_size=d.resize_size)
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """uint8 `[H, W, 3]` (any size) -> float32 `[S, S, 3]`, exactly as in evaluation."""

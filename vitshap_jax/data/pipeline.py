@@ -90,14 +90,13 @@ def config_transform(config, train: bool):
     """The train or eval transform that `config.dataset` / `config.model` describe."""
     d = config.dataset
     if train:
-        fn = functools.partial(
+        return functools.partial(
             transforms.train_transform,
             size=d.image_size,
             crop_scale_min=d.crop_scale_min,
             hflip=d.hflip,
             norm=d.normalization,
         )
-        return fn
     return lambda image, rng: transforms.eval_transform(
         image, size=d.image_size, resize_size=d.resize_size, norm=d.normalization
     )

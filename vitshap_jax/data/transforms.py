@@ -69,11 +69,16 @@ def train_transform(
     return normalize(np.ascontiguousarray(image), norm)
 
 
-def eval_transform(image: np.ndarray, *, size: int, resize_size: int, norm: str) -> np.ndarray:
-    """uint8 `[H, W, 3]` -> float32 `[size, size, 3]`: shorter side to `resize_size`, center crop."""
+def eval_crop(image: np.ndarray, *, size: int, resize_size: int) -> np.ndarray:
+    """uint8 `[H, W, 3]` -> uint8 `[size, size, 3]`: shorter side to `resize_size`, center crop."""
     h, w = image.shape[:2]
     scale = resize_size / min(h, w)
     image = _resize(image, max(resize_size, round(w * scale)), max(resize_size, round(h * scale)))
     h, w = image.shape[:2]
     top, left = (h - size) // 2, (w - size) // 2
-    return normalize(image[top : top + size, left : left + size], norm)
+    return image[top : top + size, left : left + size]
+
+
+def eval_transform(image: np.ndarray, *, size: int, resize_size: int, norm: str) -> np.ndarray:
+    """uint8 `[H, W, 3]` -> float32 `[size, size, 3]`: `eval_crop`, then `normalize`."""
+    return normalize(eval_crop(image, size=size, resize_size=resize_size), norm)

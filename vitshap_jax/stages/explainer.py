@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from vitshap_jax import losses, shapley
 from vitshap_jax.config import num_outputs
-from vitshap_jax.models import build_model
+from vitshap_jax.models import build_model, num_patches
 from vitshap_jax.models.explainer import Explainer, ExplainerHead
 from vitshap_jax.shapley.game import surrogate_values
 from vitshap_jax.stages import common
@@ -45,10 +45,7 @@ def build_explainer(config) -> Explainer:
 
 def grand_and_null(surrogate, surrogate_params, images, target: str):
     """v(all), v(empty): `[B, C]` each."""
-    b, n = (
-        images.shape[0],
-        (images.shape[1] // surrogate.patch_size) * (images.shape[2] // surrogate.patch_size),
-    )
+    b, n = images.shape[0], num_patches(images.shape[1], surrogate.patch_size)
     both = jnp.stack([jnp.ones((b, n), bool), jnp.zeros((b, n), bool)], axis=1)
     values = surrogate_values(surrogate, surrogate_params, images, both, target)
     return values[:, 0], values[:, 1]
@@ -61,7 +58,7 @@ def train_step(
     k_dropout, k_mask = jax.random.split(rng)
     images = batch["image"]
     grand, null = grand_and_null(surrogate, surrogate_params, images, target)
-    n = (images.shape[1] // surrogate.patch_size) ** 2
+    n = num_patches(images.shape[1], surrogate.patch_size)
     masks = shapley.shapley_kernel_coalitions(k_mask, (images.shape[0],), n, num_coalitions, paired)
     values = surrogate_values(surrogate, surrogate_params, images, masks, target)
 
@@ -78,7 +75,7 @@ def train_step(
 def eval_step(params, surrogate_params, batch, *, explainer, surrogate, target, seed, num_coalitions, paired):
     images = batch["image"]
     grand, null = grand_and_null(surrogate, surrogate_params, images, target)
-    n = (images.shape[1] // surrogate.patch_size) ** 2
+    n = num_patches(images.shape[1], surrogate.patch_size)
     keys = common.eval_keys(seed, batch["index"], salt=2)
     masks = jax.vmap(lambda k: shapley.shapley_kernel_coalitions(k, (), n, num_coalitions, paired))(keys)
     values = surrogate_values(surrogate, surrogate_params, images, masks, target)
