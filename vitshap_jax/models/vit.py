@@ -68,10 +68,16 @@ class MlpBlock(nn.Module):
 
 
 class MultiHeadDotProductAttention(nn.Module):
-    """Self-attention whose keys can be masked out (`key_mask [B, T]`, True = may be attended to)."""
+    """Self-attention whose keys can be masked out (`key_mask [B, T]`, True = may be attended to).
+
+    With `inspect=True` the attention weights `[B, heads, T, T]` are computed explicitly, stored with
+    `sow("intermediates", "attention")` and made differentiable with `perturb("attention")` (the
+    attention-based baselines read both); otherwise the fused `jax.nn.dot_product_attention` runs.
+    """
 
     num_heads: int
     dtype: jnp.dtype = jnp.float32
+    inspect: bool = False
 
     @nn.compact
     def __call__(self, x, key_mask=None):
@@ -86,7 +92,16 @@ class MultiHeadDotProductAttention(nn.Module):
         )
         q, k, v = (proj(name=name)(x) for name in ("query", "key", "value"))
         mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, heads, queries, keys]
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        if self.inspect:
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+            if mask is not None:
+                logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+            weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+            self.sow("intermediates", "attention", weights)
+            weights = self.perturb("attention", weights)
+            y = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+        else:
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask)
         return nn.DenseGeneral(
             features=width,
             axis=(-2, -1),
@@ -103,12 +118,13 @@ class Encoder1DBlock(nn.Module):
     mlp_dim: int
     dropout_rate: float = 0.0
     dtype: jnp.dtype = jnp.float32
+    inspect: bool = False
 
     @nn.compact
     def __call__(self, x, key_mask, *, deterministic: bool):
         y = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="LayerNorm_0")(x)
         y = MultiHeadDotProductAttention(
-            self.num_heads, dtype=self.dtype, name="MultiHeadDotProductAttention_1"
+            self.num_heads, dtype=self.dtype, inspect=self.inspect, name="MultiHeadDotProductAttention_1"
         )(y, key_mask)
         x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         y = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="LayerNorm_2")(x)
@@ -140,6 +156,7 @@ class Encoder(nn.Module):
     mlp_dim: int
     dropout_rate: float = 0.0
     dtype: jnp.dtype = jnp.float32
+    inspect: bool = False
 
     @nn.compact
     def __call__(self, x, key_mask=None, patch_indices=None, *, deterministic: bool):
@@ -151,8 +168,16 @@ class Encoder(nn.Module):
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         for i in range(self.depth):
             x = Encoder1DBlock(
-                self.num_heads, self.mlp_dim, self.dropout_rate, dtype=self.dtype, name=f"encoderblock_{i}"
+                self.num_heads,
+                self.mlp_dim,
+                self.dropout_rate,
+                dtype=self.dtype,
+                inspect=self.inspect,
+                name=f"encoderblock_{i}",
             )(x, key_mask, deterministic=deterministic)
+        if self.inspect:  # the last block's tokens, for GradCAM
+            self.sow("intermediates", "last_block", x)
+            x = self.perturb("last_block", x)
         return nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="encoder_norm")(x)
 
 
@@ -166,6 +191,8 @@ class ViT(nn.Module):
       dropout_rate: dropout after attention/MLP, active only with `train=True`.
       masking: how `patch_mask` removes patches: "attention" or "zero" (module docstring).
       dtype: compute dtype; parameters are always float32.
+      inspect: expose attention weights and the last block's tokens (collections "intermediates" and
+        "perturbations") for the baselines in `vitshap_jax.baselines`; same parameters and outputs.
     """
 
     num_classes: int
@@ -177,6 +204,7 @@ class ViT(nn.Module):
     dropout_rate: float = 0.0
     masking: str = "attention"
     dtype: jnp.dtype = jnp.float32
+    inspect: bool = False
 
     def setup(self):
         if self.masking not in MASKING_STRATEGIES:
@@ -190,7 +218,12 @@ class ViT(nn.Module):
         )
         self.cls = self.param("cls", nn.initializers.zeros, (1, 1, self.hidden_size))
         self.Transformer = Encoder(
-            self.depth, self.num_heads, self.mlp_dim, self.dropout_rate, dtype=self.dtype
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            self.dropout_rate,
+            dtype=self.dtype,
+            inspect=self.inspect,
         )
         self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype)
 
