@@ -122,7 +122,8 @@ def main(argv):
     if config.stage == "pipeline":
         sub_configs = [config[s] for s in ("classifier", "surrogate", "explainer")]
     else:
-        sub_configs = [] if config.stage == "explain" else [config]  # explain: the run's own settings
+        own = config.stage in ("explain", "evaluate")  # these use the settings of the run they read
+        sub_configs = [] if own else [config]
     try:
         for c in sub_configs:
             parallel.check_batch_size(c.train.batch_size, mesh)

@@ -67,7 +67,7 @@ def test_intermediate_gradients_match_finite_differences():
     where = [
         (("Transformer", "encoderblock_0", "MultiHeadDotProductAttention_1", "attention"), (1, 1, 0, 5)),
         (("Transformer", "encoderblock_1", "MultiHeadDotProductAttention_1", "attention"), (2, 0, 0, 7)),
-        (("Transformer", "last_block"), (0, 3, 4)),
+        (("Transformer", "last_block_input"), (0, 3, 4)),
     ]
     for path, index in where:
         bumped = jax.tree.map(lambda x: x, zeros)
@@ -84,7 +84,7 @@ def test_intermediate_gradients_match_finite_differences():
 def test_gradcam_and_transformer_attribution_formulas():
     model, params, images = vit(depth=1)
     inter, grads = baselines._intermediate_grads(model, params, images, CLASSES)
-    tokens, g = inter["last_block"][0], grads["last_block"]
+    tokens, g = inter["last_block_input"][0], grads["last_block_input"]
     expected = np.maximum(
         (np.asarray(g[:, 1:]).mean(1, keepdims=True) * np.asarray(tokens[:, 1:])).sum(-1), 0
     )

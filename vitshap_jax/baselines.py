@@ -11,7 +11,8 @@ row-major order, the players of ViT-Shapley). Three families:
 * internals of a ViT built with `inspect=True` (`models/vit.py` exposes its attention weights and last
   block's tokens): `attention_last` (class token's attention in the last layer, mean over heads),
   `attention_rollout` (Abnar & Zuidema 2020: product over layers of 0.5 A + 0.5 I), `gradcam`
-  (Selvaraju et al. 2017 on the last block's patch tokens), `transformer_attribution` (Chefer et
+  (Selvaraju et al. 2017 on the patch tokens entering the last block: the last block's outputs of
+  patch tokens never reach the class token), `transformer_attribution` (Chefer et
   al. 2021: R <- R + mean_heads((dlogit/dA * A)^+) R over the layers, started from the identity);
 * queries of a game `value_fn(images, masks [B, M, n]) -> [B, M, C]` (the surrogate):
   `leave_one_out`, `rise` (Petsiuk et al. 2018, Bernoulli masks drawn on the patch grid itself),
@@ -128,9 +129,9 @@ def _intermediate_grads(model, params, images, classes):
 
 
 def gradcam(model, params, images, classes):
-    """ReLU(sum_d alpha_d T_id) over the last block's patch tokens T, alpha = mean_i dlogit/dT_id."""
+    """ReLU(sum_d alpha_d T_id), T the patch tokens entering the last block, alpha = mean_i dlogit/dT_id."""
     inter, grads = _intermediate_grads(model, params, images, classes)
-    tokens, g = inter["last_block"][0][:, 1:], grads["last_block"][:, 1:]
+    tokens, g = inter["last_block_input"][0][:, 1:], grads["last_block_input"][:, 1:]
     alpha = g.mean(1, keepdims=True)  # [B, 1, D]
     return jax.nn.relu((alpha * tokens).sum(-1))
 

@@ -17,6 +17,24 @@ ACTIVATIONS = ("gelu", "relu")
 PRETRAINED_SUFFIXES = (".npz", ".safetensors")
 BAD_IMAGE_POLICIES = ("fail", "skip")  # see vitshap_jax/data/base.py
 NORMALIZATIONS = ("inception", "imagenet")  # see vitshap_jax/data/transforms.py
+SPLITS = ("train", "validation", "test")
+# What configs/evaluate.py can compare (vitshap_jax/stages/evaluate.py, vitshap_jax/baselines.py).
+EVALUATION_METHODS = (
+    "explainer",
+    "kernelshap",
+    "leave_one_out",
+    "rise",
+    "integrated_gradients",
+    "vanilla_gradient",
+    "smoothgrad",
+    "vargrad",
+    "gradcam",
+    "transformer_attribution",
+    "attention_rollout",
+    "attention_last",
+    "random",
+)
+GROUND_TRUTH = ("auto", "exact", "kernelshap")
 
 
 class ConfigError(ValueError):
@@ -45,8 +63,53 @@ def _get(config, key: str):
     return node
 
 
+def split_list(value: str) -> list[str]:
+    """A comma-separated config string as a list (blanks dropped)."""
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+def budgets(config) -> list[int]:
+    """`config.kernelshap_budgets` of an evaluate config as ints."""
+    try:
+        return [int(b) for b in split_list(config.kernelshap_budgets)]
+    except ValueError:
+        raise ConfigError(
+            f"config.kernelshap_budgets={config.kernelshap_budgets!r}: give comma-separated integers "
+            "such as 64,256"
+        ) from None
+
+
+def _validate_evaluate(config) -> None:
+    _one_of(config, "dataset", DATASETS)
+    _one_of(config, "split", SPLITS)
+    _one_of(config, "explain_class", ("label", "predicted"))
+    _one_of(config, "ground_truth", GROUND_TRUTH)
+    methods = split_list(config.methods)
+    _require(bool(methods), "methods", config.methods, "name at least one method")
+    unknown = [m for m in methods if m not in EVALUATION_METHODS]
+    _require(
+        not unknown, "methods", config.methods, f"unknown {unknown}; known: {', '.join(EVALUATION_METHODS)}"
+    )
+    if "kernelshap" in methods:
+        for b in budgets(config):
+            _require(b >= 4, "kernelshap_budgets", config.kernelshap_budgets, "each budget must be >= 4")
+    for key in ("num_images", "batch_size", "ig_steps", "noise_samples", "rise_masks", "top_k"):
+        _require(config[key] >= 1, key, config[key], "must be positive")
+    _require(config.num_heatmaps >= 0, "num_heatmaps", config.num_heatmaps, "must be >= 0")
+    _require(config.noise >= 0, "noise", config.noise, "must be >= 0")
+    _require(
+        config.ground_truth_threshold > 0,
+        "ground_truth_threshold",
+        config.ground_truth_threshold,
+        "must be > 0",
+    )
+
+
 def validate(config) -> None:
     """Raises ConfigError (one line, naming the field) if `config` cannot run."""
+    if config.stage == "evaluate":
+        _validate_evaluate(config)
+        return
     if config.stage == "explain":
         _require(
             bool(config.images),

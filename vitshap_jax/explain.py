@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,15 +35,24 @@ from vitshap_jax.stages.explainer import build_explainer, grand_and_null
 class LoadedExplainer:
     """A trained explainer and its surrogate, ready to explain images.
 
-    Calling it maps preprocessed images `[B, S, S, 3]` to {"phi", "v_all", "v_empty"} (jitted).
+    Calling it maps preprocessed images `[B, S, S, 3]` to {"phi", "v_all", "v_empty"} (jitted, with the
+    parameters as arguments: `params` may be moved, e.g. replicated over a mesh with `jax.device_put`).
     """
 
     config: config_dict.ConfigDict
     class_names: list[str]
-    fn: Callable
+    fn: Callable  # jitted (params, images) -> {"phi", "v_all", "v_empty"}
+    params: dict  # {"explainer": ..., "surrogate": ...}, the best checkpoints
+    surrogate: Any  # the surrogate ViT (flax module)
+    explainer_dir: str
+    surrogate_dir: str
 
     def __call__(self, images) -> dict:
-        return self.fn(jnp.asarray(images, jnp.float32))
+        return self.fn(self.params, jnp.asarray(images, jnp.float32))
+
+    @property
+    def surrogate_params(self):
+        return self.params["surrogate"]
 
     @property
     def image_size(self) -> int:
@@ -104,14 +114,22 @@ def load_explainer(workdir: str) -> LoadedExplainer:
     target = config.dataset.target
 
     @jax.jit
-    def explain(e_params, s_params, images):
-        grand, null = grand_and_null(surrogate, s_params, images, target)
+    def explain(params, images):
+        grand, null = grand_and_null(surrogate, params["surrogate"], images, target)
         phi = shapley.additive_efficient_normalization(
-            explainer.apply({"params": e_params}, images), grand - null
+            explainer.apply({"params": params["explainer"]}, images), grand - null
         )
         return {"phi": phi, "v_all": grand, "v_empty": null}
 
     names = data.class_names(config.dataset.name)
     if num_outputs(config) == 1:
         names = names[1:]  # a binary target explains the positive class
-    return LoadedExplainer(config, names, lambda images: explain(e_params, s_params, images))
+    return LoadedExplainer(
+        config,
+        names,
+        explain,
+        {"explainer": e_params, "surrogate": s_params},
+        surrogate=surrogate,
+        explainer_dir=explainer_dir,
+        surrogate_dir=surrogate_dir,
+    )

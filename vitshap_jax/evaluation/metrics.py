@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitshap_jax.shapley.game import as_game
+
 
 def _ranks(x, axis):
     return np.argsort(np.argsort(x, axis=axis), axis=axis).astype(np.float64)
@@ -52,6 +54,11 @@ def importance_order(phi_c, key):
     return jnp.lexsort((noise, -phi_c), axis=-1)
 
 
+@jax.jit
+def _evaluate(game, images, masks):
+    return game(images, masks)
+
+
 def insertion_deletion(value_fn, images, phi, classes, *, key):
     """Insertion and deletion curves of the explained class, and their areas.
 
@@ -74,8 +81,9 @@ def insertion_deletion(value_fn, images, phi, classes, *, key):
     steps = jnp.arange(n + 1)[None, :, None]
     inserted = rank[:, None, :] < steps  # [B, n + 1, n]
     curves = {}
+    game = as_game(value_fn)
     for name, masks in (("insertion", inserted), ("deletion", ~inserted)):
-        values = value_fn(images, masks)
+        values = _evaluate(game, images, masks)
         curves[name] = jnp.take_along_axis(values, classes[:, None, None], axis=2)[..., 0]
     out = {k: np.asarray(v) for k, v in curves.items()}
     out["insertion_auc"] = out["insertion"].mean(1)

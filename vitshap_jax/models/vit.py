@@ -167,6 +167,9 @@ class Encoder(nn.Module):
             x = jnp.concatenate([x[:, :1], patches], axis=1)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         for i in range(self.depth):
+            if self.inspect and i == self.depth - 1:  # tokens entering the last block, for GradCAM
+                self.sow("intermediates", "last_block_input", x)
+                x = self.perturb("last_block_input", x)
             x = Encoder1DBlock(
                 self.num_heads,
                 self.mlp_dim,
@@ -175,9 +178,6 @@ class Encoder(nn.Module):
                 inspect=self.inspect,
                 name=f"encoderblock_{i}",
             )(x, key_mask, deterministic=deterministic)
-        if self.inspect:  # the last block's tokens, for GradCAM
-            self.sow("intermediates", "last_block", x)
-            x = self.perturb("last_block", x)
         return nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="encoder_norm")(x)
 
 
@@ -191,8 +191,8 @@ class ViT(nn.Module):
       dropout_rate: dropout after attention/MLP, active only with `train=True`.
       masking: how `patch_mask` removes patches: "attention" or "zero" (module docstring).
       dtype: compute dtype; parameters are always float32.
-      inspect: expose attention weights and the last block's tokens (collections "intermediates" and
-        "perturbations") for the baselines in `vitshap_jax.baselines`; same parameters and outputs.
+      inspect: expose attention weights and the tokens entering the last block (collections
+        "intermediates" and "perturbations") for `vitshap_jax.baselines`; same parameters and outputs.
     """
 
     num_classes: int

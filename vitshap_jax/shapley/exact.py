@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitshap_jax.shapley.game import as_game
+
 
 def shapley_weights(n: int) -> tuple[np.ndarray, np.ndarray]:
     """(w_in[k], w_out[k]) for k = 0..n (zero where undefined)."""
@@ -31,22 +33,24 @@ def all_coalitions(n: int, start: int, count: int) -> np.ndarray:
     return ((codes[:, None] >> np.arange(n)) & 1).astype(bool)
 
 
+@jax.jit
+def _contribution(images, masks, value_fn):
+    """sum over the coalitions `masks [M, n]` of their signed, weighted values: `[B, n, C]`."""
+    n = masks.shape[-1]
+    w_in, w_out = (jnp.asarray(w, jnp.float32) for w in shapley_weights(n))
+    values = value_fn(images, jnp.broadcast_to(masks, (images.shape[0], *masks.shape)))  # [B, M, C]
+    sizes = masks.sum(-1)
+    signed = jnp.where(masks, w_in[sizes][:, None], -w_out[sizes][:, None]).astype(values.dtype)  # [M, n]
+    return jnp.einsum("mn,bmc->bnc", signed, values)
+
+
 def exact_shapley(value_fn, images, n: int, *, chunk: int = 4096):
     """Exact Shapley values `[B, n, C]` of `value_fn` for each image (2^n evaluations per image)."""
     if n > 24:
         raise ValueError(f"{n} players means {2**n:,} coalitions per image: use kernelshap instead")
-    w_in, w_out = (jnp.asarray(w, jnp.float32) for w in shapley_weights(n))
-    b = images.shape[0]
-
-    @jax.jit
-    def contribution(images, masks):
-        values = value_fn(images, jnp.broadcast_to(masks, (b, *masks.shape)))  # [B, M, C]
-        sizes = masks.sum(-1)
-        signed = jnp.where(masks, w_in[sizes][:, None], -w_out[sizes][:, None]).astype(values.dtype)  # [M, n]
-        return jnp.einsum("mn,bmc->bnc", signed, values)
-
-    total, phi = 2**n, None
+    total, phi, game = 2**n, None, as_game(value_fn)
     for start in range(0, total, chunk):
-        part = contribution(images, jnp.asarray(all_coalitions(n, start, min(chunk, total - start))))
+        masks = jnp.asarray(all_coalitions(n, start, min(chunk, total - start)))
+        part = _contribution(images, masks, game)
         phi = part if phi is None else phi + part
     return phi

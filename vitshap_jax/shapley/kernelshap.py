@@ -11,10 +11,13 @@ holds exactly at every step.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitshap_jax.shapley.game import as_game
 from vitshap_jax.shapley.sampling import shapley_kernel_coalitions, shapley_kernel_size_probs
 
 
@@ -27,6 +30,7 @@ def kernel_moments(n: int) -> np.ndarray:
     return np.full((n, n), off) + np.eye(n) * (diag - off)
 
 
+@functools.lru_cache(maxsize=16)
 def _projection(n: int):
     """(P, r): phi = P b + r D, the constrained solution's linear map."""
     a_inv = np.linalg.inv(kernel_moments(n))
@@ -34,6 +38,27 @@ def _projection(n: int):
     a1 = a_inv @ ones
     denom = ones @ a1
     return jnp.asarray(a_inv - np.outer(a1, a1) / denom, jnp.float32), jnp.asarray(a1 / denom, jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("pairs", "n"))
+def _step(key, images, null, proj, value_fn, *, pairs: int, n: int):
+    """Sums over `pairs` coalition pairs of each pair's contribution to phi (minus r D), and of its
+    square: `[B, n, C]` each."""
+    masks = shapley_kernel_coalitions(key, (images.shape[0],), n, 2 * pairs, paired=True)  # [B, 2P, n]
+    values = value_fn(images, masks) - null[:, None]  # [B, 2P, C]
+    z = masks.astype(values.dtype)
+    contrib = z[..., None] * values[:, :, None, :]  # z (v(z) - v(0)): [B, 2P, n, C]
+    pair = 0.5 * (contrib[:, :pairs] + contrib[:, pairs:])  # paired average
+    u = jnp.einsum("ij,bpjc->bpic", proj, pair)
+    return u.sum(1), (u**2).sum(1)
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _ends(images, value_fn, *, n: int):
+    """v(empty) and v(all) - v(empty): `[B, C]` each."""
+    b = images.shape[0]
+    ends = value_fn(images, jnp.stack([jnp.zeros((b, n), bool), jnp.ones((b, n), bool)], axis=1))
+    return ends[:, 0], ends[:, 1] - ends[:, 0]
 
 
 def kernelshap(
@@ -60,25 +85,14 @@ def kernelshap(
       (phi `[B, n, C]`, info) with info = {"evals": evaluations per image, "std_error": `[B, n, C]`,
       "converged": bool `[B]`}.
     """
-    b = images.shape[0]
     proj, r = _projection(n)
-    ends = value_fn(images, jnp.stack([jnp.zeros((b, n), bool), jnp.ones((b, n), bool)], axis=1))
-    null, total = ends[:, 0], ends[:, 1] - ends[:, 0]  # [B, C]
-
-    @jax.jit
-    def step(key, images):
-        masks = shapley_kernel_coalitions(key, (b,), n, 2 * pairs_per_step, paired=True)  # [B, 2P, n]
-        values = value_fn(images, masks) - null[:, None]  # [B, 2P, C]
-        z = masks.astype(values.dtype)
-        contrib = z[..., None] * values[:, :, None, :]  # z (v(z) - v(0)): [B, 2P, n, C]
-        pair = 0.5 * (contrib[:, :pairs_per_step] + contrib[:, pairs_per_step:])  # paired average
-        u = jnp.einsum("ij,bpjc->bpic", proj, pair)  # each pair's contribution to phi (minus r D)
-        return u.sum(1), (u**2).sum(1)
+    value_fn = as_game(value_fn)
+    null, total = _ends(images, value_fn, n=n)  # [B, C] each
 
     count, s1, s2, evals = 0, 0.0, 0.0, 2
     while True:
         key, sub = jax.random.split(key)
-        a, a2 = step(sub, images)
+        a, a2 = _step(sub, images, null, proj, value_fn, pairs=pairs_per_step, n=n)
         s1, s2, count = s1 + a, s2 + a2, count + pairs_per_step
         evals += 2 * pairs_per_step
         mean = s1 / count

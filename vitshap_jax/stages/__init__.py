@@ -13,6 +13,7 @@ MODULES = {
     "explainer": "vitshap_jax.stages.explainer",
     "pipeline": "vitshap_jax.stages.pipeline",
     "explain": "vitshap_jax.stages.explain",
+    "evaluate": "vitshap_jax.stages.evaluate",
 }
 
 
