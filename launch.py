@@ -122,7 +122,7 @@ def main(argv):
     if config.stage == "pipeline":
         sub_configs = [config[s] for s in ("classifier", "surrogate", "explainer")]
     else:
-        own = config.stage in ("explain", "evaluate")  # these use the settings of the run they read
+        own = config.stage in ("explain", "evaluate", "roar")  # these use the settings of the run they read
         sub_configs = [] if own else [config]
     try:
         for c in sub_configs:

@@ -21,6 +21,7 @@ def get_config(arg=None):
     c.explainer = config_dict.ConfigDict()
     c.explainer.num_coalitions = 32  # coalitions per image drawn from the Shapley kernel
     c.explainer.paired = True  # each coalition comes with its complement (num_coalitions must be even)
+    c.explainer.packed = True  # run each coalition pair as one n + 2 token sequence (attention masking)
     c.explainer.head_blocks = 1  # extra transformer blocks in the head, over all tokens
     c.explainer.mlp_layers = 3  # Dense layers of the head MLP (the last one outputs the classes)
     c.explainer.mlp_ratio = 4  # hidden width of the head MLP, in multiples of hidden_size

@@ -4,3 +4,24 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A finished tiny pipeline (classifier, surrogate, explainer) on a mini imagenette: its workdir."""
+    from tests.test_configs import load
+    from tests.test_stages import _imagenette_tree, tiny
+    from vitshap_jax import data, parallel
+    from vitshap_jax.stages import pipeline
+
+    root = tmp_path_factory.mktemp("run")
+    _imagenette_tree(root / "manual")
+    data.prepare("imagenette", str(root / "manual"), str(root / "prepared"))
+    config = load("pipeline", "imagenette")
+    for stage in pipeline.ORDER:
+        config[stage] = tiny(stage, "imagenette", root / "prepared")
+    pipeline.run(config, str(root / "work"), parallel.make_mesh())
+    return root / "work"

@@ -8,10 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from tests.test_stages import tiny
-from vitshap_jax import parallel
 from vitshap_jax.explain import load_explainer
-from vitshap_jax.stages import pipeline
 from vitshap_jax.viz.heatmaps import figure_size, save_explanation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,23 +23,6 @@ def test_heatmap_file_size_and_symmetric_scale(tmp_path):
         assert png.size == figure_size(3)
     with pytest.raises(ValueError, match="square grid"):
         save_explanation(image, phi[:15], ["a", "b", "c"], str(tmp_path / "y.png"))
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    from tests.test_stages import _imagenette_tree
-    from vitshap_jax import data
-
-    root = tmp_path_factory.mktemp("run")
-    _imagenette_tree(root / "manual")
-    data.prepare("imagenette", str(root / "manual"), str(root / "prepared"))
-    from tests.test_configs import load
-
-    config = load("pipeline", "imagenette")
-    for stage in pipeline.ORDER:
-        config[stage] = tiny(stage, "imagenette", root / "prepared")
-    pipeline.run(config, str(root / "work"), parallel.make_mesh())
-    return root / "work"
 
 
 def test_load_explainer_gives_efficient_values(trained_run):

@@ -105,3 +105,22 @@ def test_kernelshap_budget_caps_evaluations_and_error_shrinks_with_budget():
         assert info["evals"] <= budget
         errors.append(np.abs(np.asarray(phi) - exact).mean())
     assert errors[0] > errors[1] > errors[2]
+
+
+def test_packed_pairs_give_the_same_estimates_on_a_vit_surrogate():
+    from vitshap_jax.models import ViT
+    from vitshap_jax.shapley.game import surrogate_game
+
+    model = ViT(num_classes=3, patch_size=4, hidden_size=16, depth=2, num_heads=2, mlp_dim=32)
+    images = jax.random.normal(jax.random.key(1), (2, 12, 12, 3))  # 9 players
+    params = model.init(jax.random.key(0), images)["params"]
+    params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(2), x.shape), params)
+    packed, plain = (surrogate_game(model, params, "multiclass", packed=p) for p in (True, False))
+    np.testing.assert_allclose(exact_shapley(packed, images, 9), exact_shapley(plain, images, 9), atol=1e-5)
+    a, _ = kernelshap(
+        packed, images, 9, key=jax.random.key(3), threshold=None, max_evals=130, pairs_per_step=32
+    )
+    b, _ = kernelshap(
+        plain, images, 9, key=jax.random.key(3), threshold=None, max_evals=130, pairs_per_step=32
+    )
+    np.testing.assert_allclose(a, b, atol=1e-5)

@@ -77,7 +77,7 @@ def test_two_processes_train_together_like_one(tmp_path):
                 f"--process_id={i}",
             ),
             cwd=ROOT,
-            env=_env(2),
+            env=_env(1),
             stdout=logs[i],
             stderr=subprocess.STDOUT,
             text=True,
@@ -94,11 +94,11 @@ def test_two_processes_train_together_like_one(tmp_path):
     outputs = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
-    assert "process 1/2, 4 devices" in outputs[1]
+    assert "process 1/2, 2 devices" in outputs[1]
     single = subprocess.run(
         _command(tmp_path / "single", data_dir),
         cwd=ROOT,
-        env=_env(4),
+        env=_env(2),
         capture_output=True,
         text=True,
         timeout=300,

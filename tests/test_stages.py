@@ -236,6 +236,7 @@ def test_one_step_on_8_devices_equals_1_device(tmp_path, stage):
             seed=0,
             num_coalitions=4,
             paired=True,
+            packed=True,
         )
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
     one, m1 = _one_step(fn, parallel.make_mesh(jax.devices()[:1]), state, batch, *frozen)
@@ -243,6 +244,12 @@ def test_one_step_on_8_devices_equals_1_device(tmp_path, stage):
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
     a, b = _flat(one["params"]), _flat(eight["params"])
     assert_same_params(a, b)
+    if stage == "explainer":  # coalition pairs in n + 2 tokens: the same step as plain masked passes
+        plain, mp = _one_step(
+            functools.partial(fn, packed=False), parallel.make_mesh(jax.devices()[:1]), state, batch, *frozen
+        )
+        np.testing.assert_allclose(mp["loss"], m1["loss"], rtol=1e-5)
+        assert_same_params(_flat(plain["params"]), a)
     assert max(np.abs(a[k] - _flat(params)[k]).max() for k in a) > 0  # the step did move the parameters
 
 

@@ -71,6 +71,29 @@ def test_attention_masking_equals_running_the_visible_tokens_alone(setup):
     assert float(jnp.abs(masked[1:-1] - full[1:-1]).min(axis=1).max()) > 1e-2
 
 
+def test_a_coalition_and_its_complement_in_one_sequence_equal_two_masked_passes(setup):
+    images, masks, key = setup  # coalitions of every size, the empty and the full one included
+    model = _model("attention")
+    params = _random_params(model, key)
+    both = model.apply({"params": params}, images, masks, with_complement=True)
+    assert both.shape == (6, 2, 5)
+    np.testing.assert_allclose(
+        both[:, 0], model.apply({"params": params}, images, masks), atol=2e-5, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        both[:, 1], model.apply({"params": params}, images, ~masks), atol=2e-5, rtol=1e-5
+    )
+    # Random coalitions of random images, under jit and vmap over coalitions as the estimators use it.
+    many = jax.random.bernoulli(jax.random.key(7), 0.5, (6, 8, N))
+    fn = jax.jit(jax.vmap(lambda m: model.apply({"params": params}, images, m, with_complement=True), 1, 1))
+    plain = jax.jit(jax.vmap(lambda m: model.apply({"params": params}, images, m), 1, 1))
+    packed = fn(many)
+    np.testing.assert_allclose(packed[:, :, 0], plain(many), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(packed[:, :, 1], plain(~many), atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="attention masking"):
+        _model("zero").apply({"params": params}, images, masks, with_complement=True)
+
+
 def test_patch_indices_keep_the_chosen_tokens_with_their_own_position_embeddings():
     """The oracle above must not share the masking code: with no blocks the encoder output is
     LayerNorm(embedding + position) row by row, so the kept rows equal those rows of the full run."""

@@ -79,11 +79,23 @@ def budgets(config) -> list[int]:
         ) from None
 
 
-def _validate_evaluate(config) -> None:
+def fractions(config) -> list[float]:
+    """`config.fractions` of a roar config as floats, each in (0, 1)."""
+    try:
+        values = [float(f) for f in split_list(config.fractions)]
+    except ValueError:
+        values = []
+    _require(
+        bool(values) and all(0 < f < 1 for f in values),
+        "fractions",
+        config.fractions,
+        "give comma-separated shares of patches to remove, each between 0 and 1, such as 0.25,0.5",
+    )
+    return values
+
+
+def _validate_methods(config) -> None:
     _one_of(config, "dataset", DATASETS)
-    _one_of(config, "split", SPLITS)
-    _one_of(config, "explain_class", ("label", "predicted"))
-    _one_of(config, "ground_truth", GROUND_TRUTH)
     methods = split_list(config.methods)
     _require(bool(methods), "methods", config.methods, "name at least one method")
     unknown = [m for m in methods if m not in EVALUATION_METHODS]
@@ -93,10 +105,19 @@ def _validate_evaluate(config) -> None:
     if "kernelshap" in methods:
         for b in budgets(config):
             _require(b >= 4, "kernelshap_budgets", config.kernelshap_budgets, "each budget must be >= 4")
-    for key in ("num_images", "batch_size", "ig_steps", "noise_samples", "rise_masks", "top_k"):
+    for key in ("batch_size", "ig_steps", "noise_samples", "rise_masks"):
+        _require(config[key] >= 1, key, config[key], "must be positive")
+    _require(config.noise >= 0, "noise", config.noise, "must be >= 0")
+
+
+def _validate_evaluate(config) -> None:
+    _validate_methods(config)
+    _one_of(config, "split", SPLITS)
+    _one_of(config, "explain_class", ("label", "predicted"))
+    _one_of(config, "ground_truth", GROUND_TRUTH)
+    for key in ("num_images", "top_k"):
         _require(config[key] >= 1, key, config[key], "must be positive")
     _require(config.num_heatmaps >= 0, "num_heatmaps", config.num_heatmaps, "must be >= 0")
-    _require(config.noise >= 0, "noise", config.noise, "must be >= 0")
     _require(
         config.ground_truth_threshold > 0,
         "ground_truth_threshold",
@@ -109,6 +130,11 @@ def validate(config) -> None:
     """Raises ConfigError (one line, naming the field) if `config` cannot run."""
     if config.stage == "evaluate":
         _validate_evaluate(config)
+        return
+    if config.stage == "roar":
+        _validate_methods(config)
+        fractions(config)
+        _require(config.epochs >= 1, "epochs", config.epochs, "must be positive")
         return
     if config.stage == "explain":
         _require(

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitshap_jax.shapley.game import as_game
+from vitshap_jax.shapley.game import as_game, value_pairs
 
 
 def _ranks(x, axis):
@@ -55,8 +55,8 @@ def importance_order(phi_c, key):
 
 
 @jax.jit
-def _evaluate(game, images, masks):
-    return game(images, masks)
+def _pairs(game, images, masks):
+    return value_pairs(game, images, masks)
 
 
 def insertion_deletion(value_fn, images, phi, classes, *, key):
@@ -81,9 +81,8 @@ def insertion_deletion(value_fn, images, phi, classes, *, key):
     steps = jnp.arange(n + 1)[None, :, None]
     inserted = rank[:, None, :] < steps  # [B, n + 1, n]
     curves = {}
-    game = as_game(value_fn)
-    for name, masks in (("insertion", inserted), ("deletion", ~inserted)):
-        values = _evaluate(game, images, masks)
+    both = _pairs(as_game(value_fn), images, inserted)  # deletion removes what insertion added
+    for name, values in zip(("insertion", "deletion"), both, strict=True):
         curves[name] = jnp.take_along_axis(values, classes[:, None, None], axis=2)[..., 0]
     out = {k: np.asarray(v) for k, v in curves.items()}
     out["insertion_auc"] = out["insertion"].mean(1)

@@ -9,6 +9,8 @@ coalitions at once. Two ways to hold a patch out:
   always visible. No visible token depends on a held-out one, so the output equals running the model
   on the visible tokens alone; `patch_indices` runs exactly that (gathered tokens, same position
   embeddings), which is both the test oracle and a faster path when few patches are visible.
+  `with_complement=True` evaluates a coalition and its complement together in n + 2 tokens (paired
+  sampling gives both), the visible-token path that the estimators and the explainer's training use.
 * ``zero``: the held-out patches' pixels are set to zero (after normalization) before the patch
   embedding. The comparison strategy of the paper.
 
@@ -68,7 +70,8 @@ class MlpBlock(nn.Module):
 
 
 class MultiHeadDotProductAttention(nn.Module):
-    """Self-attention whose keys can be masked out (`key_mask [B, T]`, True = may be attended to).
+    """Self-attention with an optional boolean `mask` broadcastable to `[B, heads, queries, keys]`
+    (True = the query may attend to the key).
 
     With `inspect=True` the attention weights `[B, heads, T, T]` are computed explicitly, stored with
     `sow("intermediates", "attention")` and made differentiable with `perturb("attention")` (the
@@ -80,7 +83,7 @@ class MultiHeadDotProductAttention(nn.Module):
     inspect: bool = False
 
     @nn.compact
-    def __call__(self, x, key_mask=None):
+    def __call__(self, x, mask=None):
         width = x.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"hidden size {width} is not divisible by num_heads {self.num_heads}")
@@ -91,7 +94,6 @@ class MultiHeadDotProductAttention(nn.Module):
             kernel_init=nn.initializers.xavier_uniform(),
         )
         q, k, v = (proj(name=name)(x) for name in ("query", "key", "value"))
-        mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, heads, queries, keys]
         if self.inspect:
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
             if mask is not None:
@@ -121,11 +123,11 @@ class Encoder1DBlock(nn.Module):
     inspect: bool = False
 
     @nn.compact
-    def __call__(self, x, key_mask, *, deterministic: bool):
+    def __call__(self, x, mask, *, deterministic: bool):
         y = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="LayerNorm_0")(x)
         y = MultiHeadDotProductAttention(
             self.num_heads, dtype=self.dtype, inspect=self.inspect, name="MultiHeadDotProductAttention_1"
-        )(y, key_mask)
+        )(y, mask)
         x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         y = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="LayerNorm_2")(x)
         y = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype, name="MlpBlock_3")(
@@ -149,7 +151,11 @@ class AddPositionEmbs(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Position embeddings, optional token selection, the blocks, and the final LayerNorm."""
+    """Position embeddings, optional token selection, the blocks, and the final LayerNorm.
+
+    `mask` is the attention mask (see MultiHeadDotProductAttention); `patch_indices` keeps only those
+    patch tokens; `second_cls` inserts a copy of the class token (with its position embedding) as token 1.
+    """
 
     depth: int
     num_heads: int
@@ -159,8 +165,10 @@ class Encoder(nn.Module):
     inspect: bool = False
 
     @nn.compact
-    def __call__(self, x, key_mask=None, patch_indices=None, *, deterministic: bool):
+    def __call__(self, x, mask=None, patch_indices=None, *, deterministic: bool, second_cls: bool = False):
         x = AddPositionEmbs(name="posembed_input")(x)
+        if second_cls:
+            x = jnp.concatenate([x[:, :1], x], axis=1)
         if patch_indices is not None:
             # Keep the class token and the chosen patch tokens, with their own position embeddings.
             patches = jnp.take_along_axis(x[:, 1:], patch_indices[..., None], axis=1)
@@ -177,7 +185,7 @@ class Encoder(nn.Module):
                 dtype=self.dtype,
                 inspect=self.inspect,
                 name=f"encoderblock_{i}",
-            )(x, key_mask, deterministic=deterministic)
+            )(x, mask, deterministic=deterministic)
         return nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="encoder_norm")(x)
 
 
@@ -227,7 +235,15 @@ class ViT(nn.Module):
         )
         self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype)
 
-    def encode(self, images, patch_mask=None, *, train: bool = False, patch_indices=None):
+    def encode(
+        self,
+        images,
+        patch_mask=None,
+        *,
+        train: bool = False,
+        patch_indices=None,
+        with_complement: bool = False,
+    ):
         """Token features after the final LayerNorm.
 
         Args:
@@ -237,9 +253,16 @@ class ViT(nn.Module):
           train: enables dropout (needs a "dropout" rng).
           patch_indices: `[B, k]` int; run only these patch tokens (plus the class token). Exactly
             equivalent to an attention mask that keeps these k patches; not combinable with `patch_mask`.
+          with_complement: evaluate the coalition `patch_mask` and its complement in one sequence of
+            n + 2 tokens (attention masking only): two class tokens, every patch token once, and a
+            block-diagonal attention mask (class token 0 and the coalition's patches form one block,
+            class token 1 and the other patches the other). Under attention masking a held-out token is
+            never attended to, so each block computes exactly what the masked model computes for its
+            coalition, at about half the cost of two masked passes.
 
         Returns:
-          `[B, 1 + n_patches, D]`, or `[B, 1 + k, D]` with `patch_indices`; index 0 is the class token.
+          `[B, 1 + n_patches, D]`, `[B, 1 + k, D]` with `patch_indices`, or `[B, 2 + n_patches, D]` with
+          `with_complement`; index 0 is the class token (and 1 the complement's).
         """
         b, h, w, _ = images.shape
         p = self.patch_size
@@ -247,7 +270,9 @@ class ViT(nn.Module):
             raise ValueError(f"image size {h}x{w} is not a multiple of patch_size {p}")
         grid = (h // p, w // p)
         n = grid[0] * grid[1]
-        key_mask = None
+        mask = None
+        if with_complement and (patch_mask is None or self.masking != "attention"):
+            raise ValueError("with_complement needs a patch_mask and attention masking")
         if patch_mask is not None:
             if patch_indices is not None:
                 raise ValueError("pass either patch_mask or patch_indices, not both")
@@ -259,14 +284,29 @@ class ViT(nn.Module):
             visible = patch_mask if patch_mask.dtype == jnp.bool_ else patch_mask > 0.5
             if self.masking == "zero":
                 images = images * patch_mask_to_pixels(visible, grid, p).astype(images.dtype)
+            elif with_complement:
+                group = jnp.concatenate([jnp.zeros((b, 1), bool), jnp.ones((b, 1), bool), ~visible], axis=1)
+                mask = group[:, None, :, None] == group[:, None, None, :]  # [B, 1, n + 2, n + 2]
             else:
-                key_mask = jnp.concatenate([jnp.ones((b, 1), bool), visible], axis=1)
+                mask = jnp.concatenate([jnp.ones((b, 1), bool), visible], axis=1)[:, None, None, :]
         x = self.embedding(images.astype(self.dtype)).reshape(b, n, self.hidden_size)
         cls = jnp.broadcast_to(self.cls.astype(x.dtype), (b, 1, self.hidden_size))
         x = jnp.concatenate([cls, x], axis=1)
-        return self.Transformer(x, key_mask, patch_indices, deterministic=not train)
+        return self.Transformer(x, mask, patch_indices, deterministic=not train, second_cls=with_complement)
 
-    def __call__(self, images, patch_mask=None, *, train: bool = False, patch_indices=None):
-        """Logits `[B, num_classes]` (float32) from the class token; arguments as in `encode`."""
-        tokens = self.encode(images, patch_mask, train=train, patch_indices=patch_indices)
-        return self.head(tokens[:, 0]).astype(jnp.float32)
+    def __call__(
+        self,
+        images,
+        patch_mask=None,
+        *,
+        train: bool = False,
+        patch_indices=None,
+        with_complement: bool = False,
+    ):
+        """Logits `[B, num_classes]` (float32) from the class token; arguments as in `encode`. With
+        `with_complement`: `[B, 2, num_classes]`, the coalition's logits and its complement's."""
+        tokens = self.encode(
+            images, patch_mask, train=train, patch_indices=patch_indices, with_complement=with_complement
+        )
+        cls_tokens = tokens[:, :2] if with_complement else tokens[:, 0]
+        return self.head(cls_tokens).astype(jnp.float32)

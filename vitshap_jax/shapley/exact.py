@@ -2,7 +2,8 @@
 
 phi_i = sum over S of v(S) * (w_in(|S|) if i in S else -w_out(|S|)), with
 w_in(k) = (k-1)! (n-k)! / n! and w_out(k) = k! (n-k-1)! / n!. The coalitions are evaluated in chunks
-(jitted, on the accelerator) and the sum is accumulated, so memory stays at one chunk.
+(jitted, on the accelerator) in pairs with their complements, and the sum is accumulated, so memory
+stays at one chunk.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitshap_jax.shapley.game import as_game
+from vitshap_jax.shapley.game import as_game, value_pairs
 
 
 def shapley_weights(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -33,22 +34,32 @@ def all_coalitions(n: int, start: int, count: int) -> np.ndarray:
     return ((codes[:, None] >> np.arange(n)) & 1).astype(bool)
 
 
+def _signed_weights(masks, n: int, dtype):
+    w_in, w_out = (jnp.asarray(w, jnp.float32) for w in shapley_weights(n))
+    sizes = masks.sum(-1)
+    return jnp.where(masks, w_in[sizes][:, None], -w_out[sizes][:, None]).astype(dtype)  # [M, n]
+
+
 @jax.jit
 def _contribution(images, masks, value_fn):
-    """sum over the coalitions `masks [M, n]` of their signed, weighted values: `[B, n, C]`."""
+    """The signed, weighted values of the coalitions `masks [M, n]` and of their complements, summed:
+    `[B, n, C]`."""
     n = masks.shape[-1]
-    w_in, w_out = (jnp.asarray(w, jnp.float32) for w in shapley_weights(n))
-    values = value_fn(images, jnp.broadcast_to(masks, (images.shape[0], *masks.shape)))  # [B, M, C]
-    sizes = masks.sum(-1)
-    signed = jnp.where(masks, w_in[sizes][:, None], -w_out[sizes][:, None]).astype(values.dtype)  # [M, n]
-    return jnp.einsum("mn,bmc->bnc", signed, values)
+    both = value_pairs(value_fn, images, jnp.broadcast_to(masks, (images.shape[0], *masks.shape)))
+    total = 0.0
+    for m, values in zip((masks, ~masks), both, strict=True):  # values [B, M, C]
+        total = total + jnp.einsum("mn,bmc->bnc", _signed_weights(m, n, values.dtype), values)
+    return total
 
 
 def exact_shapley(value_fn, images, n: int, *, chunk: int = 4096):
-    """Exact Shapley values `[B, n, C]` of `value_fn` for each image (2^n evaluations per image)."""
+    """Exact Shapley values `[B, n, C]` of `value_fn` for each image (2^n evaluations per image).
+
+    The coalitions without the last player are enumerated, each evaluated with its complement
+    (`game.value_pairs`), `chunk` pairs per jitted call."""
     if n > 24:
         raise ValueError(f"{n} players means {2**n:,} coalitions per image: use kernelshap instead")
-    total, phi, game = 2**n, None, as_game(value_fn)
+    total, phi, game = 2 ** (n - 1), None, as_game(value_fn)
     for start in range(0, total, chunk):
         masks = jnp.asarray(all_coalitions(n, start, min(chunk, total - start)))
         part = _contribution(images, masks, game)

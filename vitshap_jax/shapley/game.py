@@ -7,6 +7,11 @@ user's own model, a closed-form test game) works with the estimators in this pac
 A game is passed to jitted code as a `jax.tree_util.Partial` (`as_game`): the surrogate's parameters are
 its leaves, so they are arguments of the compiled code rather than constants baked into it, and the
 estimators compile once per model and shapes.
+
+The estimators mostly need a coalition together with its complement (paired sampling, the exact sum,
+insertion with deletion): `value_pairs(game, images, masks)` returns both. For a surrogate with
+attention masking it runs each pair as one sequence of n + 2 tokens (`ViT(..., with_complement=True)`),
+about half the work of two masked passes; for any other game it evaluates both coalitions.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from vitshap_jax import losses
 
@@ -28,18 +34,47 @@ def surrogate_values(model, params, images, masks, target: str):
     return jax.vmap(one, in_axes=1, out_axes=1)(masks)
 
 
+def surrogate_value_pairs(model, params, images, masks, target: str, *, packed: bool = True):
+    """(v(S), v(complement of S)) of the surrogate for `masks [B, P, n]`: `[B, P, C]` each.
+
+    `packed` (attention masking only) runs each pair as one sequence of n + 2 tokens; otherwise the 2P
+    coalitions are evaluated as in `surrogate_values`."""
+    if not (packed and model.masking == "attention"):
+        values = surrogate_values(model, params, images, jnp.concatenate([masks, ~masks], axis=1), target)
+        return values[:, : masks.shape[1]], values[:, masks.shape[1] :]
+
+    def one(m):
+        logits = model.apply({"params": params}, images, m, with_complement=True)  # [B, 2, C]
+        return losses.link(logits[:, 0], target), losses.link(logits[:, 1], target)
+
+    return jax.vmap(one, in_axes=1, out_axes=1)(masks)
+
+
 @dataclasses.dataclass(frozen=True)
 class _SurrogateGame:
     model: Any  # a flax module: hashable, compared by its fields
     target: str
+    packed: bool = True
 
     def __call__(self, params, images, masks):
         return surrogate_values(self.model, params, images, masks, self.target)
 
+    def pairs(self, params, images, masks):
+        return surrogate_value_pairs(self.model, params, images, masks, self.target, packed=self.packed)
 
-def surrogate_game(model, params, target: str) -> jax.tree_util.Partial:
-    """The surrogate's game as a `value_fn(images, masks)`, with `params` bound (as pytree leaves)."""
-    return jax.tree_util.Partial(_SurrogateGame(model, target), params)
+
+def surrogate_game(model, params, target: str, *, packed: bool = True) -> jax.tree_util.Partial:
+    """The surrogate's game as a `value_fn(images, masks)`, with `params` bound (as pytree leaves).
+    `packed=False` turns off the n + 2 token evaluation of pairs (for comparisons)."""
+    return jax.tree_util.Partial(_SurrogateGame(model, target, packed), params)
+
+
+def value_pairs(value_fn, images, masks):
+    """(v(S), v(complement of S)) for `masks [B, P, n]`: `[B, P, C]` each, for any game."""
+    if isinstance(value_fn, jax.tree_util.Partial) and isinstance(value_fn.func, _SurrogateGame):
+        return value_fn.func.pairs(*value_fn.args, images, masks)
+    values = value_fn(images, jnp.concatenate([masks, ~masks], axis=1))
+    return values[:, : masks.shape[1]], values[:, masks.shape[1] :]
 
 
 def as_game(value_fn) -> jax.tree_util.Partial:

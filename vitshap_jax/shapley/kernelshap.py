@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitshap_jax.shapley.game import as_game
+from vitshap_jax.shapley.game import as_game, value_pairs
 from vitshap_jax.shapley.sampling import shapley_kernel_coalitions, shapley_kernel_size_probs
 
 
@@ -45,7 +45,9 @@ def _step(key, images, null, proj, value_fn, *, pairs: int, n: int):
     """Sums over `pairs` coalition pairs of each pair's contribution to phi (minus r D), and of its
     square: `[B, n, C]` each."""
     masks = shapley_kernel_coalitions(key, (images.shape[0],), n, 2 * pairs, paired=True)  # [B, 2P, n]
-    values = value_fn(images, masks) - null[:, None]  # [B, 2P, C]
+    values = (
+        jnp.concatenate(value_pairs(value_fn, images, masks[:, :pairs]), axis=1) - null[:, None]
+    )  # [B, 2P, C]
     z = masks.astype(values.dtype)
     contrib = z[..., None] * values[:, :, None, :]  # z (v(z) - v(0)): [B, 2P, n, C]
     pair = 0.5 * (contrib[:, :pairs] + contrib[:, pairs:])  # paired average
@@ -56,9 +58,8 @@ def _step(key, images, null, proj, value_fn, *, pairs: int, n: int):
 @functools.partial(jax.jit, static_argnames=("n",))
 def _ends(images, value_fn, *, n: int):
     """v(empty) and v(all) - v(empty): `[B, C]` each."""
-    b = images.shape[0]
-    ends = value_fn(images, jnp.stack([jnp.zeros((b, n), bool), jnp.ones((b, n), bool)], axis=1))
-    return ends[:, 0], ends[:, 1] - ends[:, 0]
+    full, empty = value_pairs(value_fn, images, jnp.ones((images.shape[0], 1, n), bool))
+    return empty[:, 0], full[:, 0] - empty[:, 0]
 
 
 def kernelshap(

@@ -14,6 +14,7 @@ MODULES = {
     "pipeline": "vitshap_jax.stages.pipeline",
     "explain": "vitshap_jax.stages.explain",
     "evaluate": "vitshap_jax.stages.evaluate",
+    "roar": "vitshap_jax.stages.roar",
 }
 
 

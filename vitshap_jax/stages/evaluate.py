@@ -14,7 +14,8 @@ classifier's prediction; the positive output for a binary target):
    surrogate run (the pipeline's and `extra_surrogates`) and, as reference lines, for the classifier
    itself under each masking strategy.
 
-Writes `results.json`, `table.md` (printed too) and the pictures to `{workdir}/evaluation`.
+Writes `results.json`, `table.md` (printed too), `values.npz` (per image: explained class, ground truth,
+every method's scores) and the pictures to `{workdir}/evaluation`.
 """
 
 from __future__ import annotations
@@ -151,8 +152,10 @@ def ground_truth(config, game, images, classes, n: int, *, put, key) -> tuple[np
         kind = "exact" if n <= EXACT_MAX_PLAYERS else "kernelshap"
     values, info = [], {"method": kind, "evals_per_image": 2**n if kind == "exact" else 0, "converged": 1.0}
     start, converged = time.perf_counter(), []
-    for s in range(0, len(images), config.batch_size):
-        x = put(images[s : s + config.batch_size])
+    size = config.batch_size
+    for s in range(0, len(images), size):
+        chunk = images[s : s + size]
+        x = put(np.concatenate([chunk, np.repeat(chunk[:1], size - len(chunk), 0)]))  # one shape
         if kind == "exact":
             phi = exact_shapley(game, x, n)
         else:
@@ -165,9 +168,9 @@ def ground_truth(config, game, images, classes, n: int, *, put, key) -> tuple[np
                 max_evals=config.ground_truth_max_evals,
             )
             info["evals_per_image"] = max(info["evals_per_image"], ks["evals"])
-            converged += list(np.asarray(ks["converged"]))
-        c = classes[s : s + config.batch_size]
-        values.append(np.take_along_axis(np.asarray(phi), c[:, None, None], axis=2)[..., 0])
+            converged += list(np.asarray(ks["converged"])[: len(chunk)])
+        c = classes[s : s + size]
+        values.append(np.take_along_axis(np.asarray(phi)[: len(chunk)], c[:, None, None], axis=2)[..., 0])
     info["seconds_per_image"] = (time.perf_counter() - start) / len(images)
     if converged:
         info["converged"] = float(np.mean(converged))
@@ -351,6 +354,9 @@ def run(config, workdir: str, mesh) -> dict:
         f.write(text + "\n")
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
+    np.savez(  # per image: the explained class, ground truth and every method's scores [N, n]
+        os.path.join(out_dir, "values.npz"), labels=labels, classes=classes, ground_truth=truth, **scores
+    )
     print(text)
     print(f"results: {os.path.join(out_dir, 'results.json')}")
     return results

@@ -6,7 +6,9 @@ and v(empty) come from the surrogate (same masking strategy as the surrogate run
 efficient (`sum_i phi_i = v(all) - v(empty)`); `num_coalitions` coalitions are drawn from the Shapley
 kernel (paired: each with its complement), the surrogate is evaluated on all of them as one
 vectorized (`vmap`) batch inside the jitted step, and the loss is
-`n * mean((v(empty) + 1_S . phi - v(S))^2)`. `freeze_backbone` trains the head only.
+`n * mean((v(empty) + 1_S . phi - v(S))^2)`. `freeze_backbone` trains the head only. With paired
+sampling and attention masking, each coalition and its complement (and v(all) with v(empty)) run as one
+sequence of n + 2 tokens (`explainer.packed`, `models/vit.py`): the same values at about half the cost.
 
 Validation reports that loss with coalitions fixed per image, and the efficiency gap
 `max |sum_i phi_i - (v(all) - v(empty))|`. The best checkpoint has the lowest loss.
@@ -23,7 +25,7 @@ from vitshap_jax import losses, shapley
 from vitshap_jax.config import num_outputs
 from vitshap_jax.models import build_model, num_patches
 from vitshap_jax.models.explainer import Explainer, ExplainerHead
-from vitshap_jax.shapley.game import surrogate_values
+from vitshap_jax.shapley.game import surrogate_value_pairs, surrogate_values
 from vitshap_jax.stages import common
 from vitshap_jax.train.loop import Task
 
@@ -43,24 +45,36 @@ def build_explainer(config) -> Explainer:
     return Explainer(backbone=build_model(config), explainer_head=head)
 
 
-def grand_and_null(surrogate, surrogate_params, images, target: str):
-    """v(all), v(empty): `[B, C]` each."""
+def grand_and_null(surrogate, surrogate_params, images, target: str, *, packed: bool = True):
+    """v(all), v(empty): `[B, C]` each (one n + 2 token pass when `packed`)."""
     b, n = images.shape[0], num_patches(images.shape[1], surrogate.patch_size)
-    both = jnp.stack([jnp.ones((b, n), bool), jnp.zeros((b, n), bool)], axis=1)
-    values = surrogate_values(surrogate, surrogate_params, images, both, target)
-    return values[:, 0], values[:, 1]
+    full = jnp.ones((b, 1, n), bool)
+    grand, null = surrogate_value_pairs(surrogate, surrogate_params, images, full, target, packed=packed)
+    return grand[:, 0], null[:, 0]
+
+
+def coalition_values(surrogate, surrogate_params, images, masks, target: str, *, paired: bool, packed: bool):
+    """v(S) for `masks [B, M, n]`; with `paired` (coalition M/2 + j the complement of j) each pair is
+    evaluated together (`packed`: one n + 2 token sequence)."""
+    if not paired:
+        return surrogate_values(surrogate, surrogate_params, images, masks, target)
+    half = masks.shape[1] // 2
+    pairs = surrogate_value_pairs(surrogate, surrogate_params, images, masks[:, :half], target, packed=packed)
+    return jnp.concatenate(pairs, axis=1)
 
 
 def train_step(
-    state, batch, surrogate_params, *, explainer, surrogate, tx, target, seed, num_coalitions, paired
+    state, batch, surrogate_params, *, explainer, surrogate, tx, target, seed, num_coalitions, paired, packed
 ):
     rng = jax.random.fold_in(jax.random.key(seed), state["step"])
     k_dropout, k_mask = jax.random.split(rng)
     images = batch["image"]
-    grand, null = grand_and_null(surrogate, surrogate_params, images, target)
+    grand, null = grand_and_null(surrogate, surrogate_params, images, target, packed=packed)
     n = num_patches(images.shape[1], surrogate.patch_size)
     masks = shapley.shapley_kernel_coalitions(k_mask, (images.shape[0],), n, num_coalitions, paired)
-    values = surrogate_values(surrogate, surrogate_params, images, masks, target)
+    values = coalition_values(
+        surrogate, surrogate_params, images, masks, target, paired=paired, packed=packed
+    )
 
     def loss_fn(params):
         phi_raw = explainer.apply({"params": params}, images, train=True, rngs={"dropout": k_dropout})
@@ -72,13 +86,17 @@ def train_step(
     return new_state, {"loss": loss}
 
 
-def eval_step(params, surrogate_params, batch, *, explainer, surrogate, target, seed, num_coalitions, paired):
+def eval_step(
+    params, surrogate_params, batch, *, explainer, surrogate, target, seed, num_coalitions, paired, packed
+):
     images = batch["image"]
-    grand, null = grand_and_null(surrogate, surrogate_params, images, target)
+    grand, null = grand_and_null(surrogate, surrogate_params, images, target, packed=packed)
     n = num_patches(images.shape[1], surrogate.patch_size)
     keys = common.eval_keys(seed, batch["index"], salt=2)
     masks = jax.vmap(lambda k: shapley.shapley_kernel_coalitions(k, (), n, num_coalitions, paired))(keys)
-    values = surrogate_values(surrogate, surrogate_params, images, masks, target)
+    values = coalition_values(
+        surrogate, surrogate_params, images, masks, target, paired=paired, packed=packed
+    )
     phi = shapley.additive_efficient_normalization(explainer.apply({"params": params}, images), grand - null)
     gap = jnp.max(jnp.abs(phi.sum(1) - (grand - null)), axis=-1)
     return {"loss": losses.shapley_loss(null, phi, masks, values), "efficiency_gap": gap}
@@ -103,7 +121,7 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     tx = common.make_optimizer(config, common.total_steps(config, len(splits["train"])), trainable)
     state = common.create_state(jax.tree.map(jnp.copy, params), tx, mesh)
     kw = dict(explainer=explainer, surrogate=surrogate, target=target, seed=config.seed)
-    kw |= dict(num_coalitions=e.num_coalitions, paired=e.paired)
+    kw |= dict(num_coalitions=e.num_coalitions, paired=e.paired, packed=e.packed)
     step = common.jit_train_step(functools.partial(train_step, tx=tx, **kw), mesh, num_frozen=1)
     ev = common.jit_eval_step(functools.partial(eval_step, **kw), mesh, 2)
 

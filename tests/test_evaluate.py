@@ -1,0 +1,118 @@
+"""The evaluation run on a finished tiny pipeline: every method, the table, the files."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from tests.test_configs import load
+from vitshap_jax import parallel
+from vitshap_jax.config import EVALUATION_METHODS, ConfigError, validate
+from vitshap_jax.explain import load_explainer
+from vitshap_jax.stages import evaluate
+from vitshap_jax.viz.curves import curve_size
+from vitshap_jax.viz.heatmaps import figure_size
+
+
+def small(**kw):
+    c = load("evaluate", "imagenette")
+    c.update(
+        dict(
+            num_images=5,
+            batch_size=8,
+            kernelshap_budgets="16,512",
+            rise_masks=100,
+            noise_samples=4,
+            ig_steps=4,
+        )
+        | kw
+    )
+    validate(c)
+    return c
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluation")
+    config = small(output_dir=str(out), num_heatmaps=2)
+    results = evaluate.run(config, str(trained_run), parallel.make_mesh())
+    return out, results
+
+
+def test_every_method_gets_a_row(evaluated):
+    out, results = evaluated
+    methods = results["methods"]
+    expected = [m for m in EVALUATION_METHODS if m != "kernelshap"] + ["kernelshap_16", "kernelshap_512"]
+    assert sorted(methods) == sorted(expected)
+    assert results["ground_truth"]["method"] == "exact" and results["players"] == 16
+    for name, row in methods.items():
+        assert 0 <= row["insertion_auc"] <= 1 and 0 <= row["deletion_auc"] <= 1, name
+        assert row["seconds_per_image"] > 0, name
+        assert (row["mse"] is None) == (
+            name not in ("explainer", "leave_one_out") and "kernelshap" not in name
+        )
+    # More KernelSHAP evaluations, closer to the exact values.
+    assert methods["kernelshap_512"]["mse"] < methods["kernelshap_16"]["mse"]
+    table = (out / "table.md").read_text()
+    assert table.count("\n| ") == len(methods) + 1  # header + one row per method
+    assert json.loads((out / "results.json").read_text())["num_images"] == 5
+
+
+def test_ground_truth_and_explainer_are_efficient(evaluated, trained_run):
+    out, _ = evaluated
+    values = np.load(out / "values.npz")
+    explain = load_explainer(str(trained_run))
+    assert values["ground_truth"].shape == (5, 16) and values["explainer"].shape == (5, 16)
+    # The game's total for the explained class: both must sum to it (efficiency).
+    from vitshap_jax.data import open_split
+
+    source = open_split(explain.config, "test")
+    x = np.stack([explain.preprocess(np.asarray(source[i]["image"])) for i in range(5)])
+    out_all = explain(x)
+    total = np.take_along_axis(
+        np.asarray(out_all["v_all"] - out_all["v_empty"]), values["classes"][:, None], 1
+    )[:, 0]
+    np.testing.assert_allclose(values["ground_truth"].sum(1), total, atol=1e-4)
+    np.testing.assert_allclose(values["explainer"].sum(1), total, atol=1e-4)
+    np.testing.assert_array_equal(values["classes"], values["labels"])  # explain_class="label"
+
+
+def test_pictures(evaluated):
+    out, results = evaluated
+    for name in ("kl_curves.png", "accuracy_curves.png", "insertion_deletion.png"):
+        with PIL.Image.open(out / name) as png:
+            assert png.size == curve_size(), name
+    methods = 1 + len(results["methods"])  # ground truth first
+    for i in range(2):
+        with PIL.Image.open(out / "heatmaps" / f"{i:03d}_methods.png") as png:
+            assert png.size == figure_size(methods)
+        assert (out / "heatmaps" / f"{i:03d}_shapley.png").exists()
+    assert not (out / "heatmaps" / "002_methods.png").exists()
+    curves = results["surrogate_curves"]
+    assert len(curves["kl"]) == 3  # the surrogate run, the classifier under each masking strategy
+    assert all(len(v) == len(curves["fractions"]) for v in curves["kl"].values())
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("methods", "explainer,shap", r"config.methods='explainer,shap': unknown \['shap'\]"),
+        ("kernelshap_budgets", "64,many", "give comma-separated integers"),
+        ("kernelshap_budgets", "2", "each budget must be >= 4"),
+        ("explain_class", "top", "must be one of label, predicted"),
+        ("num_images", 0, "must be positive"),
+    ],
+)
+def test_bad_evaluate_config(field, value, message):
+    c = load("evaluate", "digits")
+    c[field] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(c)
+
+
+def test_wrong_dataset_is_refused(trained_run):
+    c = small()
+    c.dataset = "digits"
+    with pytest.raises(evaluate.common.StageError, match="trained on imagenette, not digits"):
+        evaluate.run(c, str(trained_run), parallel.make_mesh())
