@@ -179,7 +179,8 @@ def base_config(stage: str, opts: config_dict.ConfigDict) -> config_dict.ConfigD
     c.model.mlp_dim = shape["mlp_dim"]  # hidden width of each block's MLP
     c.model.dropout_rate = 0.0  # dropout after attention and MLP while training
     c.model.masking = "attention"  # how held-out patches are removed: "attention" or "zero"
-    c.model.dtype = "float32"  # compute dtype ("float32" or "bfloat16"); parameters stay float32
+    c.model.dtype = "auto"  # compute dtype: "float32", "bfloat16", or "auto" (bfloat16 on GPU/TPU, else
+    # float32); parameters, logits and losses stay float32
     c.model.pretrained = config_dict.placeholder(
         str
     )  # .npz (big_vision / vision_transformer) or timm .safetensors

@@ -92,7 +92,7 @@ def test_parse_arg_rules():
             r"config.model.pretrained='/nonexistent/vit.npz': no such file",
         ),
         ("model.pretrained", "/tmp/vit.pth", r"expected a .npz .* or .safetensors"),
-        ("model.dtype", "float16", r"config.model.dtype='float16': must be one of float32, bfloat16"),
+        ("model.dtype", "float16", r"config.model.dtype='float16': must be one of auto, float32, bfloat16"),
     ],
 )
 def test_validate_names_the_field(field, value, message):

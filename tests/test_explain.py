@@ -84,3 +84,19 @@ def test_curve_pictures_are_written_at_their_size(tmp_path):
         with PIL.Image.open(tmp_path / name) as png:
             assert png.size == curve_size()
             assert np.asarray(png.convert("L")).std() > 5  # something was drawn
+
+
+def test_bfloat16_compute_stays_close_to_float32(trained_run):
+    f32 = load_explainer(str(trained_run), dtype="float32")
+    bf16 = load_explainer(str(trained_run), dtype="bfloat16")
+    x = np.random.default_rng(2).standard_normal((8, 16, 16, 3)).astype(np.float32)
+    a, b = f32(x), bf16(x)
+    assert b["phi"].dtype == np.float32  # float32 outputs
+    v_gap = float(np.abs(np.asarray(a["v_all"]) - np.asarray(b["v_all"])).max())
+    phi_gap = float(np.abs(np.asarray(a["phi"]) - np.asarray(b["phi"])).max())
+    scale = float(np.abs(np.asarray(a["phi"])).max())
+    print(f"bf16 vs f32: max |v_all diff| {v_gap:.2e}, max |phi diff| {phi_gap:.2e} (max |phi| {scale:.2e})")
+    assert v_gap < 2e-2 and phi_gap < 0.05 * scale
+    assert v_gap > 0  # bfloat16 did run
+    with pytest.raises(ValueError, match="dtype='float16'"):
+        load_explainer(str(trained_run), dtype="float16")

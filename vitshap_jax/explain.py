@@ -24,7 +24,7 @@ from ml_collections import config_dict
 
 from vitshap_jax import checkpoints as ckpt_lib
 from vitshap_jax import data, shapley
-from vitshap_jax.config import num_outputs
+from vitshap_jax.config import DTYPES, num_outputs
 from vitshap_jax.data import transforms
 from vitshap_jax.models import build_model
 from vitshap_jax.stages.common import StageError
@@ -93,10 +93,17 @@ def _explainer_dir(path: str) -> str:
     )
 
 
-def load_explainer(workdir: str) -> LoadedExplainer:
-    """Loads the best explainer of a run (`{workdir}/explainer`, or that folder itself) and its surrogate."""
+def load_explainer(workdir: str, *, dtype: str | None = None) -> LoadedExplainer:
+    """Loads the best explainer of a run (`{workdir}/explainer`, or that folder itself) and its surrogate.
+
+    `dtype` overrides the compute dtype the run was trained with ("float32", "bfloat16" or "auto");
+    parameters and outputs stay float32."""
     explainer_dir = _explainer_dir(workdir)
     config = config_dict.ConfigDict(ckpt_lib.read_config(explainer_dir))
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
+        config.model.dtype = dtype
     surrogate_dir = config.upstream or os.path.join(os.path.dirname(explainer_dir), "surrogate")
     if not os.path.exists(os.path.join(surrogate_dir, ckpt_lib.CONFIG_FILE)):
         raise StageError(

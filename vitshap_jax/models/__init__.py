@@ -1,5 +1,6 @@
 """Models: the patch-maskable ViT and loading of public pretrained weights."""
 
+import jax
 import jax.numpy as jnp
 
 from vitshap_jax.config import num_outputs
@@ -11,9 +12,17 @@ __all__ = [
     "PretrainedMismatchError",
     "ViT",
     "build_model",
+    "compute_dtype",
     "load_pretrained",
     "num_patches",
 ]
+
+
+def compute_dtype(name: str):
+    """The compute dtype of `config.model.dtype`: "auto" is bfloat16 on GPU and TPU, float32 on CPU."""
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else jnp.float32
+    return jnp.dtype(name)
 
 
 def build_model(config, *, masking: str | None = None) -> ViT:
@@ -28,5 +37,5 @@ def build_model(config, *, masking: str | None = None) -> ViT:
         mlp_dim=m.mlp_dim,
         dropout_rate=m.dropout_rate,
         masking=masking or m.masking,
-        dtype=jnp.dtype(m.dtype),
+        dtype=compute_dtype(m.dtype),
     )

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from vitshap_jax import losses, shapley
 from vitshap_jax.config import num_outputs
-from vitshap_jax.models import build_model, num_patches
+from vitshap_jax.models import build_model, compute_dtype, num_patches
 from vitshap_jax.models.explainer import Explainer, ExplainerHead
 from vitshap_jax.shapley.game import surrogate_value_pairs, surrogate_values
 from vitshap_jax.stages import common
@@ -40,7 +40,7 @@ def build_explainer(config) -> Explainer:
         mlp_layers=e.mlp_layers,
         mlp_ratio=e.mlp_ratio,
         activation=e.activation,
-        dtype=jnp.dtype(m.dtype),
+        dtype=compute_dtype(m.dtype),
     )
     return Explainer(backbone=build_model(config), explainer_head=head)
 
