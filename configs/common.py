@@ -117,6 +117,14 @@ def parse_arg(arg: str | None, **spec) -> config_dict.ConfigDict:
     return config_dict.ConfigDict(result)
 
 
+def dataset_arg(arg: str | None) -> str:
+    """The dataset named by the config argument of a command that reads a finished run."""
+    dataset = parse_arg(arg, dataset="digits").dataset
+    if dataset not in DATASET_PRESETS:
+        raise ValueError(f"unknown dataset {dataset!r}; known datasets: {', '.join(DATASET_PRESETS)}")
+    return dataset
+
+
 def _convert(key, value, default):
     if isinstance(default, bool):
         if value is True or str(value).lower() in ("true", "1", "yes"):

@@ -3,7 +3,7 @@
     python launch.py --config=configs/evaluate.py:digits --workdir=runs/digits
 
 Reads `{workdir}/classifier`, `surrogate` and `explainer`; writes `{workdir}/evaluation/` (unless
-`--config.output_dir` says otherwise): `results.json`, `table.md`, `kl_curves.png`,
+`--config.output_dir` says otherwise): `results.json`, `table.md`, `values.npz`, `kl_curves.png`,
 `accuracy_curves.png`, `insertion_deletion.png` and `heatmaps/`. Argument: the dataset of the run.
 """
 
@@ -18,16 +18,12 @@ NUM_IMAGES = {"digits": 64, "imagenette": 32, "pet": 32, "mura": 32}
 
 
 def get_config(arg=None):
-    opts = common.parse_arg(arg, dataset="digits")
-    if opts.dataset not in common.DATASET_PRESETS:
-        raise ValueError(
-            f"unknown dataset {opts.dataset!r}; known datasets: {', '.join(common.DATASET_PRESETS)}"
-        )
+    dataset = common.dataset_arg(arg)
     c = config_dict.ConfigDict()
     c.stage = "evaluate"
-    c.dataset = opts.dataset  # the dataset the run was trained on (checked against the run)
+    c.dataset = dataset  # the dataset the run was trained on (checked against the run)
     c.split = "test"
-    c.num_images = NUM_IMAGES[opts.dataset]  # the first images of the split
+    c.num_images = NUM_IMAGES[dataset]  # the first images of the split
     c.batch_size = 8  # images per call of each method
     c.seed = 0
     c.explain_class = "label"  # the class explained per image: "label" or "predicted" (by the classifier)

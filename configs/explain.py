@@ -13,14 +13,10 @@ from configs import common
 
 
 def get_config(arg=None):
-    opts = common.parse_arg(arg, dataset="digits")
-    if opts.dataset not in common.DATASET_PRESETS:
-        raise ValueError(
-            f"unknown dataset {opts.dataset!r}; known datasets: {', '.join(common.DATASET_PRESETS)}"
-        )
+    dataset = common.dataset_arg(arg)
     c = config_dict.ConfigDict()
     c.stage = "explain"  # explain images with the run in --workdir
-    c.dataset = opts.dataset  # the dataset the run was trained on (checked against the run)
+    c.dataset = dataset  # the dataset the run was trained on (checked against the run)
     c.images = config_dict.placeholder(str)  # comma-separated image files and/or folders of images
     c.output_dir = config_dict.placeholder(str)  # where results go (None: {workdir}/explanations)
     c.max_classes = 3  # classes drawn per heatmap, highest v(all) first (the .npz holds all)

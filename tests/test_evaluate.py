@@ -86,7 +86,7 @@ def test_pictures(evaluated):
     methods = 1 + len(results["methods"])  # ground truth first
     for i in range(2):
         with PIL.Image.open(out / "heatmaps" / f"{i:03d}_methods.png") as png:
-            assert png.size == figure_size(methods)
+            assert png.size == figure_size(methods, evaluate.HEATMAP_COLUMNS)
         assert (out / "heatmaps" / f"{i:03d}_shapley.png").exists()
     assert not (out / "heatmaps" / "002_methods.png").exists()
     curves = results["surrogate_curves"]

@@ -48,6 +48,7 @@ from vitshap_jax.viz.curves import save_insertion_deletion, save_kl_curves
 from vitshap_jax.viz.heatmaps import save_explanation
 
 EXACT_MAX_PLAYERS = 20
+HEATMAP_COLUMNS = 6  # panels per row of the method comparison figures
 # Methods whose values are in the game's units (comparable to Shapley values by squared error).
 VALUE_SCALE = ("explainer", "kernelshap", "leave_one_out")
 
@@ -395,6 +396,7 @@ def _write_pictures(config, results, out_dir, loaded, views, truth, scores, clas
             names,
             os.path.join(out_dir, "heatmaps", f"{i:03d}_methods.png"),
             titles=[f"{t} ({label}, scaled)" for t in columns],
+            columns=HEATMAP_COLUMNS,
         )
         same_units = {"ground truth": truth[i]}
         same_units |= {k: s[i] for k, s in scores.items() if any(k.startswith(v) for v in VALUE_SCALE)}

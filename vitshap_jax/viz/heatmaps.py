@@ -14,14 +14,21 @@ import numpy as np  # noqa: E402
 PANEL_INCHES, DPI = 2.4, 100
 
 
-def figure_size(num_classes: int) -> tuple[int, int]:
-    """Pixel size (width, height) of a figure with the image and `num_classes` maps."""
-    return round(PANEL_INCHES * (1 + num_classes) * DPI), round(PANEL_INCHES * 1.15 * DPI)
+def figure_size(num_classes: int, columns: int | None = None) -> tuple[int, int]:
+    """Pixel size (width, height) of a figure with the image and `num_classes` maps, `columns` panels
+    per row (None: one row)."""
+    panels = 1 + num_classes
+    cols = min(columns or panels, panels)
+    rows = -(-panels // cols)
+    return round(PANEL_INCHES * cols * DPI), round(PANEL_INCHES * 1.15 * rows * DPI)
 
 
-def save_explanation(image, phi, class_names, path: str, *, titles=None) -> tuple[float, float]:
+def save_explanation(
+    image, phi, class_names, path: str, *, titles=None, columns: int | None = None
+) -> tuple[float, float]:
     """Writes a PNG: `image` (uint8 `[H, W, 3]`, as the model saw it) and one overlay per column of
-    `phi [n_patches, C]` (patches row-major on a square grid). Returns the color limits used (symmetric)."""
+    `phi [n_patches, C]` (patches row-major on a square grid), `columns` panels per row (None: one row).
+    Returns the color limits used (symmetric)."""
     phi = np.asarray(phi, np.float64)
     n, c = phi.shape
     grid = math.isqrt(n)
@@ -29,9 +36,14 @@ def save_explanation(image, phi, class_names, path: str, *, titles=None) -> tupl
         raise ValueError(f"{n} patches do not form a square grid")
     h, w = image.shape[:2]
     scale = float(np.abs(phi).max()) or 1e-12
-    width, height = figure_size(c)
-    fig, axes = plt.subplots(1, 1 + c, figsize=(width / DPI, height / DPI), dpi=DPI, squeeze=False)
-    axes = axes[0]
+    width, height = figure_size(c, columns)
+    cols = min(columns or 1 + c, 1 + c)
+    rows = -(-(1 + c) // cols)
+    fig, grid_axes = plt.subplots(rows, cols, figsize=(width / DPI, height / DPI), dpi=DPI, squeeze=False)
+    axes = grid_axes.ravel()
+    for ax in axes[1 + c :]:
+        ax.axis("off")  # unused panels of the last row
+    axes = axes[: 1 + c]
     axes[0].imshow(image, interpolation="nearest")
     axes[0].set_title("image", fontsize=8)
     limits = None

@@ -1,0 +1,112 @@
+"""Seconds to explain one image: the explainer's forward pass vs KernelSHAP run to the same error.
+
+    python benchmarks/explain_vs_kernelshap.py --workdir=runs/digits --images=16
+
+For a finished pipeline: the first `--images` test images, every class. Ground truth: exact Shapley
+values of the surrogate's game when n <= 20 players, else KernelSHAP with a large budget
+(`--truth_evals`, its own random key). The explainer's error is the mean squared error to ground truth
+(over images, patches and classes). KernelSHAP (paired, the same surrogate game, pairs of coalitions in
+n + 2 tokens) then runs with doubling budgets until its error is at most the explainer's; the seconds
+per image of both (compilation excluded, all images in one batch) and their ratio are printed, measured
+side by side in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vitshap_jax.explain import load_explainer  # noqa: E402
+from vitshap_jax.models import num_patches  # noqa: E402
+from vitshap_jax.shapley import exact_shapley, kernelshap, surrogate_game  # noqa: E402
+from vitshap_jax.stages.evaluate import first_images  # noqa: E402
+
+
+def timed(fn, *args, repeats: int = 1):
+    out = jax.block_until_ready(fn(*args))  # compile
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = jax.block_until_ready(fn(*args))
+    return out, (time.perf_counter() - start) / repeats
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="a finished pipeline")
+    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--truth_evals", type=int, default=1 << 18, help="KernelSHAP ground truth budget (n > 20)")
+    p.add_argument("--max_budget", type=int, default=1 << 17, help="largest KernelSHAP budget tried")
+    p.add_argument("--pairs_per_step", type=int, default=64)
+    args = p.parse_args()
+    loaded = load_explainer(args.workdir)
+    game = surrogate_game(loaded.surrogate, loaded.surrogate_params, loaded.config.dataset.target)
+    _, images, _ = first_images(loaded, "test", args.images)
+    images = jnp.asarray(images)
+    b, n = len(images), num_patches(loaded.image_size, loaded.patch_size)
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    print(f"run: {args.workdir}; {b} test images, {n} players, {len(loaded.class_names)} classes")
+
+    start = time.perf_counter()
+    if n <= 20:
+        truth, how = exact_shapley(game, images, n), f"exact ({2**n:,} evaluations per image)"
+    else:
+        truth, info = kernelshap(
+            game,
+            images,
+            n,
+            key=jax.random.key(123),
+            threshold=None,
+            max_evals=args.truth_evals,
+            pairs_per_step=256,
+        )
+        how = f"KernelSHAP with {info['evals']:,} evaluations per image"
+    truth = np.asarray(truth)
+    print(f"ground truth: {how}, {time.perf_counter() - start:.1f} s for all images")
+
+    out, explainer_seconds = timed(loaded, images, repeats=5)
+    explainer_seconds /= b
+    explainer_error = float(((np.asarray(out["phi"]) - truth) ** 2).mean())
+    print(f"explainer: MSE {explainer_error:.3e}, {explainer_seconds * 1e3:.3f} ms per image")
+
+    pairs = args.pairs_per_step
+    budget = 2 * pairs + 2
+    # Warm-up: compiles KernelSHAP's step for this batch shape once (every budget reuses it).
+    kernelshap(game, images, n, key=jax.random.key(0), threshold=None, max_evals=budget, pairs_per_step=pairs)
+    while True:
+        start = time.perf_counter()
+        phi, info = kernelshap(
+            game, images, n, key=jax.random.key(1), threshold=None, max_evals=budget, pairs_per_step=pairs
+        )
+        phi = np.asarray(jax.block_until_ready(phi))
+        seconds = (time.perf_counter() - start) / b
+        error = float(((phi - truth) ** 2).mean())
+        print(
+            f"KernelSHAP {info['evals']:>8,} evaluations: MSE {error:.3e}, {seconds:.4f} s per image",
+            flush=True,
+        )
+        if error <= explainer_error:
+            print(
+                f"KernelSHAP reaches the explainer's error with {info['evals']:,} evaluations per image: "
+                f"{seconds:.4f} s vs {explainer_seconds * 1e3:.3f} ms per image, "
+                f"the explainer is {seconds / explainer_seconds:,.0f}x faster"
+            )
+            return
+        if budget * 2 > args.max_budget:
+            print(
+                f"KernelSHAP did not reach the explainer's error within {info['evals']:,} evaluations: the "
+                f"explainer is more than {seconds / explainer_seconds:,.0f}x faster"
+            )
+            return
+        budget = 2 * (budget - 2) + 2
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The benchmarks run (smoke tests on tiny settings; their numbers come from runs by hand)."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(script, *args):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    out = subprocess.run(
+        [sys.executable, os.path.join("benchmarks", script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_explainer_step_benchmark_prints_both_paths_and_the_ratio():
+    out = run(
+        "explainer_step.py", "--models=micro", "--image_size=32", "--batch=2", "--coalitions=4", "--steps=1"
+    )
+    assert "plain masked passes" in out and "pairs in n+2 tokens" in out
+    assert "ViT-micro: speedup of the visible-token path" in out
+
+
+def test_explain_vs_kernelshap_benchmark_on_a_trained_run(trained_run):
+    out = run(
+        "explain_vs_kernelshap.py",
+        f"--workdir={trained_run}",
+        "--images=2",
+        "--pairs_per_step=8",
+        "--max_budget=4096",
+    )
+    assert "ground truth: exact (65,536 evaluations per image)" in out
+    assert "explainer: MSE" in out
+    assert "x faster" in out
