@@ -116,3 +116,17 @@ def test_wrong_dataset_is_refused(trained_run):
     c.dataset = "digits"
     with pytest.raises(evaluate.common.StageError, match="trained on imagenette, not digits"):
         evaluate.run(c, str(trained_run), parallel.make_mesh())
+
+
+def test_extra_surrogates_add_curves(trained_run, tmp_path):
+    mesh = parallel.make_mesh()
+    loaded = load_explainer(str(trained_run))
+    c = small(methods="explainer", extra_surrogates=str(trained_run / "surrogate"), output_dir=str(tmp_path))
+    from vitshap_jax.stages.evaluate import load_classifier, surrogate_curves
+
+    classifier, params, _ = load_classifier(loaded)
+    curves = surrogate_curves(c, loaded, classifier, params, mesh)
+    assert len(curves["kl"]) == 4  # the run's surrogate twice (listed again), the classifier twice
+    c.extra_surrogates = str(tmp_path / "nowhere")
+    with pytest.raises(evaluate.common.StageError, match="nowhere has no results.json"):
+        surrogate_curves(c, loaded, classifier, params, mesh)

@@ -186,7 +186,7 @@ def _mean_sem(x) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
-def surrogate_curves(config, loaded, classifier, classifier_params, mesh, workdir: str) -> dict:
+def surrogate_curves(config, loaded, classifier, classifier_params, mesh) -> dict:
     """KL and accuracy against the held-out fraction: each surrogate run (from its results.json) and the
     classifier itself under each masking strategy (computed on the split)."""
     fractions = [float(f) for f in HELD_OUT_FRACTIONS]
@@ -202,6 +202,8 @@ def surrogate_curves(config, loaded, classifier, classifier_params, mesh, workdi
             test = json.load(f)[config.split if config.split != "train" else "validation"]
         masking = ckpt_lib.read_config(path)["model"]["masking"]
         name = f"surrogate, {masking} ({os.path.basename(os.path.dirname(path)) or path})"
+        if name in kl:  # another run in a folder of the same name
+            name = f"surrogate, {masking} ({path})"
         kl[name] = [test[f"kl_heldout_{f:.2f}"] for f in fractions]
         acc[name] = [test[f"accuracy_heldout_{f:.2f}"] for f in fractions]
     source = open_split(loaded.config, config.split)
@@ -331,7 +333,7 @@ def run(config, workdir: str, mesh) -> dict:
         row["deletion_curve"] = curves["deletion"].mean(0).tolist()
         methods[name] = row
 
-    curves = surrogate_curves(config, loaded, classifier, classifier_params, mesh, workdir)
+    curves = surrogate_curves(config, loaded, classifier, classifier_params, mesh)
     results = {
         "workdir": os.path.abspath(workdir),
         "runs": {

@@ -1,0 +1,62 @@
+"""How much does a ROAR removal mask alone reveal the label?
+
+    python benchmarks/roar_mask_leakage.py --workdir=runs/digits --fraction=0.5
+
+For each method (the ROAR config's settings), every train and test image of a finished pipeline is
+explained (its label) and the `fraction` highest-ranked patches form its removal mask. A logistic
+regression is fit on the train masks alone (which patches were removed, nothing else) and its test
+accuracy printed. Far above chance, the retrained classifier of ROAR can read the class from the hole
+in the image, and ROAR then rewards inconsistent rankings rather than informative ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+
+from configs import roar as roar_config  # noqa: E402
+from vitshap_jax.explain import load_explainer  # noqa: E402
+from vitshap_jax.models import num_patches  # noqa: E402
+from vitshap_jax.stages import evaluate  # noqa: E402
+from vitshap_jax.stages.roar import split_arrays  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="a finished pipeline")
+    p.add_argument("--fraction", type=float, default=0.5, help="share of patches removed")
+    p.add_argument("--methods", default="explainer,kernelshap,leave_one_out,random")
+    args = p.parse_args()
+    loaded = load_explainer(args.workdir)
+    config = roar_config.get_config(loaded.config.dataset.name)
+    config.methods = args.methods
+    classifier, params, _ = evaluate.load_classifier(loaded)
+    n = num_patches(loaded.image_size, loaded.patch_size)
+    k = round(args.fraction * n)
+    fns = evaluate.method_functions(config, loaded, classifier, params, n)
+    splits = {"train": split_arrays(loaded, "train"), "test": split_arrays(loaded, "test")}
+    print(f"run: {args.workdir}; {k} of {n} patches removed; chance: {1 / len(loaded.class_names):.3f}")
+    for name, fn in fns.items():
+        masks = {}
+        for split, (images, labels) in splits.items():
+            scores, _ = evaluate.run_batched(
+                fn, images, labels, batch_size=config.batch_size, key=jax.random.key(0), put=jax.device_put
+            )
+            rank = np.argsort(np.argsort(-scores, axis=1), axis=1)
+            masks[split] = (rank < k).astype(np.float32)
+        model = LogisticRegression(max_iter=2000).fit(masks["train"], splits["train"][1])
+        accuracy = model.score(masks["test"], splits["test"][1])
+        print(
+            f"{name}: label predicted from the removal mask alone, test accuracy {accuracy:.3f}", flush=True
+        )
+
+
+if __name__ == "__main__":
+    main()
