@@ -40,8 +40,7 @@ def surrogate_value_pairs(model, params, images, masks, target: str, *, packed: 
     `packed` (attention masking only) runs each pair as one sequence of n + 2 tokens; otherwise the 2P
     coalitions are evaluated as in `surrogate_values`."""
     if not (packed and model.masking == "attention"):
-        values = surrogate_values(model, params, images, jnp.concatenate([masks, ~masks], axis=1), target)
-        return values[:, : masks.shape[1]], values[:, masks.shape[1] :]
+        return _pairs_one_by_one(lambda x, m: surrogate_values(model, params, x, m, target), images, masks)
 
     def one(m):
         logits = model.apply({"params": params}, images, m, with_complement=True)  # [B, 2, C]
@@ -73,6 +72,11 @@ def value_pairs(value_fn, images, masks):
     """(v(S), v(complement of S)) for `masks [B, P, n]`: `[B, P, C]` each, for any game."""
     if isinstance(value_fn, jax.tree_util.Partial) and isinstance(value_fn.func, _SurrogateGame):
         return value_fn.func.pairs(*value_fn.args, images, masks)
+    return _pairs_one_by_one(value_fn, images, masks)
+
+
+def _pairs_one_by_one(value_fn, images, masks):
+    """(v(S), v(complement)) by evaluating the 2P coalitions of `masks [B, P, n]` and their complements."""
     values = value_fn(images, jnp.concatenate([masks, ~masks], axis=1))
     return values[:, : masks.shape[1]], values[:, masks.shape[1] :]
 

@@ -127,13 +127,16 @@ def method_functions(config, loaded, classifier, classifier_params, n: int) -> d
     return out
 
 
+def pad_rows(x, multiple: int) -> np.ndarray:
+    """`x` with copies of its first row appended up to a multiple of `multiple` rows (one batch shape)."""
+    return np.concatenate([x, np.repeat(x[:1], -len(x) % multiple, 0)])
+
+
 def run_batched(fn, images, classes, *, batch_size: int, key, put) -> tuple[np.ndarray, float]:
     """Scores `[N, n]` of `fn` over all images in batches, and seconds per image (compilation excluded:
     the first batch runs once before the clock starts). The last batch is padded to one shape."""
     count = images.shape[0]
-    pad = -count % batch_size
-    images = np.concatenate([images, np.repeat(images[:1], pad, 0)])
-    classes = np.concatenate([classes, np.repeat(classes[:1], pad, 0)])
+    images, classes = pad_rows(images, batch_size), pad_rows(classes, batch_size)
     batches = [
         (put(images[s : s + batch_size]), put(classes[s : s + batch_size]), jax.random.fold_in(key, s))
         for s in range(0, len(images), batch_size)
@@ -156,7 +159,7 @@ def ground_truth(config, game, images, classes, n: int, *, put, key) -> tuple[np
     size = config.batch_size
     for s in range(0, len(images), size):
         chunk = images[s : s + size]
-        x = put(np.concatenate([chunk, np.repeat(chunk[:1], size - len(chunk), 0)]))  # one shape
+        x = put(pad_rows(chunk, size))
         if kind == "exact":
             phi = exact_shapley(game, x, n)
         else:
