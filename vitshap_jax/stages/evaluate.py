@@ -133,8 +133,9 @@ def pad_rows(x, multiple: int) -> np.ndarray:
 
 
 def run_batched(fn, images, classes, *, batch_size: int, key, put) -> tuple[np.ndarray, float]:
-    """Scores `[N, n]` of `fn` over all images in batches, and seconds per image (compilation excluded:
-    the first batch runs once before the clock starts). The last batch is padded to one shape."""
+    """Scores `[N, n]` of `fn` over all images in batches, and seconds per explained image. The last batch
+    is padded to one shape (its padding counts in the time, not in N); compilation is excluded (the first
+    batch runs once before the clock starts)."""
     count = images.shape[0]
     images, classes = pad_rows(images, batch_size), pad_rows(classes, batch_size)
     batches = [
@@ -146,7 +147,7 @@ def run_batched(fn, images, classes, *, batch_size: int, key, put) -> tuple[np.n
     for batch in batches:
         outputs.append(jax.block_until_ready(fn(*batch)))
     seconds = time.perf_counter() - start
-    return np.concatenate([np.asarray(o) for o in outputs])[:count], seconds / len(images)
+    return np.concatenate([np.asarray(o) for o in outputs])[:count], seconds / count
 
 
 def ground_truth(config, game, images, classes, n: int, *, put, key) -> tuple[np.ndarray, dict]:
