@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.test_ground_truth import table_game
-from vitshap_jax import baselines
+from vitshap_jax import baselines, lrp
 from vitshap_jax.models import ViT
 from vitshap_jax.shapley.exact import exact_shapley
 
@@ -81,7 +81,7 @@ def test_intermediate_gradients_match_finite_differences():
         assert (logit_sum(bumped) - base) / eps == pytest.approx(float(g[index]), rel=0.05, abs=1e-3)
 
 
-def test_gradcam_and_transformer_attribution_formulas():
+def test_gradcam_and_attention_gradient_formulas():
     model, params, images = vit(depth=1)
     inter, grads = baselines._intermediate_grads(model, params, images, CLASSES)
     tokens, g = inter["last_block_input"][0], grads["last_block_input"]
@@ -93,12 +93,29 @@ def test_gradcam_and_transformer_attribution_formulas():
     )
     a = inter["encoderblock_0"]["MultiHeadDotProductAttention_1"]["attention"][0]
     ga = grads["encoderblock_0"]["MultiHeadDotProductAttention_1"]["attention"]
-    cam = np.maximum(np.asarray(ga * a), 0).mean(1)  # depth 1: R = I + cam, class-token row
+    relevance, _ = lrp.relevance(model, params, images, CLASSES)
+    for method, weight in (
+        (baselines.generic_attention, a),
+        (baselines.transformer_attribution, relevance[0]),
+    ):
+        cam = np.maximum(np.asarray(ga * weight), 0).mean(1)  # depth 1: I + cam, class-token row
+        got = method(model, params, images, CLASSES)
+        np.testing.assert_allclose(got, cam[:, 0, 1:], rtol=1e-5, atol=1e-7)
+        assert float(got.min()) >= 0 and float(got.max()) > 0
+        other = method(model, params, images, jnp.array([1, 1, 1]))
+        assert not np.allclose(got, other)  # class-specific, unlike raw attention
+
+
+def test_transformer_attribution_rolls_out_over_layers():
+    model, params, images = vit(depth=3)
+    _, grads = baselines._intermediate_grads(model, params, images, CLASSES)
+    relevance, _ = lrp.relevance(model, params, images, CLASSES)
+    rollout = np.broadcast_to(np.eye(17), (3, 17, 17))
+    for i in range(3):  # Abar_3 Abar_2 Abar_1, Abar_l = I + mean_heads((grad * R^A)^+)
+        ga = np.asarray(grads[f"encoderblock_{i}"]["MultiHeadDotProductAttention_1"]["attention"])
+        rollout = (np.eye(17) + np.maximum(ga * np.asarray(relevance[i]), 0).mean(1)) @ rollout
     got = baselines.transformer_attribution(model, params, images, CLASSES)
-    np.testing.assert_allclose(got, cam[:, 0, 1:], rtol=1e-5, atol=1e-7)
-    assert float(got.min()) >= 0
-    other = baselines.transformer_attribution(model, params, images, jnp.array([1, 1, 1]))
-    assert not np.allclose(got, other)  # class-specific, unlike raw attention
+    np.testing.assert_allclose(got, rollout[:, 0, 1:], rtol=1e-4, atol=1e-7)
 
 
 def linear_logits():

@@ -12,8 +12,10 @@ row-major order, the players of ViT-Shapley). Three families:
   block's tokens): `attention_last` (class token's attention in the last layer, mean over heads),
   `attention_rollout` (Abnar & Zuidema 2020: product over layers of 0.5 A + 0.5 I), `gradcam`
   (Selvaraju et al. 2017 on the patch tokens entering the last block: the last block's outputs of
-  patch tokens never reach the class token), `transformer_attribution` (Chefer et
-  al. 2021: R <- R + mean_heads((dlogit/dA * A)^+) R over the layers, started from the identity);
+  patch tokens never reach the class token), `transformer_attribution` (Chefer et al., CVPR 2021:
+  LRP relevance of each attention map, `vitshap_jax.lrp`, weighted by its gradient and rolled out
+  over the layers) and `generic_attention` (Chefer et al., ICCV 2021: the same with the attention maps
+  in place of their relevance);
 * queries of a game `value_fn(images, masks [B, M, n]) -> [B, M, C]` (the surrogate):
   `leave_one_out`, `rise` (Petsiuk et al. 2018, Bernoulli masks drawn on the patch grid itself),
   `kernelshap_budget` (KernelSHAP stopped at a fixed number of evaluations), and `random_scores`.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vitshap_jax import lrp
 from vitshap_jax.shapley.kernelshap import kernelshap
 
 
@@ -136,23 +139,33 @@ def gradcam(model, params, images, classes):
     return jax.nn.relu((alpha * tokens).sum(-1))
 
 
-def transformer_attribution(model, params, images, classes):
-    """Chefer et al. (2021): gradient-weighted attention relevance, propagated through the layers.
-
-    R starts as the identity; each layer adds `mean_heads((dlogit/dA * A)^+) @ R`; the class token's row
-    gives the patch scores. This is the rule of Chefer, Gur & Wolf (ICCV 2021), which its authors
-    introduced as the general form of their relevance propagation (CVPR 2021) with the LRP relevances of
-    the attention maps replaced by the maps themselves."""
-    inter, grads = _intermediate_grads(model, params, images, classes)
+def _gradient_weighted_rollout(model, params, images, classes, relevance):
+    """Row 0 (class token) of prod_l (I + mean_heads((dlogit/dA_l * relevance_l)^+)), patches only."""
+    _, grads = _intermediate_grads(model, params, images, classes)
     r = None
-    for i in range(model.depth):
-        name = f"encoderblock_{i}"
-        a = inter[name]["MultiHeadDotProductAttention_1"]["attention"][0]
-        ga = grads[name]["MultiHeadDotProductAttention_1"]["attention"]
-        cam = jax.nn.relu(ga * a).mean(1)  # [B, T, T]
-        r = jnp.broadcast_to(jnp.eye(a.shape[-1]), cam.shape) if r is None else r
+    for i, rel in enumerate(relevance):
+        ga = grads[f"encoderblock_{i}"]["MultiHeadDotProductAttention_1"]["attention"]
+        cam = jax.nn.relu(ga * rel).mean(1)  # [B, T, T]
+        r = jnp.broadcast_to(jnp.eye(cam.shape[-1]), cam.shape) if r is None else r
         r = r + cam @ r
     return r[:, 0, 1:]
+
+
+def transformer_attribution(model, params, images, classes):
+    """Chefer, Gur & Wolf (CVPR 2021), the paper's "LRP": attention relevance propagated through layers.
+
+    R^A_l, the LRP relevance of layer l's attention map for the class (`vitshap_jax.lrp`: LRP rules through
+    every layer from the class logit down), is weighted by the attention gradient; with
+    Abar_l = I + mean_heads((dlogit/dA_l * R^A_l)^+) the scores are the class token's row of
+    Abar_L ... Abar_1 over the patches."""
+    attention_relevance, _ = lrp.relevance(model, params, images, classes)
+    return _gradient_weighted_rollout(model, params, images, classes, attention_relevance)
+
+
+def generic_attention(model, params, images, classes):
+    """Chefer, Gur & Wolf (ICCV 2021): as `transformer_attribution` with each attention map in place of
+    its LRP relevance, R <- R + mean_heads((dlogit/dA * A)^+) R (no LRP pass; any attention model)."""
+    return _gradient_weighted_rollout(model, params, images, classes, attention_maps(model, params, images))
 
 
 def leave_one_out(value_fn, images, classes, *, n: int):

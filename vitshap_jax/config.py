@@ -30,6 +30,7 @@ EVALUATION_METHODS = (
     "vargrad",
     "gradcam",
     "transformer_attribution",
+    "generic_attention",
     "attention_rollout",
     "attention_last",
     "random",
