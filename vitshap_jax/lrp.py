@@ -104,7 +104,10 @@ def forward(params, images, *, patch_size: int, depth: int):
         bp = params["Transformer"][f"encoderblock_{i}"]
         att = bp["MultiHeadDotProductAttention_1"]
         y = _layer_norm(x, bp["LayerNorm_0"])
-        q, k, v = (jnp.einsum("btd,dhe->bthe", y, att[n]["kernel"]) + att[n]["bias"] for n in ("query", "key", "value"))
+        q, k, v = (
+            jnp.einsum("btd,dhe->bthe", y, att[n]["kernel"]) + att[n]["bias"]
+            for n in ("query", "key", "value")
+        )
         a = jax.nn.softmax(_scores(q, k) / jnp.sqrt(q.shape[-1]), axis=-1)
         o = _attend(a, v)
         attn = jnp.einsum("bqhd,hde->bqe", o, att["out"]["kernel"]) + att["out"]["bias"]
@@ -145,8 +148,12 @@ def relevance(model, params, images, classes):
         ).reshape(o.shape)
         r_a, r_v = two_input_relevance(_attend, blk["a"], blk["v"], r_o)
         attention[i] = r_a
-        r_q, r_k = two_input_relevance(_scores, blk["q"], blk["k"], r_a)  # softmax: unchanged; 1/sqrt(d) cancels
+        r_q, r_k = two_input_relevance(
+            _scores, blk["q"], blk["k"], r_a
+        )  # softmax: unchanged; 1/sqrt(d) cancels
         for name, r_n in (("query", r_q), ("key", r_k), ("value", r_v)):
             kernel = att[name]["kernel"]
-            r_x = r_x + dense_relevance(blk["y"], kernel.reshape(kernel.shape[0], -1), r_n.reshape(*r_n.shape[:2], -1))
+            r_x = r_x + dense_relevance(
+                blk["y"], kernel.reshape(kernel.shape[0], -1), r_n.reshape(*r_n.shape[:2], -1)
+            )
     return attention, r_x

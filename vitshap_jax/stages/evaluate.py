@@ -104,7 +104,9 @@ def method_functions(config, loaded, classifier, classifier_params, n: int) -> d
         "transformer_attribution": lambda pr, x, c, k: baselines.transformer_attribution(
             classifier, pr["classifier"], x, c
         ),
-        "generic_attention": lambda pr, x, c, k: baselines.generic_attention(classifier, pr["classifier"], x, c),
+        "generic_attention": lambda pr, x, c, k: baselines.generic_attention(
+            classifier, pr["classifier"], x, c
+        ),
         "attention_rollout": lambda pr, x, c, k: baselines.attention_rollout(classifier, pr["classifier"], x),
         "attention_last": lambda pr, x, c, k: baselines.attention_last(classifier, pr["classifier"], x),
         "random": lambda pr, x, c, k: baselines.random_scores(x, c, k, n=n),
