@@ -101,13 +101,14 @@ def main():
     p.add_argument("--image_size", type=int, default=224, help="pixels (patches of 16)")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto, float32 or bfloat16")
     p.add_argument("--flops", action="store_true", help="report FLOP/s vs a measured bf16 matmul peak")
+    p.add_argument("--peak_size", type=int, default=4096, help="side of the square matmul measuring the peak")
     args = p.parse_args()
     mesh = parallel.make_mesh()
     kind, count = jax.devices()[0].device_kind, len(jax.devices())
     print(f"device: {kind} x {count} ({jax.default_backend()}), jax {jax.__version__}")
-    peak = matmul_peak(jnp.bfloat16) if args.flops else None
+    peak = matmul_peak(jnp.bfloat16, args.peak_size) if args.flops else None
     if peak:
-        print(f"measured bfloat16 matmul peak: {peak / 1e12:.1f} TFLOP/s")
+        print(f"measured bfloat16 matmul peak ({args.peak_size}^2): {peak / 1e12:.3f} TFLOP/s")
     for variant in args.models.split(","):
         rows = {}
         for packed in (False, True):
@@ -127,7 +128,7 @@ def main():
             line = f"ViT-{variant} {args.image_size}px {path}: "
             line += f"{ips:.2f} images/s ({sec:.2f} s/step, batch {args.batch}, {args.coalitions} coalitions)"
             if cost and peak:
-                line += f"; {cost / sec / 1e12:.2f} TFLOP/s = {cost / sec / peak:.0%} of the bf16 peak"
+                line += f"; {cost / sec / 1e12:.3f} TFLOP/s = {cost / sec / peak:.0%} of the bf16 peak"
             print(line, flush=True)
         print(f"ViT-{variant}: speedup of the visible-token path {rows[True][0] / rows[False][0]:.2f}x")
 

@@ -29,6 +29,23 @@ def test_explainer_step_benchmark_prints_both_paths_and_the_ratio():
     assert "ViT-micro: speedup of the visible-token path" in out
 
 
+def test_explainer_step_benchmark_reports_flops_against_the_matmul_peak():
+    # The GPU part of the benchmark (FLOP/s from XLA's cost analysis vs a measured bf16 matmul peak),
+    # exercised on CPU at toy sizes; its numbers only mean something on an accelerator.
+    out = run(
+        "explainer_step.py",
+        "--models=micro",
+        "--image_size=32",
+        "--batch=2",
+        "--coalitions=4",
+        "--steps=1",
+        "--flops",
+        "--peak_size=256",
+    )
+    assert "measured bfloat16 matmul peak (256^2)" in out
+    assert out.count("of the bf16 peak") == 2  # both paths
+
+
 def test_explain_vs_kernelshap_benchmark_on_a_trained_run(trained_run):
     out = run(
         "explain_vs_kernelshap.py",
