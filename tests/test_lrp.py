@@ -6,6 +6,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from tests.test_baselines import CLASSES, vit
 from vitshap_jax import lrp
@@ -52,6 +53,8 @@ def test_replica_matches_the_model():
     model, params, images = vit(depth=2)
     logits, blocks, _ = lrp.forward(params, images, patch_size=model.patch_size, depth=model.depth)
     np.testing.assert_allclose(logits, model.apply({"params": params}, images), atol=1e-5)
+    with pytest.raises(ValueError, match="not a multiple of patch_size 2"):
+        lrp.forward(params, images[:, :7], patch_size=model.patch_size, depth=model.depth)
     _, state = model.clone(inspect=True).apply({"params": params}, images, mutable=["intermediates"])
     for i, blk in enumerate(blocks):
         sown = state["intermediates"]["Transformer"][f"encoderblock_{i}"]["MultiHeadDotProductAttention_1"]

@@ -93,6 +93,8 @@ def forward(params, images, *, patch_size: int, depth: int):
     images = jnp.asarray(images, jnp.float32)
     b, h, w, c = images.shape
     p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"image size {h}x{w} is not a multiple of patch_size {p}")
     emb = params["embedding"]
     width = emb["kernel"].shape[-1]
     patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, p * p * c)
