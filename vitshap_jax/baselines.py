@@ -94,13 +94,15 @@ def _inspect(model, params, images):
     return logits, state["intermediates"]["Transformer"]
 
 
+def _per_layer(tree, depth: int) -> list:
+    """The "attention" entry of every layer's attention module in an intermediates/gradient tree."""
+    return [tree[f"encoderblock_{i}"]["MultiHeadDotProductAttention_1"]["attention"] for i in range(depth)]
+
+
 def attention_maps(model, params, images) -> list:
     """Attention weights of every layer, `[B, heads, 1 + n, 1 + n]` each (index 0 = class token)."""
     _, inter = _inspect(model, params, images)
-    return [
-        inter[f"encoderblock_{i}"]["MultiHeadDotProductAttention_1"]["attention"][0]
-        for i in range(model.depth)
-    ]
+    return [a[0] for a in _per_layer(inter, model.depth)]
 
 
 def attention_last(model, params, images, classes=None):
@@ -139,13 +141,11 @@ def gradcam(model, params, images, classes):
     return jax.nn.relu((alpha * tokens).sum(-1))
 
 
-def _gradient_weighted_rollout(model, params, images, classes, relevance):
-    """Row 0 (class token) of prod_l (I + mean_heads((dlogit/dA_l * relevance_l)^+)), patches only."""
-    _, grads = _intermediate_grads(model, params, images, classes)
+def _gradient_weighted_rollout(attention_grads, weights):
+    """Row 0 (class token) of prod_l (I + mean_heads((dlogit/dA_l * weights_l)^+)), patches only."""
     r = None
-    for i, rel in enumerate(relevance):
-        ga = grads[f"encoderblock_{i}"]["MultiHeadDotProductAttention_1"]["attention"]
-        cam = jax.nn.relu(ga * rel).mean(1)  # [B, T, T]
+    for ga, w in zip(attention_grads, weights, strict=True):
+        cam = jax.nn.relu(ga * w).mean(1)  # [B, T, T]
         r = jnp.broadcast_to(jnp.eye(cam.shape[-1]), cam.shape) if r is None else r
         r = r + cam @ r
     return r[:, 0, 1:]
@@ -158,14 +158,17 @@ def transformer_attribution(model, params, images, classes):
     every layer from the class logit down), is weighted by the attention gradient; with
     Abar_l = I + mean_heads((dlogit/dA_l * R^A_l)^+) the scores are the class token's row of
     Abar_L ... Abar_1 over the patches."""
+    _, grads = _intermediate_grads(model, params, images, classes)
     attention_relevance, _ = lrp.relevance(model, params, images, classes)
-    return _gradient_weighted_rollout(model, params, images, classes, attention_relevance)
+    return _gradient_weighted_rollout(_per_layer(grads, model.depth), attention_relevance)
 
 
 def generic_attention(model, params, images, classes):
     """Chefer, Gur & Wolf (ICCV 2021): as `transformer_attribution` with each attention map in place of
     its LRP relevance, R <- R + mean_heads((dlogit/dA * A)^+) R (no LRP pass; any attention model)."""
-    return _gradient_weighted_rollout(model, params, images, classes, attention_maps(model, params, images))
+    inter, grads = _intermediate_grads(model, params, images, classes)
+    maps = [a[0] for a in _per_layer(inter, model.depth)]
+    return _gradient_weighted_rollout(_per_layer(grads, model.depth), maps)
 
 
 def leave_one_out(value_fn, images, classes, *, n: int):

@@ -129,8 +129,8 @@ def relevance(model, params, images, classes):
 
     Returns `(attention_relevance, input_relevance)`: a list with `[B, heads, T, T]` per block (T = 1 +
     n_patches) and the relevance `[B, T, D]` of the tokens entering the first block."""
+    params = jax.tree.map(lambda t: jnp.asarray(t, jnp.float32), params)  # forward's cast is then a no-op
     _, blocks, cls = forward(params, images, patch_size=model.patch_size, depth=model.depth)
-    params = jax.tree.map(lambda t: jnp.asarray(t, jnp.float32), params)
     r = jax.nn.one_hot(classes, params["head"]["kernel"].shape[-1], dtype=jnp.float32)
     r_cls = dense_relevance(cls, params["head"]["kernel"], r)  # through the final LayerNorm unchanged
     r_x = jnp.zeros_like(blocks[-1]["x"]).at[:, 0].set(r_cls)
@@ -150,9 +150,8 @@ def relevance(model, params, images, classes):
         ).reshape(o.shape)
         r_a, r_v = two_input_relevance(_attend, blk["a"], blk["v"], r_o)
         attention[i] = r_a
-        r_q, r_k = two_input_relevance(
-            _scores, blk["q"], blk["k"], r_a
-        )  # softmax: unchanged; 1/sqrt(d) cancels
+        # The softmax passes relevance unchanged; the 1/sqrt(d) scale cancels in the gradient rule.
+        r_q, r_k = two_input_relevance(_scores, blk["q"], blk["k"], r_a)
         for name, r_n in (("query", r_q), ("key", r_k), ("value", r_v)):
             kernel = att[name]["kernel"]
             r_x = r_x + dense_relevance(
