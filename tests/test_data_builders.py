@@ -132,7 +132,66 @@ def test_imagenette_bad_image_fails_or_is_skipped_and_counted(tmp_path):
         assert [line.split("/")[-1] for line in f.read().splitlines()] == ["broken.JPEG"]
 
 
+APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "  # a `._*` sidecar's header, not an image
+
+
+@pytest.mark.parametrize("archive", [None, "tgz"])
+def test_hidden_files_and_mac_sidecars_are_not_images(tmp_path, archive):
+    """As a copy from a Mac leaves them: `._*` AppleDouble sidecars next to every image, `.DS_Store`
+    files and a hidden folder."""
+    manual = tmp_path / "manual"
+    files = _imagenette_tree(manual)
+    junk = {"imagenette2/.DS_Store": b"\x00\x00\x00\x01Bud1", "imagenette2/.cache/x.JPEG": b"junk"}
+    for rel in list(files):
+        if rel.endswith(".JPEG"):
+            folder, name = rel.rsplit("/", 1)
+            junk[f"{folder}/._{name}"] = APPLEDOUBLE
+            junk[f"{folder}/.DS_Store"] = b"\x00\x00\x00\x01Bud1"
+    _write(manual, junk)
+    if archive == "tgz":
+        _tar(tmp_path / "imagenette2.tgz", manual, ["imagenette2"])
+        manual = tmp_path
+        import shutil
+
+        shutil.rmtree(tmp_path / "manual")
+    # Strict policy: a sidecar decoded as an image would stop the preparation.
+    b = data.prepare("imagenette", str(manual), str(tmp_path / "prepared"))
+    assert {s: b.info.splits[s].num_examples for s in ("train",)} == {"train": 9}
+    assert b.info.splits["validation"].num_examples + b.info.splits["test"].num_examples == 12
+    assert not b.skipped
+
+
+def test_a_zip_made_on_a_mac_lists_no_sidecars(tmp_path):
+    from vitshap_jax.data.base import Files
+
+    with zipfile.ZipFile(tmp_path / "a.zip", "w") as zf:
+        for rel in ("MURA-v1.1/train/x/image1.png", "MURA-v1.1/.DS_Store"):
+            zf.writestr(rel, b"data")
+            zf.writestr(f"__MACOSX/{os.path.dirname(rel)}/._{os.path.basename(rel)}", APPLEDOUBLE)
+    assert [p for p, _ in Files(str(tmp_path / "a.zip")).walk(lambda p: True)] == [
+        "MURA-v1.1/train/x/image1.png"
+    ]
+
+
+def test_an_empty_download_folder_is_reported_like_a_missing_one(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "mac").mkdir()
+    (tmp_path / "mac" / ".DS_Store").write_bytes(b"\x00")
+    for name in ("imagenette", "pet", "mura"):
+        for folder in ("empty", "mac"):
+            with pytest.raises(
+                DataNotFoundError, match=rf"{name}: the download folder '.*{folder}' is empty\. "
+            ):
+                data.prepare(name, str(tmp_path / folder), str(tmp_path / "p"))
+    # An extracted folder with nothing in it counts as not there.
+    (tmp_path / "sub" / "imagenette2").mkdir(parents=True)
+    (tmp_path / "sub" / "imagenette2" / "._train").write_bytes(APPLEDOUBLE)
+    with pytest.raises(DataNotFoundError, match=r"imagenette: expected .*imagenette2\.tgz"):
+        data.prepare("imagenette", str(tmp_path / "sub"), str(tmp_path / "p"))
+
+
 def test_missing_download_says_what_goes_where(tmp_path):
+    (tmp_path / "unrelated.txt").write_text("not the download")
     with pytest.raises(
         DataNotFoundError, match=r"imagenette: expected .*imagenette2\.tgz.*fastai/imagenette"
     ):

@@ -22,6 +22,7 @@ def small(**kw):
             num_images=5,
             batch_size=8,
             kernelshap_budgets="16,512",
+            permutation_budgets="34,512",
             rise_masks=100,
             noise_samples=4,
             ig_steps=4,
@@ -43,17 +44,17 @@ def evaluated(trained_run, tmp_path_factory):
 def test_every_method_gets_a_row(evaluated):
     out, results = evaluated
     methods = results["methods"]
-    expected = [m for m in EVALUATION_METHODS if m != "kernelshap"] + ["kernelshap_16", "kernelshap_512"]
+    sampled = ["kernelshap_16", "kernelshap_512", "permutation_34", "permutation_512"]
+    expected = [m for m in EVALUATION_METHODS if m not in ("kernelshap", "permutation")] + sampled
     assert sorted(methods) == sorted(expected)
     assert results["ground_truth"]["method"] == "exact" and results["players"] == 16
     for name, row in methods.items():
         assert 0 <= row["insertion_auc"] <= 1 and 0 <= row["deletion_auc"] <= 1, name
         assert row["seconds_per_image"] > 0, name
-        assert (row["mse"] is None) == (
-            name not in ("explainer", "leave_one_out") and "kernelshap" not in name
-        )
-    # More KernelSHAP evaluations, closer to the exact values.
+        assert (row["mse"] is None) == (name not in ("explainer", "leave_one_out", *sampled))
+    # More evaluations, closer to the exact values.
     assert methods["kernelshap_512"]["mse"] < methods["kernelshap_16"]["mse"]
+    assert methods["permutation_512"]["mse"] < methods["permutation_34"]["mse"]
     table = (out / "table.md").read_text()
     assert table.count("\n| ") == len(methods) + 1  # header + one row per method
     assert json.loads((out / "results.json").read_text())["num_images"] == 5
@@ -100,6 +101,9 @@ def test_pictures(evaluated):
         ("methods", "explainer,shap", r"config.methods='explainer,shap': unknown \['shap'\]"),
         ("kernelshap_budgets", "64,many", "give comma-separated integers"),
         ("kernelshap_budgets", "2", "each budget must be >= 4"),
+        ("permutation_budgets", "1024,x", "config.permutation_budgets='1024,x': give comma-separated"),
+        ("kernelshap_estimator", "fast", "must be one of standard, unbiased"),
+        ("ground_truth", "shap", "must be one of auto, exact, kernelshap, permutation"),
         ("explain_class", "top", "must be one of label, predicted"),
         ("num_images", 0, "must be positive"),
     ],
@@ -109,6 +113,12 @@ def test_bad_evaluate_config(field, value, message):
     c[field] = value
     with pytest.raises(ConfigError, match=message):
         validate(c)
+
+
+def test_a_permutation_budget_below_one_pair_of_permutations_is_refused(trained_run):
+    c = small(methods="permutation", permutation_budgets="31")  # 16 patches: one pair costs 2 + 30
+    with pytest.raises(evaluate.common.StageError, match="costs 32 evaluations with 16 patches"):
+        evaluate.run(c, str(trained_run), parallel.make_mesh())
 
 
 def test_wrong_dataset_is_refused(trained_run):

@@ -18,7 +18,8 @@ row-major order, the players of ViT-Shapley). Three families:
   in place of their relevance);
 * queries of a game `value_fn(images, masks [B, M, n]) -> [B, M, C]` (the surrogate):
   `leave_one_out`, `rise` (Petsiuk et al. 2018, Bernoulli masks drawn on the patch grid itself),
-  `kernelshap_budget` (KernelSHAP stopped at a fixed number of evaluations), and `random_scores`.
+  `kernelshap_budget` (the standard paired KernelSHAP stopped at a fixed number of evaluations),
+  `permutation_budget` (antithetic permutation sampling at a fixed budget), and `random_scores`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 
 from vitshap_jax import lrp
 from vitshap_jax.shapley.kernelshap import kernelshap
+from vitshap_jax.shapley.permutation import permutation_shapley
 
 
 def patch_sum(pixels, patch_size: int):
@@ -195,10 +197,38 @@ def rise(value_fn, images, classes, key, *, n: int, num_masks: int = 2000, p: fl
     return total_mv / jnp.maximum(total_m, 1) - total_v / num_masks
 
 
-def kernelshap_budget(value_fn, images, classes, key, *, n: int, evals: int, pairs_per_step: int = 64):
-    """KernelSHAP (paired, efficient) stopped after `evals` evaluations per image."""
-    pairs = max(1, min(pairs_per_step, (evals - 2) // 2))
-    phi, _ = kernelshap(value_fn, images, n, key=key, threshold=None, pairs_per_step=pairs, max_evals=evals)
+def kernelshap_budget(
+    value_fn,
+    images,
+    classes,
+    key,
+    *,
+    n: int,
+    evals: int,
+    pairs_per_step: int = 64,
+    estimator: str = "standard",
+):
+    """KernelSHAP (paired, efficient; `estimator` "standard" or "unbiased") stopped after exactly `evals`
+    evaluations per image."""
+    phi, _ = kernelshap(
+        value_fn,
+        images,
+        n,
+        key=key,
+        threshold=None,
+        pairs_per_step=pairs_per_step,
+        max_evals=evals,
+        estimator=estimator,
+    )
+    return jnp.take_along_axis(phi, classes[:, None, None], axis=2)[..., 0]
+
+
+def permutation_budget(value_fn, images, classes, key, *, n: int, evals: int, perms_per_step: int = 8):
+    """Antithetic permutation sampling with as many pairs of permutations as `evals` evaluations per
+    image pay for (2 (n - 1) each; the caller checks that one fits)."""
+    phi, _ = permutation_shapley(
+        value_fn, images, n, key=key, threshold=None, perms_per_step=perms_per_step, max_evals=evals
+    )
     return jnp.take_along_axis(phi, classes[:, None, None], axis=2)[..., 0]
 
 

@@ -22,6 +22,7 @@ SPLITS = ("train", "validation", "test")
 EVALUATION_METHODS = (
     "explainer",
     "kernelshap",
+    "permutation",
     "leave_one_out",
     "rise",
     "integrated_gradients",
@@ -35,7 +36,8 @@ EVALUATION_METHODS = (
     "attention_last",
     "random",
 )
-GROUND_TRUTH = ("auto", "exact", "kernelshap")
+GROUND_TRUTH = ("auto", "exact", "kernelshap", "permutation")
+KERNELSHAP_ESTIMATORS = ("standard", "unbiased")  # see vitshap_jax/shapley/kernelshap.py
 
 
 class ConfigError(ValueError):
@@ -69,14 +71,13 @@ def split_list(value: str) -> list[str]:
     return [item.strip() for item in (value or "").split(",") if item.strip()]
 
 
-def budgets(config) -> list[int]:
-    """`config.kernelshap_budgets` of an evaluate config as ints."""
+def budgets(config, field: str = "kernelshap_budgets") -> list[int]:
+    """`config.<field>` of an evaluate config (evaluations per image) as ints."""
     try:
-        return [int(b) for b in split_list(config.kernelshap_budgets)]
+        return [int(b) for b in split_list(config[field])]
     except ValueError:
         raise ConfigError(
-            f"config.kernelshap_budgets={config.kernelshap_budgets!r}: give comma-separated integers "
-            "such as 64,256"
+            f"config.{field}={config[field]!r}: give comma-separated integers such as 64,256"
         ) from None
 
 
@@ -103,9 +104,13 @@ def _validate_methods(config) -> None:
     _require(
         not unknown, "methods", config.methods, f"unknown {unknown}; known: {', '.join(EVALUATION_METHODS)}"
     )
-    if "kernelshap" in methods:
-        for b in budgets(config):
-            _require(b >= 4, "kernelshap_budgets", config.kernelshap_budgets, "each budget must be >= 4")
+    for method in ("kernelshap", "permutation"):
+        field = f"{method}_budgets"
+        if method in methods and field in config:
+            for b in budgets(config, field):
+                _require(b >= 4, field, config[field], "each budget must be >= 4")
+    if "kernelshap_estimator" in config:
+        _one_of(config, "kernelshap_estimator", KERNELSHAP_ESTIMATORS)
     for key in ("batch_size", "ig_steps", "noise_samples", "rise_masks"):
         _require(config[key] >= 1, key, config[key], "must be positive")
     _require(config.noise >= 0, "noise", config.noise, "must be >= 0")

@@ -14,7 +14,7 @@ import os
 
 from absl import logging
 
-from vitshap_jax.data.base import BadImageError, DataNotFoundError, ImageBuilder
+from vitshap_jax.data.base import BadImageError, DataNotFoundError, ImageBuilder, is_empty_dir
 from vitshap_jax.data.digits import Digits
 from vitshap_jax.data.imagenette import Imagenette
 from vitshap_jax.data.mura import Mura
@@ -82,6 +82,8 @@ def prepare(
     instructions = BUILDERS[name].MANUAL_DOWNLOAD_INSTRUCTIONS
     if instructions and not (manual_dir and os.path.isdir(manual_dir)):
         raise DataNotFoundError(f"{name}: the download folder {manual_dir!r} does not exist. {instructions}")
+    if instructions and is_empty_dir(manual_dir):
+        raise DataNotFoundError(f"{name}: the download folder {manual_dir!r} is empty. {instructions}")
     b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     if b.skipped:
         with open(os.path.join(b.data_path, SKIPPED_FILE), "w") as f:

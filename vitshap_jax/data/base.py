@@ -29,10 +29,24 @@ class BadImageError(ValueError):
     """An image file cannot be decoded; the message names it."""
 
 
+def is_hidden(rel: str) -> bool:
+    """Not data: a hidden file or folder anywhere in the path (`.DS_Store`, macOS `._*` AppleDouble
+    sidecars, `.ipynb_checkpoints/`, ...) or the `__MACOSX/` folder a Mac writes into zip archives."""
+    return any(
+        part.startswith(".") or part == "__MACOSX" for part in rel.replace(os.sep, "/").split("/") if part
+    )
+
+
+def is_empty_dir(path: str) -> bool:
+    """A folder with nothing in it but hidden files (as `is_hidden` means it)."""
+    return os.path.isdir(path) and all(is_hidden(name) for name in os.listdir(path))
+
+
 class Files:
     """The files of a download: an extracted folder, a .tar(.gz)/.tgz archive or a .zip archive.
 
     Paths are posix paths relative to the folder or archive root, e.g. `imagenette2/train/n01440764/x.JPEG`.
+    Hidden files and folders (`is_hidden`: `.DS_Store`, `._*` sidecars, `__MACOSX/`) are never listed.
     Tar archives are read sequentially (random access into a gzip stream is quadratic), so use `walk`;
     `read` works on folders and zip archives.
     """
@@ -45,22 +59,23 @@ class Files:
         """Yields `(path, bytes)` of every file for which `wanted(path)`, in a fixed order."""
         if self.kind == "dir":
             for root, dirs, files in os.walk(self.path):
-                dirs.sort()
+                dirs[:] = sorted(d for d in dirs if not is_hidden(d))
                 for name in sorted(files):
                     rel = os.path.relpath(os.path.join(root, name), self.path).replace(os.sep, "/")
-                    if wanted(rel):
+                    if not is_hidden(rel) and wanted(rel):
                         with open(os.path.join(root, name), "rb") as f:
                             yield rel, f.read()
         elif self.kind == "zip":
             with zipfile.ZipFile(self.path) as zf:
                 for name in sorted(zf.namelist()):
-                    if not name.endswith("/") and wanted(name):
+                    if not name.endswith("/") and not is_hidden(name) and wanted(name):
                         yield name, zf.read(name)
         else:
             with tarfile.open(self.path) as tf:
                 for member in tf:
-                    if member.isfile() and wanted(member.name.removeprefix("./")):
-                        yield member.name.removeprefix("./"), tf.extractfile(member).read()
+                    rel = member.name.removeprefix("./")
+                    if member.isfile() and not is_hidden(rel) and wanted(rel):
+                        yield rel, tf.extractfile(member).read()
 
     def read(self, rel: str) -> bytes:
         if self.kind == "dir":
@@ -77,11 +92,12 @@ class Files:
 
 
 def find_download(manual_dir: str, candidates: list[str], dataset: str, instructions: str) -> str:
-    """The first of `candidates` (names relative to `manual_dir`) that exists, or a DataNotFoundError."""
+    """The first of `candidates` (names relative to `manual_dir`) that exists (a folder: with something in it
+    besides hidden files), or a DataNotFoundError."""
     manual_dir = os.path.expanduser(os.fspath(manual_dir)) if manual_dir else ""
     for name in candidates:
         path = os.path.join(manual_dir, name)
-        if os.path.exists(path):
+        if os.path.exists(path) and not is_empty_dir(path):
             return path
     expected = " or ".join(os.path.join(manual_dir or "<manual_dir>", c) for c in candidates)
     raise DataNotFoundError(f"{dataset}: expected {expected}. {instructions}")

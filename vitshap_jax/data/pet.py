@@ -12,7 +12,7 @@ import zlib
 
 import tensorflow_datasets as tfds
 
-from vitshap_jax.data.base import Files, ImageBuilder, find_download
+from vitshap_jax.data.base import DataNotFoundError, Files, ImageBuilder, find_download
 
 # The 37 breeds in the order of their official class ids (1..37).
 BREEDS = (
@@ -37,7 +37,7 @@ def read_split_file(files: Files, filename: str) -> dict[str, tuple[int, int]]:
     """`trainval.txt` / `test.txt`: image name -> (label 0..36, species 0 cat / 1 dog)."""
     found = [(p, d) for p, d in files.walk(lambda p: os.path.basename(p) == filename)]
     if not found:
-        raise FileNotFoundError(f"pet: {filename} is not in {files.path}. {INSTRUCTIONS}")
+        raise DataNotFoundError(f"pet: {filename} is not in {files.path}. {INSTRUCTIONS}")
     path, data = found[0]
     entries = {}
     for number, line in enumerate(data.decode().splitlines(), 1):

@@ -4,7 +4,8 @@ For the first `num_images` images of a split, each with one explained class (its
 classifier's prediction; the positive output for a binary target):
 
 1. ground truth: exact Shapley values of the surrogate's game (all 2^n coalitions) when n <= 20, else
-   KernelSHAP run until its standard error is below `ground_truth_threshold` of the values' range;
+   the standard paired KernelSHAP (or antithetic permutation sampling) run until its standard error is
+   below `ground_truth_threshold` of the values' range;
 2. every method of `config.methods` (`vitshap_jax/baselines.py`): removal-based ones query the
    surrogate's game (as ViT-Shapley does), gradient- and attention-based ones the classifier;
 3. per method: error against ground truth (`evaluation.metrics.estimate_errors`; squared and L2 errors
@@ -40,6 +41,7 @@ from vitshap_jax.models import build_model, num_patches
 from vitshap_jax.shapley.exact import exact_shapley
 from vitshap_jax.shapley.game import surrogate_game
 from vitshap_jax.shapley.kernelshap import kernelshap
+from vitshap_jax.shapley.permutation import evals_per_pair, permutation_shapley
 from vitshap_jax.stages import common
 from vitshap_jax.stages.classifier import predictions
 from vitshap_jax.stages.surrogate import HELD_OUT_FRACTIONS
@@ -50,7 +52,7 @@ from vitshap_jax.viz.heatmaps import save_explanation
 EXACT_MAX_PLAYERS = 20
 HEATMAP_COLUMNS = 6  # panels per row of the method comparison figures
 # Methods whose values are in the game's units (comparable to Shapley values by squared error).
-VALUE_SCALE = ("explainer", "kernelshap", "leave_one_out")
+VALUE_SCALE = ("explainer", "kernelshap", "permutation", "leave_one_out")
 
 
 def load_classifier(loaded):
@@ -123,6 +125,17 @@ def method_functions(config, loaded, classifier, classifier_params, n: int) -> d
         elif name == "kernelshap":  # a loop of jitted steps; the game carries the parameters
             for b in budgets(config):
                 out[f"kernelshap_{b}"] = lambda x, c, k, b=b: baselines.kernelshap_budget(
+                    game(params), x, c, k, n=n, evals=b, estimator=config.kernelshap_estimator
+                )
+        elif name == "permutation":
+            for b in budgets(config, "permutation_budgets"):
+                if b < 2 + evals_per_pair(n):
+                    raise common.StageError(
+                        f"config.permutation_budgets={config.permutation_budgets!r}: one antithetic pair of "
+                        f"permutations costs {2 + evals_per_pair(n)} evaluations with {n} patches; give "
+                        "budgets at least that large"
+                    )
+                out[f"permutation_{b}"] = lambda x, c, k, b=b: baselines.permutation_budget(
                     game(params), x, c, k, n=n, evals=b
                 )
         else:
@@ -159,6 +172,8 @@ def ground_truth(config, game, images, classes, n: int, *, put, key) -> tuple[np
     if kind == "auto":
         kind = "exact" if n <= EXACT_MAX_PLAYERS else "kernelshap"
     values, info = [], {"method": kind, "evals_per_image": 2**n if kind == "exact" else 0, "converged": 1.0}
+    if kind == "kernelshap":
+        info["method"] = f"kernelshap ({config.kernelshap_estimator})"
     start, converged = time.perf_counter(), []
     size = config.batch_size
     for s in range(0, len(images), size):
@@ -167,16 +182,19 @@ def ground_truth(config, game, images, classes, n: int, *, put, key) -> tuple[np
         if kind == "exact":
             phi = exact_shapley(game, x, n)
         else:
-            phi, ks = kernelshap(
+            estimate = kernelshap if kind == "kernelshap" else permutation_shapley
+            options = {"estimator": config.kernelshap_estimator} if kind == "kernelshap" else {}
+            phi, est = estimate(
                 game,
                 x,
                 n,
                 key=jax.random.fold_in(key, s),
                 threshold=config.ground_truth_threshold,
                 max_evals=config.ground_truth_max_evals,
+                **options,
             )
-            info["evals_per_image"] = max(info["evals_per_image"], ks["evals"])
-            converged += list(np.asarray(ks["converged"])[: len(chunk)])
+            info["evals_per_image"] = max(info["evals_per_image"], est["evals"])
+            converged += list(np.asarray(est["converged"])[: len(chunk)])
         c = classes[s : s + size]
         values.append(np.take_along_axis(np.asarray(phi)[: len(chunk)], c[:, None, None], axis=2)[..., 0])
     info["seconds_per_image"] = (time.perf_counter() - start) / len(images)
@@ -307,11 +325,11 @@ def run(config, workdir: str, mesh) -> dict:
         classes = np.zeros_like(labels)  # the single (positive-class) output
     else:
         classes = labels if config.explain_class == "label" else predicted.astype(np.int32)
+    fns = method_functions(config, loaded, classifier, classifier_params, n)  # checks budgets first
     key = jax.random.key(config.seed)
     logging.info("evaluate: ground truth for %d images (%d patches)", len(images), n)
     truth, gt_info = ground_truth(config, game, images, classes, n, put=put, key=jax.random.fold_in(key, 1))
 
-    fns = method_functions(config, loaded, classifier, classifier_params, n)
     scores, methods = {}, {}
     id_key = jax.random.fold_in(key, 3)
     c = num_outputs(run_config)
@@ -372,6 +390,10 @@ def run(config, workdir: str, mesh) -> dict:
     return results
 
 
+def _budget(name: str) -> int:
+    return int(name.rsplit("_", 1)[1])
+
+
 def _write_pictures(config, results, out_dir, loaded, views, truth, scores, classes):
     curves = results["surrogate_curves"]
     save_kl_curves(curves["fractions"], curves["kl"], os.path.join(out_dir, "kl_curves.png"))
@@ -390,7 +412,8 @@ def _write_pictures(config, results, out_dir, loaded, views, truth, scores, clas
         }
         for name, m in results["methods"].items()
         if name in ("explainer", "leave_one_out", "integrated_gradients", "attention_rollout", "random")
-        or name == max((k for k in results["methods"] if k.startswith("kernelshap_")), default=None)
+        or name
+        == max((k for k in results["methods"] if k.startswith("kernelshap_")), key=_budget, default=None)
     }
     if drawn:
         save_insertion_deletion(drawn, os.path.join(out_dir, "insertion_deletion.png"))
