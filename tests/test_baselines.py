@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_ground_truth import table_game
 from vitshap_jax import baselines, lrp
 from vitshap_jax.models import ViT
 from vitshap_jax.shapley.exact import exact_shapley
+from vitshap_jax.shapley.game import table_game
 
 P = 2  # patch size; 8x8 images -> 16 patches
 

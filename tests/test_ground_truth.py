@@ -9,19 +9,9 @@ import numpy as np
 import pytest
 
 from vitshap_jax.shapley.exact import exact_shapley
-from vitshap_jax.shapley.kernelshap import kernel_moments, kernelshap
+from vitshap_jax.shapley.game import table_game
+from vitshap_jax.shapley.kernelshap import border_sizes, kernel_moments, kernelshap
 from vitshap_jax.shapley.permutation import evals_per_pair, permutation_shapley
-
-
-def table_game(table):
-    """A game given by a lookup table `[B, 2^n, C]` indexed by the coalition's binary code."""
-    table = jnp.asarray(table)
-
-    def value_fn(images, masks):
-        codes = (masks.astype(jnp.int32) << jnp.arange(masks.shape[-1])).sum(-1)  # [B, M]
-        return jnp.take_along_axis(table, codes[..., None], axis=1)
-
-    return value_fn
 
 
 def brute_force(table, n):
@@ -196,6 +186,27 @@ def test_kernelshap_stops_at_its_threshold_and_keeps_efficiency(estimator):
     assert (std.max(axis=(1, 2)) <= 0.0105 * spread).all()  # the rule it stopped by
     assert np.abs(phi - exact).max() < 6 * std.max()
     np.testing.assert_allclose(phi.sum(1), table[:, -1] - table[:, 0], atol=1e-4)
+
+
+def test_border_sizes_by_hand():
+    """n = 16, p(k) ~ 1 / (k (16 - k)), sum over k = 1..15 = H_15 / 8 = 0.41478. Budget 4094: sizes 1 and
+    15 hold 0.3214 of the mass, 4094 x 0.3214 = 1316 >= 32 coalitions: enumerated; sizes 2 and 14: 4062 x
+    0.1722 / 0.6786 = 1031 >= 240: enumerated; sizes 3 and 13: 3822 x 0.1236 / 0.5064 = 933 < 1120: not.
+    Budget 62: 62 x 0.3214 = 20 < 32: nothing."""
+    assert border_sizes(16, 4094) == [1, 2]
+    assert border_sizes(16, 62) == []
+    assert border_sizes(9, 2**9 - 2) == [1, 2, 3, 4]  # everything: the estimate is exact
+
+
+def test_standard_kernelshap_enumerating_every_size_is_exact():
+    n = 9
+    table = order_two_games(n, seed=8)["mlp"].astype(np.float32)
+    phi, info = kernelshap(
+        table_game(table), jnp.zeros((1, 1)), n, key=jax.random.key(0), threshold=None, max_evals=2**n
+    )
+    assert info["enumerated_sizes"] == [1, 2, 3, 4] and info["evals"] == 2**n
+    np.testing.assert_allclose(np.asarray(phi), brute_force_sums(table, n), atol=1e-5)
+    assert (np.asarray(info["std_error"]) == 0).all()
 
 
 def test_standard_kernelshap_below_n_over_2_pairs_is_finite_and_efficient():

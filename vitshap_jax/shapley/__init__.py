@@ -5,9 +5,10 @@ Vocabulary (as in shapiq): players are patches, a coalition is a boolean mask `[
 """
 
 from vitshap_jax.shapley.exact import exact_shapley
-from vitshap_jax.shapley.game import surrogate_game, surrogate_values
+from vitshap_jax.shapley.game import surrogate_game, surrogate_values, table_game
 from vitshap_jax.shapley.kernelshap import kernelshap
 from vitshap_jax.shapley.normalize import additive_efficient_normalization
+from vitshap_jax.shapley.permutation import permutation_shapley
 from vitshap_jax.shapley.sampling import (
     coalitions_of_size,
     shapley_kernel_coalitions,
@@ -20,9 +21,11 @@ __all__ = [
     "coalitions_of_size",
     "exact_shapley",
     "kernelshap",
+    "permutation_shapley",
     "surrogate_game",
     "surrogate_values",
     "shapley_kernel_coalitions",
     "shapley_kernel_size_probs",
+    "table_game",
     "uniform_size_coalitions",
 ]

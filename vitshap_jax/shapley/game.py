@@ -81,6 +81,21 @@ def _pairs_one_by_one(value_fn, images, masks):
     return values[:, : masks.shape[1]], values[:, masks.shape[1] :]
 
 
+def _table_values(table, images, masks):
+    codes = (masks.astype(jnp.int32) << jnp.arange(masks.shape[-1])).sum(-1)  # [B, M]
+    return jnp.take_along_axis(table, codes[..., None], axis=1)
+
+
+def table_game(table) -> jax.tree_util.Partial:
+    """A game given by the value of every coalition: `table [B, 2^n, C]`, row = the coalition's binary
+    code (player i is bit i). For tests and benchmarks against exact values and other libraries; the
+    images passed to it are ignored (only their batch size must match)."""
+    table = jnp.asarray(table)
+    if table.ndim != 3 or table.shape[1] & (table.shape[1] - 1):
+        raise ValueError(f"a game table is [batch, 2^n, classes], got shape {table.shape}")
+    return jax.tree_util.Partial(_table_values, table)
+
+
 def as_game(value_fn) -> jax.tree_util.Partial:
     """`value_fn` as a pytree that jitted functions take as an argument (a plain function is compiled
     into the code and compared by identity, so pass the same object to reuse the compilation)."""
