@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import PIL.Image
 import pytest
@@ -140,3 +141,31 @@ def test_extra_surrogates_add_curves(trained_run, tmp_path):
     c.extra_surrogates = str(tmp_path / "nowhere")
     with pytest.raises(evaluate.common.StageError, match="nowhere has no results.json"):
         surrogate_curves(c, loaded, classifier, params, mesh)
+
+
+@pytest.mark.parametrize("kind", ["kernelshap", "permutation"])
+def test_sampled_ground_truth_agrees_with_the_exact_one(kind):
+    """The evaluation's sampled ground-truth branch (the one runs with more than 20 patches take), on
+    12-player table games with 3 classes: close to the exact values of each image's explained class,
+    and not equal to them (so it did sample)."""
+    from tests.test_ground_truth import order_two_games
+    from vitshap_jax.shapley.game import table_game
+
+    n, b = 12, 5
+    rng = np.random.default_rng(0)
+    tables = np.stack([order_two_games(n, seed=s)["mlp"][0, :, 0] for s in range(3)], -1)  # [2^n, 3]
+    table = (tables[None] * rng.uniform(0.5, 2.0, (b, 1, 3))).astype(np.float32)  # 5 images
+    padded = np.concatenate([table, np.repeat(table[:1], 3, 0)])  # as ground_truth pads to batch_size 8
+    images, classes = np.zeros((b, 1), np.float32), np.array([0, 1, 2, 1, 0], np.int32)
+    c = small(batch_size=8, ground_truth_threshold=0.005)
+    truth = {}
+    for k in ("exact", kind):
+        c.ground_truth = k
+        truth[k], info = evaluate.ground_truth(
+            c, table_game(padded), images, classes, n, put=lambda x: x, key=jax.random.key(1)
+        )
+    assert truth[kind].shape == (b, n)
+    assert info["method"].startswith(kind) and info["converged"] == 1.0 and 2 < info["evals_per_image"]
+    scale = np.abs(truth["exact"]).max()
+    np.testing.assert_allclose(truth[kind], truth["exact"], atol=0.03 * scale)
+    assert np.abs(truth[kind] - truth["exact"]).max() > 1e-6 * scale  # sampled, not enumerated
