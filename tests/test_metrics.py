@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import scipy.stats
 
 from vitshap_jax.evaluation.metrics import estimate_errors, importance_order, insertion_deletion
@@ -27,6 +28,21 @@ def test_estimate_errors_against_scipy_and_by_hand():
     )
     flipped = estimate_errors(-truth, truth, k=3)
     assert np.allclose(flipped["pearson"], -1) and np.allclose(flipped["top3_sign"], 0)
+
+
+def test_top_k_overlap_and_sign_on_hand_computed_cases():
+    truth = np.array([5.0, 4.0, 3.0, -6.0, 0.5, 0.1])[None, :, None]  # top-3 by value: players 0, 1, 2
+    phi = np.array([5.0, -1.0, 3.0, -2.0, 4.0, 0.2])[None, :, None]  # top-3: players 0, 4, 2
+    e = estimate_errors(phi, truth, k=3)
+    assert e["top3_overlap"][0, 0] == pytest.approx(2 / 3)  # {0, 2} shared
+    # The 3 largest |true| values: players 3 (-6), 0 (5), 1 (4); signs right for 3 and 0, wrong for 1.
+    assert e["top3_sign"][0, 0] == pytest.approx(2 / 3)
+    e = estimate_errors(phi, truth, k=1)
+    assert e["top1_overlap"][0, 0] == 1.0 and e["top1_sign"][0, 0] == 1.0  # player 0 / player 3
+    # phi reversed = [0.2, 4, -2, 3, -1, 5]: top-2 players 5 and 1, against 0 and 1: overlap 1/2; the 2
+    # largest |true| are players 3 (-6, estimate +3: wrong) and 0 (+5, estimate +0.2: right): 1/2.
+    e = estimate_errors(phi[:, ::-1], truth, k=2)
+    assert e["top2_overlap"][0, 0] == 0.5 and e["top2_sign"][0, 0] == 0.5
 
 
 def test_importance_order_is_descending_with_random_ties():

@@ -53,9 +53,12 @@ def source():
     return _random_like(_init(_model()), seed=1)
 
 
-def test_vision_transformer_npz_loads_by_name(tmp_path, source):
+@pytest.mark.parametrize("prefix", ["", "opt/target/"])
+def test_vision_transformer_npz_loads_by_name(tmp_path, source, prefix):
+    """Plain names, and the flax-optimizer layout of the original ViT checkpoints, whose keys read
+    `opt/target/Transformer/encoderblock_0/LayerNorm_0/scale`, `opt/target/embedding/kernel`, ..."""
     path = tmp_path / "vit.npz"
-    np.savez(path, **_flat(source))
+    np.savez(path, **{prefix + k: v for k, v in _flat(source).items()})
     loaded = load_pretrained(path, _init(_model(), seed=7))
     _assert_trees_equal(loaded, source)
 
@@ -210,6 +213,28 @@ def test_position_embedding_is_resized_to_a_new_grid(tmp_path):
     np.testing.assert_array_equal(pos[0, 0], sd["pos_embed"][0, 0])
     np.testing.assert_allclose(pos[0, 1:], np.broadcast_to(per_channel, (36, D)), atol=1e-6)
     assert model.apply({"params": params}, jnp.zeros((1, 24, 24, 3))).shape == (1, CLASSES)
+
+
+def test_position_embedding_resize_keeps_rows_as_rows(tmp_path):
+    """Channel 0 a ramp down the rows, channel 1 a ramp across the columns of the 4x4 grid (patches
+    row-major): after resizing to 6x6 each ramp still runs along its own axis (a transposed grid fails)
+    and spans the same range, increasing."""
+    sd = _timm_state(seed=6)
+    rows, cols = np.meshgrid(np.arange(4.0), np.arange(4.0), indexing="ij")
+    sd["pos_embed"][0, 1:, 0] = rows.ravel()
+    sd["pos_embed"][0, 1:, 1] = cols.ravel()
+    path = tmp_path / "model.safetensors"
+    save_file(sd, str(path))
+    pos = np.asarray(
+        load_pretrained(path, _init(_model(), image=24))["Transformer"]["posembed_input"]["pos_embedding"]
+    )
+    grid = pos[0, 1:].reshape(6, 6, D)
+    down, across = grid[..., 0], grid[..., 1]
+    np.testing.assert_allclose(down, down[:, :1].repeat(6, 1), atol=1e-6)  # constant along a row
+    np.testing.assert_allclose(across, across[:1].repeat(6, 0), atol=1e-6)  # constant down a column
+    assert (np.diff(down[:, 0]) > 0).all() and (np.diff(across[0]) > 0).all()
+    np.testing.assert_allclose([down.min(), down.max()], [0, 3], atol=1e-6)
+    np.testing.assert_allclose(down[:, 0], across[0], atol=1e-6)  # the same ramp, transposed
 
 
 def test_mismatch_names_every_missing_and_unexpected_key(tmp_path):
