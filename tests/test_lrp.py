@@ -74,3 +74,74 @@ def test_relevance_is_conserved_and_starts_at_the_class_token():
     # Finite everywhere, also where a layer's output is exactly zero (zero bias, zero input).
     zeros, _ = lrp.relevance(model, params, jnp.zeros_like(images), CLASSES)
     assert all(bool(jnp.isfinite(a).all()) for a in zeros)
+
+
+def _dense64(x, w, r):
+    """The paper's Eq. 2 written out: R_j = sum_i (x_j w_ji)^+ / sum_j' (x_j' w_j'i)^+ R_i, one row."""
+    out = np.zeros(len(x))
+    for i in range(w.shape[1]):
+        pos = np.array([max(x[j] * w[j, i], 0.0) for j in range(len(x))])
+        if pos.sum() > 1e-9:
+            out += pos / pos.sum() * r[i]
+    return out
+
+
+def _rescale64(ru, rv, total):
+    """Eqs. 5-6: u and v split the incoming total in proportion to |sum R^u| and |sum R^v|."""
+    su, sv = ru.sum(), rv.sum()
+    return ru * abs(su) / (abs(su) + abs(sv)) * total / su, rv * abs(sv) / (abs(su) + abs(sv)) * total / sv
+
+
+def _ln64(x, p):
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-6) * p["scale"] + p["bias"]
+
+
+def test_attention_relevance_against_a_float64_hand_computation():
+    """Depth 1, one head, width 4, 2x2 patches of a 4x4 image (5 tokens): every rule written out in
+    float64 loops from the paper's equations, independently of lrp.py, down to R^A of the one block."""
+    from scipy.special import erf
+
+    from vitshap_jax.models import ViT
+
+    model = ViT(num_classes=3, patch_size=2, hidden_size=4, depth=1, num_heads=1, mlp_dim=8)
+    image = jax.random.normal(jax.random.key(3), (1, 4, 4, 3))
+    params = model.init(jax.random.key(0), image)["params"]
+    params = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(jax.random.key(4), x.shape), params)
+    p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    cls_index = 2
+    # Forward in float64.
+    x_img = np.asarray(image, np.float64)[0]
+    patches = x_img.reshape(2, 2, 2, 2, 3).transpose(0, 2, 1, 3, 4).reshape(4, 12)
+    tokens = patches @ p["embedding"]["kernel"].reshape(12, 4) + p["embedding"]["bias"]
+    x = np.concatenate([p["cls"][0], tokens]) + p["Transformer"]["posembed_input"]["pos_embedding"][0]
+    bp = p["Transformer"]["encoderblock_0"]
+    att, mlp = bp["MultiHeadDotProductAttention_1"], bp["MlpBlock_3"]
+    y = _ln64(x, bp["LayerNorm_0"])
+    q, k, v = (y @ att[n]["kernel"][:, 0] + att[n]["bias"][0] for n in ("query", "key", "value"))  # [5, 4]
+    s = q @ k.T / 2.0  # sqrt(head_dim = 4)
+    a = np.exp(s - s.max(1, keepdims=True))
+    a /= a.sum(1, keepdims=True)
+    o = a @ v
+    attn = o @ att["out"]["kernel"][0] + att["out"]["bias"]
+    x_mid = x + attn
+    h = _ln64(x_mid, bp["LayerNorm_2"]) @ mlp["Dense_0"]["kernel"] + mlp["Dense_0"]["bias"]
+    g = 0.5 * h * (1 + erf(h / np.sqrt(2)))
+    m = g @ mlp["Dense_1"]["kernel"] + mlp["Dense_1"]["bias"]
+    cls = _ln64(x_mid + m, p["Transformer"]["encoder_norm"])[0]
+    # Relevance: one-hot on the logit, the head's Dense rule, the final LayerNorm unchanged.
+    r_out = np.zeros((5, 4))
+    r_out[0] = _dense64(cls, p["head"]["kernel"], np.eye(3)[cls_index])
+    # x_out = x_mid + m: the gradient rule of a sum is R * u / (u + v), then the rescaling.
+    r_mid, r_m = _rescale64(r_out * x_mid / (x_mid + m), r_out * m / (x_mid + m), r_out.sum())
+    r_g = np.stack([_dense64(g[t], mlp["Dense_1"]["kernel"], r_m[t]) for t in range(5)])
+    y2 = _ln64(x_mid, bp["LayerNorm_2"])
+    r_mid = r_mid + np.stack([_dense64(y2[t], mlp["Dense_0"]["kernel"], r_g[t]) for t in range(5)])
+    _, r_attn = _rescale64(r_mid * x / x_mid, r_mid * attn / x_mid, r_mid.sum())
+    r_o = np.stack([_dense64(o[t], att["out"]["kernel"][0], r_attn[t]) for t in range(5)])
+    # o = A V: R^A_qk = A_qk sum_d V_kd R^o_qd / o_qd, R^V_kd = V_kd sum_q A_qk R^o_qd / o_qd, rescaled.
+    ratio = r_o / o
+    r_a, _ = _rescale64(a * (ratio @ v.T), v * (a.T @ ratio), r_o.sum())
+    attention, _ = lrp.relevance(model, params, image, jnp.array([cls_index]))
+    np.testing.assert_allclose(np.asarray(attention[0][0, 0]), r_a, rtol=2e-3, atol=1e-5 * np.abs(r_a).max())
+    assert np.abs(r_a).max() > 1e-3
