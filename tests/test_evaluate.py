@@ -122,6 +122,27 @@ def test_a_permutation_budget_below_one_pair_of_permutations_is_refused(trained_
         evaluate.run(c, str(trained_run), parallel.make_mesh())
 
 
+def test_the_predicted_class_is_explained_when_asked(trained_run, tmp_path):
+    import jax.numpy as jnp
+
+    from vitshap_jax.stages.classifier import predictions
+
+    c = small(methods="explainer", explain_class="predicted", output_dir=str(tmp_path), num_heatmaps=0)
+    results = evaluate.run(c, str(trained_run), parallel.make_mesh())
+    values = np.load(tmp_path / "values.npz")
+    loaded = load_explainer(str(trained_run))
+    classifier, params, _ = evaluate.load_classifier(loaded)
+    _, images, labels = evaluate.first_images(loaded, "test", 5)
+    predicted = np.asarray(
+        predictions(classifier.apply({"params": params}, jnp.asarray(images)), "multiclass")
+    )
+    assert (predicted != labels).any()  # the tiny run is wrong on some: label and prediction differ
+    np.testing.assert_array_equal(values["classes"], predicted)
+    np.testing.assert_array_equal(values["labels"], labels)
+    assert results["explain_class"] == "predicted"
+    assert results["classifier_accuracy_on_these"] == pytest.approx(float((predicted == labels).mean()))
+
+
 def test_wrong_dataset_is_refused(trained_run):
     c = small()
     c.dataset = "digits"
@@ -169,3 +190,39 @@ def test_sampled_ground_truth_agrees_with_the_exact_one(kind):
     scale = np.abs(truth["exact"]).max()
     np.testing.assert_allclose(truth[kind], truth["exact"], atol=0.03 * scale)
     assert np.abs(truth[kind] - truth["exact"]).max() > 1e-6 * scale  # sampled, not enumerated
+
+
+def test_the_table_is_the_metrics_of_the_saved_values(evaluated):
+    """Every row of results.json and table.md recomputed from values.npz with the metric functions."""
+    from vitshap_jax.evaluation.metrics import estimate_errors
+
+    out, results = evaluated
+    values = np.load(out / "values.npz")
+    table = (out / "table.md").read_text().splitlines()
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in table if line.startswith("| ")}
+    for name, row in results["methods"].items():
+        e = estimate_errors(values[name][..., None], values["ground_truth"][..., None], k=results["top_k"])
+        assert row["pearson"] == pytest.approx(np.nanmean(e["pearson"]), abs=1e-9), name
+        assert row["spearman"] == pytest.approx(np.nanmean(e["spearman"]), abs=1e-9), name
+        assert row["overlap"] == pytest.approx(e[f"top{results['top_k']}_overlap"].mean(), abs=1e-9), name
+        if row["mse"] is not None:
+            assert row["mse"] == pytest.approx(e["mse"].mean(), rel=1e-9), name
+            assert f"| {row['mse']:.2e} |" in rows[name]
+        assert f"| {row['pearson']:.3f} | {row['spearman']:.3f} | {row['overlap']:.3f} |" in rows[name]
+        assert f"| {row['deletion_auc']:.3f} |" in rows[name]
+        assert row["insertion_auc"] == pytest.approx(np.mean(row["insertion_curve"]), abs=1e-6), name
+
+
+def test_seconds_per_image_divide_by_the_images_not_the_padding():
+    import time
+
+    def slow(images, classes, key):
+        time.sleep(0.2)  # per call: 2 batches of 4 for 5 images, after one warm-up call
+        return np.zeros((images.shape[0], 3))
+
+    images, classes = np.zeros((5, 2), np.float32), np.zeros(5, np.int32)
+    scores, seconds = evaluate.run_batched(
+        slow, images, classes, batch_size=4, key=jax.random.key(0), put=lambda x: x
+    )
+    assert scores.shape == (5, 3)
+    assert seconds >= 2 * 0.2 / 5  # at least 0.08; dividing by the 8 padded rows would give about 0.05

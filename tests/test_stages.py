@@ -104,6 +104,45 @@ def test_three_stages_chain_through_checkpoints(tmp_path, dataset, request):
     assert max(np.abs(backbone[k] - sur[k]).max() for k in backbone) < 1e-3 * steps
     outputs = 1 if dataset == "mura" else 10
     assert exp[f"explainer_head/mlp_{2}/kernel"].shape == (32, outputs)
+    if dataset == "mura":
+        _evaluate_and_explain_a_binary_run(work, mesh, tmp_path)
+
+
+def _evaluate_and_explain_a_binary_run(work, mesh, tmp_path):
+    """The binary (sigmoid) path through the evaluation and load_explainer: one output, explained as the
+    positive class, ground truth and explainer efficient for it."""
+    from vitshap_jax.config import validate
+    from vitshap_jax.data import open_split
+    from vitshap_jax.explain import load_explainer
+    from vitshap_jax.stages import evaluate
+
+    c = load("evaluate", "mura")
+    c.update(
+        dict(
+            num_images=4,
+            batch_size=4,
+            methods="explainer,kernelshap,permutation,leave_one_out",
+            kernelshap_budgets="64",
+            permutation_budgets="64",
+            explain_class="predicted",  # ignored for one output: the positive class is explained
+            num_heatmaps=1,
+            output_dir=str(tmp_path / "evaluation"),
+        )
+    )
+    validate(c)
+    results = evaluate.run(c, work, mesh)
+    assert results["explain_class"] == "positive output" and results["players"] == 16
+    values = np.load(tmp_path / "evaluation" / "values.npz")
+    assert (values["classes"] == 0).all() and values["ground_truth"].shape == (4, 16)
+    explain = load_explainer(work)
+    source = open_split(explain.config, "test")
+    x = np.stack([explain.preprocess(np.asarray(source[i]["image"])) for i in range(4)])
+    out = explain(x)
+    assert out["phi"].shape == (4, 16, 1) and explain.class_names == ["abnormal (positive)"]
+    total = np.asarray(out["v_all"] - out["v_empty"])[:, 0]
+    assert ((np.asarray(out["v_all"]) > 0) & (np.asarray(out["v_all"]) < 1)).all()  # sigmoid probabilities
+    np.testing.assert_allclose(values["ground_truth"].sum(1), total, atol=1e-4)
+    np.testing.assert_allclose(values["explainer"].sum(1), total, atol=1e-4)
 
 
 def _shapes(stage, dataset, data_dir):
