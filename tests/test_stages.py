@@ -199,6 +199,46 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
 
+@pytest.mark.parametrize("stage", ["classifier", "surrogate", "explainer"])
+def test_a_run_killed_before_an_epoch_boundary_resumes_across_it(tmp_path, stage):
+    """Two epochs of 4 steps (1,257 digits at batch 256), a checkpoint every 3 steps, killed after step
+    3: the resumed run crosses into epoch 2 (a new permutation of the data) and ends like an
+    uninterrupted one, for every stage (upstream stages trained once and copied)."""
+    import shutil
+
+    mesh = parallel.make_mesh()
+    runners = {"classifier": classifier.run, "surrogate": surrogate.run, "explainer": explainer.run}
+    order = list(runners)
+
+    def config(name):
+        c = tiny(name, "digits", tmp_path / "tfds", batch_size=256, epochs=2, checkpoint_every_steps=3)
+        c.dataset.image_size, c.dataset.resize_size, c.model.patch_size = 8, 8, 2
+        c.train.log_every_steps = 100
+        return c
+
+    for upstream in order[: order.index(stage)]:
+        runners[upstream](config(upstream), str(tmp_path / "a"), mesh)
+    if order.index(stage):
+        shutil.copytree(tmp_path / "a", tmp_path / "b")
+    whole = runners[stage](config(stage), str(tmp_path / "a"), mesh)
+    runners[stage](config(stage), str(tmp_path / "b"), mesh, stop_after=3)
+    assert not is_complete(str(tmp_path / "b" / stage))
+    resumed = runners[stage](config(stage), str(tmp_path / "b"), mesh)
+    assert resumed["test"] == whole["test"]
+    lines = [json.loads(line) for line in open(tmp_path / "b" / stage / "metrics.jsonl")]
+    assert any(line.get("epoch") == 2 for line in lines)  # the resumed run went through epoch 2
+    if stage == "explainer":
+        model = explainer.build_explainer(config(stage))
+    else:
+        from vitshap_jax.models import build_model
+
+        model = build_model(config(stage))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"])
+    a, b = (_flat(_best(str(tmp_path / d / stage), shapes)) for d in ("a", "b"))
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
 def _digits_shapes(config):
     from vitshap_jax.models import build_model
 
