@@ -64,3 +64,58 @@ def test_bad_fractions(value):
     c.fractions = value
     with pytest.raises(ConfigError, match="config.fractions"):
         validate(c)
+
+
+def test_roar_removes_the_share_it_names_and_retrains_from_fresh_parameters(
+    trained_run, tmp_path, monkeypatch
+):
+    """Every retraining gets train and test images with exactly round(f n) whole patches zeroed (f = 0 for
+    the reference), and starts from the run architecture's fresh initialization, not from the trained
+    classifier."""
+    from flax import traverse_util
+
+    from vitshap_jax.explain import load_explainer
+    from vitshap_jax.stages.evaluate import load_classifier
+
+    calls, starts = [], []
+    real_retrain, real_create = roar.retrain, roar.common.create_state
+
+    def spy_retrain(classifier_config, train, test, **kw):
+        calls.append((train[0], test[0]))
+        return real_retrain(classifier_config, train, test, **kw)
+
+    def spy_create(params, tx, mesh):
+        starts.append(jax.tree.map(np.asarray, params))
+        return real_create(params, tx, mesh)
+
+    monkeypatch.setattr(roar, "retrain", spy_retrain)
+    monkeypatch.setattr(roar.common, "create_state", spy_create)
+    roar.run(
+        small(tmp_path, methods="explainer,random", fractions="0.25,0.5"),
+        str(trained_run),
+        parallel.make_mesh(),
+    )
+    assert len(calls) == 1 + 2 * 2  # the reference, then 2 methods x 2 fractions
+    removed = []
+    for train, test in calls:
+        shares = []
+        for images in (train, test):
+            patches = (
+                images.reshape(len(images), 4, 4, 4, 4, 3)
+                .transpose(0, 1, 3, 2, 4, 5)
+                .reshape(len(images), 16, -1)
+            )
+            zero = (patches == 0).all(-1)  # [N, 16] whole patches at the dataset mean
+            shares.append(set(zero.sum(1).tolist()))
+        removed.append(shares)
+    assert removed == [[{0}, {0}]] + [[{4}, {4}], [{8}, {8}]] * 2  # 16 patches: 0, 25% and 50% removed
+    loaded = load_explainer(str(trained_run))
+    model, trained, _ = load_classifier(loaded)
+    fresh = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))["params"]  # config.seed = 0
+    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(fresh, sep="/").items()}
+    trained = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(trained, sep="/").items()}
+    for start in starts:
+        start = traverse_util.flatten_dict(start, sep="/")
+        for k in flat:
+            np.testing.assert_array_equal(start[k], flat[k], err_msg=k)
+        assert any(not np.array_equal(start[k], trained[k]) for k in trained)
