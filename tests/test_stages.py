@@ -143,6 +143,19 @@ def _evaluate_and_explain_a_binary_run(work, mesh, tmp_path):
     assert ((np.asarray(out["v_all"]) > 0) & (np.asarray(out["v_all"]) < 1)).all()  # sigmoid probabilities
     np.testing.assert_allclose(values["ground_truth"].sum(1), total, atol=1e-4)
     np.testing.assert_allclose(values["explainer"].sum(1), total, atol=1e-4)
+    # The explain command on a user's image: one output, named, with its heatmap.
+    import PIL.Image
+
+    from vitshap_jax.stages import explain as explain_stage
+
+    PIL.Image.fromarray(np.asarray(source[0]["image"])).save(tmp_path / "xray.png")
+    e = load("explain", "mura")
+    e.images, e.output_dir = str(tmp_path / "xray.png"), str(tmp_path / "explanations")
+    explain_stage.run(e, work, mesh)
+    saved = np.load(tmp_path / "explanations" / "xray.npz")
+    assert saved["phi"].shape == (16, 1) and list(saved["class_names"]) == ["abnormal (positive)"]
+    np.testing.assert_allclose(saved["phi"], np.asarray(out["phi"])[0], atol=1e-5)
+    assert (tmp_path / "explanations" / "xray.png").exists()
 
 
 def _shapes(stage, dataset, data_dir):
