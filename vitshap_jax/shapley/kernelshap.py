@@ -273,7 +273,8 @@ def kernelshap(
       threshold: stop when every image's largest standard error is at most this fraction of the range of
         its estimates; None runs until `max_evals`.
       pairs_per_step: coalition pairs evaluated per jitted step (2 evaluations each).
-      max_evals: evaluations per image (counting v(empty) and v(all)); the budget is used exactly.
+      max_evals: evaluations per image (counting v(empty) and v(all)); the budget is used exactly, unless
+        the standard estimator enumerates every coalition with fewer.
       estimator: "standard" (A and b sampled) or "unbiased" (A in closed form); see the module docstring.
 
     Returns:
