@@ -29,15 +29,9 @@ def get_config(arg=None):
     c.explain_class = "label"  # the class explained per image: "label" or "predicted" (by the classifier)
     c.methods = ",".join(EVALUATION_METHODS)  # comma-separated; see vitshap_jax/config.py
     c.kernelshap_budgets = "64,256,1024,4096"  # evaluations per image, one table row each
-    c.kernelshap_estimator = (
-        "standard"  # KernelSHAP rows and ground truth: "standard" (A and b sampled) or "unbiased"
-    )
-    c.permutation_budgets = (
-        "1024,4096"  # antithetic permutation sampling: evaluations per image (>= 2n), a row each
-    )
-    c.ground_truth = (
-        "auto"  # "exact" (2^n coalitions), "kernelshap", "permutation", or "auto" (exact up to 20 patches)
-    )
+    c.kernelshap_estimator = "standard"  # KernelSHAP rows and ground truth: "standard" or "unbiased"
+    c.permutation_budgets = "1024,4096"  # antithetic permutation sampling: evaluations per image (>= 2n)
+    c.ground_truth = "auto"  # "exact", "kernelshap", "permutation", or "auto" (exact up to 20 patches)
     c.ground_truth_threshold = 0.01  # sampled ground truth: std error <= this x range of the values
     c.ground_truth_max_evals = 1_000_000  # ... or stop at this many evaluations per image
     c.ig_steps = 32  # integrated gradients: points on the path
