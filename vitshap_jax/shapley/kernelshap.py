@@ -248,7 +248,7 @@ def step_sizes(pairs_per_step: int, max_evals: int):
         yield size
 
 
-def _stop(phi, std, threshold):
+def stop_rule(phi, std, threshold):
     """Per image: largest standard error <= threshold x range of the estimates."""
     spread = phi.max(axis=(1, 2)) - phi.min(axis=(1, 2))
     return std.max(axis=(1, 2)) <= (threshold or 0.0) * spread
@@ -314,7 +314,7 @@ def _standard(value_fn, images, n, null, total, key, threshold, pairs_per_step, 
     b_groups = jnp.zeros((batch, GROUPS, n, classes), dtype)
     counts = np.zeros(GROUPS, int)
     phi, std = _estimate(a_groups, b_groups, counts, total, a_fixed, b_fixed, sampled_mass)
-    converged = _stop(phi, std, threshold) & (not rest)
+    converged = stop_rule(phi, std, threshold) & (not rest)
     steps = step_sizes(pairs_per_step, max_evals - 2 * enumerated) if rest else ()
     for pairs in steps:
         if threshold is not None and bool(converged.all()):
@@ -324,7 +324,7 @@ def _standard(value_fn, images, n, null, total, key, threshold, pairs_per_step, 
         counts = counts + np.bincount(np.arange(pairs) % GROUPS, minlength=GROUPS)
         a_groups, b_groups = a_groups + a, b_groups + b
         phi, std = _estimate(a_groups, b_groups, counts, total, a_fixed, b_fixed, sampled_mass)
-        converged = _stop(phi, std, threshold) & bool((counts > 0).all())
+        converged = stop_rule(phi, std, threshold) & bool((counts > 0).all())
     return phi, std, 2 + 2 * (enumerated + int(counts.sum())), converged, sizes
 
 
@@ -338,7 +338,7 @@ def _unbiased(value_fn, images, n, null, total, key, threshold, pairs_per_step, 
         mean = s1 / count
         phi = mean + r[None, :, None] * total[:, None, :]
         std = jnp.sqrt(jnp.maximum(s2 / count - mean**2, 0.0) / max(count - 1, 1))
-        converged = _stop(phi, std, threshold)
+        converged = stop_rule(phi, std, threshold)
         if threshold is not None and bool(converged.all()):
             break
     return phi, std, 2 + 2 * count, converged, []

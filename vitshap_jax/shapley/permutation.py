@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from vitshap_jax.shapley.game import as_game, value_pairs
-from vitshap_jax.shapley.kernelshap import null_and_total
+from vitshap_jax.shapley.kernelshap import null_and_total, stop_rule
 
 
 def evals_per_pair(n: int) -> int:
@@ -87,8 +87,7 @@ def permutation_shapley(
         s1, s2, count, pairs_left = s1 + a, s2 + a2, count + perms, pairs_left - perms
         phi = s1 / count
         std = jnp.sqrt(jnp.maximum(s2 / count - phi**2, 0.0) / max(count - 1, 1))
-        spread = phi.max(axis=(1, 2)) - phi.min(axis=(1, 2))
-        converged = (std.max(axis=(1, 2)) <= (threshold or 0.0) * spread) & (count >= 2)
+        converged = stop_rule(phi, std, threshold) & (count >= 2)
         if threshold is not None and bool(converged.all()):
             break
     if count < 2:
