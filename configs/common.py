@@ -171,9 +171,9 @@ def base_config(stage: str, opts: config_dict.ConfigDict) -> config_dict.ConfigD
         "crop_scale_min"
     ]  # train: random-resized-crop area in [this, 1] (1: none)
     c.dataset.hflip = preset["hflip"]  # train: random horizontal flips
-    c.dataset.normalization = (
-        "inception"  # pixel normalization of the pretrained ViT: "inception" or "imagenet"
-    )
+    # Pixel normalization: "inception" ([-1, 1]), "imagenet", "clip", or "auto" (what the pretrained
+    # checkpoint states, else inception); the run records the one it used.
+    c.dataset.normalization = "auto"
     c.dataset.workers = 0  # grain worker processes for decoding and augmentation (0: threads only)
     c.dataset.read_threads = 4  # grain threads reading and transforming examples
     c.dataset.prefetch = 4  # batches grain prepares ahead
@@ -189,9 +189,22 @@ def base_config(stage: str, opts: config_dict.ConfigDict) -> config_dict.ConfigD
     c.model.masking = "attention"  # how held-out patches are removed: "attention" or "zero"
     c.model.dtype = "auto"  # compute dtype: "float32", "bfloat16", or "auto" (bfloat16 on GPU/TPU, else
     # float32); parameters, logits and losses stay float32
-    c.model.pretrained = config_dict.placeholder(
-        str
-    )  # .npz (big_vision / vision_transformer) or timm .safetensors
+    # Pretrained weights: a .npz (big_vision / vision_transformer), a timm .safetensors, or a Hugging
+    # Face save_pretrained directory. The architecture fields above and below are then read from it.
+    c.model.pretrained = config_dict.placeholder(str)
+    c.model.from_checkpoint = ""  # set by the run: the checkpoint the architecture was read from
+    # Architecture options of the ViT families (vitshap_jax/models/vit.py); a checkpoint sets them.
+    c.model.class_token = True  # a learned class token leads the sequence
+    c.model.distill_token = False  # a DeiT distillation token follows it
+    c.model.distill_head = False  # logits = mean of the class-token head and a distillation head
+    c.model.reg_tokens = 0  # register tokens (DINOv2 with registers)
+    c.model.pos_prefix = -1  # prefix tokens with a position embedding (-1: all)
+    c.model.pool = "token"  # "token" (class token) or "avg" (mean of the visible patch tokens)
+    c.model.fc_norm = False  # the final LayerNorm after pooling instead of on every token
+    c.model.pre_norm = False  # a LayerNorm before the blocks (CLIP)
+    c.model.layer_scale = False  # per-channel residual scales (DINOv2)
+    c.model.act = "gelu"  # MLP activation: "gelu", "gelu_tanh" or "quick_gelu" (CLIP)
+    c.model.ln_eps = 1e-6  # LayerNorm epsilon
 
     c.optim = config_dict.ConfigDict()
     c.optim.lr = 1e-5  # peak learning rate of AdamW (reference: 1e-5 classifier and surrogate)

@@ -176,3 +176,61 @@ def test_parameter_count_matches_public_vit(variant):
     model = ViT(num_classes=1000, patch_size=16, **common.MODEL_VARIANTS[variant])
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
     assert sum(x.size for x in jax.tree.leaves(shapes)) == PUBLIC_COUNTS[variant]
+
+
+# The architecture options of the families pretrained.py imports, on the same small shape.
+ARCHITECTURES = {
+    # Hugging Face DINOv2 with registers: layer scale; registers without position embeddings.
+    "dinov2_registers": dict(reg_tokens=2, pos_prefix=1, layer_scale=True),
+    # DeiT distilled: a distillation token with its own head, the two heads averaged.
+    "deit_distilled": dict(distill_token=True, distill_head=True),
+    # timm without a class token: average pooling, the final norm after pooling, one register.
+    "avg_pool": dict(class_token=False, pool="avg", fc_norm=True, reg_tokens=1, pos_prefix=0),
+    # timm without any prefix token: nothing but patches.
+    "patches_only": dict(class_token=False, pool="avg"),
+    # CLIP: a LayerNorm before the blocks, quick GELU, epsilon 1e-5.
+    "clip": dict(pre_norm=True, act="quick_gelu", ln_eps=1e-5),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_masks_exactly_like_dropping_the_tokens(setup, arch):
+    """Prefix tokens (class, distillation, registers) stay visible; avg pooling reads only the visible
+    patches; the packed coalition + complement equals two masked passes, each half with its own prefix."""
+    images, masks, key = setup
+    model = _model("attention", **ARCHITECTURES[arch])
+    params = _random_params(model, key)
+    masked = model.apply({"params": params}, images, masks)
+    assert np.isfinite(np.asarray(masked)).all()
+    for i in (0, 2, 5):  # the empty coalition, a middle one, the full one (each size compiles anew)
+        visible = np.flatnonzero(np.asarray(masks[i]))[None]
+        alone = model.apply({"params": params}, images[i : i + 1], patch_indices=jnp.asarray(visible))
+        np.testing.assert_allclose(np.asarray(masked[i]), np.asarray(alone[0]), atol=2e-5, rtol=1e-5)
+    full = model.apply({"params": params}, images)
+    assert float(jnp.abs(masked[1:-1] - full[1:-1]).min(axis=1).max()) > 1e-2
+    both = model.apply({"params": params}, images, masks, with_complement=True)
+    np.testing.assert_allclose(both[:, 0], masked, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        both[:, 1], model.apply({"params": params}, images, ~masks), atol=2e-5, rtol=1e-5
+    )
+    grads = jax.grad(lambda p: model.apply({"params": p}, images, masks, with_complement=True).sum())(params)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def test_architecture_options_create_their_parameters():
+    names = lambda **kw: set(  # noqa: E731
+        "/".join(k.key for k in path)
+        for path, _ in jax.tree_util.tree_leaves_with_path(
+            _model(**kw).init(jax.random.key(0), jnp.zeros((1, IMAGE, IMAGE, 3)))["params"]
+        )
+    )
+    plain = names()
+    assert {"cls", "Transformer/posembed_input/pos_embedding", "Transformer/encoder_norm/scale"} <= plain
+    dino = names(**ARCHITECTURES["dinov2_registers"])
+    assert {"reg", "Transformer/encoderblock_0/ls1", "Transformer/encoderblock_2/ls2"} <= dino
+    avg = names(**ARCHITECTURES["avg_pool"])
+    assert "cls" not in avg and "Transformer/encoder_norm/scale" not in avg and "norm_pooled/scale" in avg
+    assert {"dist", "head_dist/kernel"} <= names(**ARCHITECTURES["deit_distilled"])
+    assert "Transformer/norm_pre/scale" in names(**ARCHITECTURES["clip"])
+    with pytest.raises(ValueError, match="class token"):
+        names(class_token=False)

@@ -90,6 +90,17 @@ def vargrad(logit_fn, images, classes, key, *, patch_size: int, samples: int = 3
     return patch_sum(grads.var(1), patch_size)
 
 
+def _class_token_model(model, method: str) -> int:
+    """The first patch token's index of a ViT whose prediction reads the class token (token 0), which
+    the attention-based methods follow back; a clear error for any other ViT."""
+    if not model.class_token or model.pool != "token" or model.distill_head:
+        raise ValueError(
+            f"{method} follows the class token's attention, but this ViT predicts from "
+            f"{'the mean patch token' if model.pool == 'avg' else 'two heads'}: use a gradient or game method"
+        )
+    return model.num_prefix_tokens
+
+
 def _inspect(model, params, images):
     """Logits and intermediates of a ViT run with `inspect=True`."""
     logits, state = model.clone(inspect=True).apply({"params": params}, images, mutable=["intermediates"])
@@ -109,17 +120,19 @@ def attention_maps(model, params, images) -> list:
 
 def attention_last(model, params, images, classes=None):
     """The class token's attention to each patch in the last layer, mean over heads (class-agnostic)."""
-    return attention_maps(model, params, images)[-1].mean(1)[:, 0, 1:]
+    first = _class_token_model(model, "attention_last")
+    return attention_maps(model, params, images)[-1].mean(1)[:, 0, first:]
 
 
 def attention_rollout(model, params, images, classes=None):
     """Row 0 of prod_l (0.5 A_l + 0.5 I), A_l the head-averaged attention of layer l (class-agnostic)."""
+    first = _class_token_model(model, "attention_rollout")
     maps = attention_maps(model, params, images)
     t = maps[0].shape[-1]
     rollout = jnp.eye(t)
     for a in maps:
         rollout = (0.5 * a.mean(1) + 0.5 * jnp.eye(t)) @ rollout
-    return rollout[:, 0, 1:]
+    return rollout[:, 0, first:]
 
 
 def _intermediate_grads(model, params, images, classes):
@@ -138,19 +151,21 @@ def _intermediate_grads(model, params, images, classes):
 def gradcam(model, params, images, classes):
     """ReLU(sum_d alpha_d T_id), T the patch tokens entering the last block, alpha = mean_i dlogit/dT_id."""
     inter, grads = _intermediate_grads(model, params, images, classes)
-    tokens, g = inter["last_block_input"][0][:, 1:], grads["last_block_input"][:, 1:]
+    first = model.num_prefix_tokens
+    tokens, g = inter["last_block_input"][0][:, first:], grads["last_block_input"][:, first:]
     alpha = g.mean(1, keepdims=True)  # [B, 1, D]
     return jax.nn.relu((alpha * tokens).sum(-1))
 
 
-def _gradient_weighted_rollout(attention_grads, weights):
-    """Row 0 (class token) of prod_l (I + mean_heads((dlogit/dA_l * weights_l)^+)), patches only."""
+def _gradient_weighted_rollout(attention_grads, weights, first: int):
+    """Row 0 (class token) of prod_l (I + mean_heads((dlogit/dA_l * weights_l)^+)), patches only
+    (columns from `first` on)."""
     r = None
     for ga, w in zip(attention_grads, weights, strict=True):
         cam = jax.nn.relu(ga * w).mean(1)  # [B, T, T]
         r = jnp.broadcast_to(jnp.eye(cam.shape[-1]), cam.shape) if r is None else r
         r = r + cam @ r
-    return r[:, 0, 1:]
+    return r[:, 0, first:]
 
 
 def transformer_attribution(model, params, images, classes):
@@ -160,17 +175,19 @@ def transformer_attribution(model, params, images, classes):
     every layer from the class logit down), is weighted by the attention gradient; with
     Abar_l = I + mean_heads((dlogit/dA_l * R^A_l)^+) the scores are the class token's row of
     Abar_L ... Abar_1 over the patches."""
+    lrp.check_supported(model)
     _, grads = _intermediate_grads(model, params, images, classes)
     attention_relevance, _ = lrp.relevance(model, params, images, classes)
-    return _gradient_weighted_rollout(_per_layer(grads, model.depth), attention_relevance)
+    return _gradient_weighted_rollout(_per_layer(grads, model.depth), attention_relevance, 1)
 
 
 def generic_attention(model, params, images, classes):
     """Chefer, Gur & Wolf (ICCV 2021): as `transformer_attribution` with each attention map in place of
     its LRP relevance, R <- R + mean_heads((dlogit/dA * A)^+) R (no LRP pass; any attention model)."""
+    first = _class_token_model(model, "generic_attention")
     inter, grads = _intermediate_grads(model, params, images, classes)
     maps = [a[0] for a in _per_layer(inter, model.depth)]
-    return _gradient_weighted_rollout(_per_layer(grads, model.depth), maps)
+    return _gradient_weighted_rollout(_per_layer(grads, model.depth), maps, first)
 
 
 def leave_one_out(value_fn, images, classes, *, n: int):

@@ -14,9 +14,11 @@ DATASETS = ("digits", "imagenette", "pet", "mura")
 TARGETS = ("multiclass", "binary")
 DTYPES = ("auto", "float32", "bfloat16")
 ACTIVATIONS = ("gelu", "relu")
-PRETRAINED_SUFFIXES = (".npz", ".safetensors")
+PRETRAINED_SUFFIXES = (".npz", ".safetensors")  # or a Hugging Face save_pretrained directory
 BAD_IMAGE_POLICIES = ("fail", "skip")  # see vitshap_jax/data/base.py
-NORMALIZATIONS = ("inception", "imagenet")  # see vitshap_jax/data/transforms.py
+NORMALIZATIONS = ("auto", "inception", "imagenet", "clip")  # see vitshap_jax/data/transforms.py
+POOLING = ("token", "avg")  # see vitshap_jax/models/vit.py
+MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
 SPLITS = ("train", "validation", "test")
 # What configs/evaluate.py can compare (vitshap_jax/stages/evaluate.py, vitshap_jax/baselines.py).
 EVALUATION_METHODS = (
@@ -201,12 +203,24 @@ def validate(config) -> None:
     _one_of(config, "model.dtype", DTYPES)
     if m.pretrained is not None:
         _require(
-            m.pretrained.endswith(PRETRAINED_SUFFIXES),
+            os.path.isdir(m.pretrained) or m.pretrained.endswith(PRETRAINED_SUFFIXES),
             "model.pretrained",
             m.pretrained,
-            "expected a .npz (big_vision / vision_transformer) or .safetensors (timm) file",
+            "expected a .npz (big_vision / vision_transformer) or .safetensors (timm) file, or a Hugging "
+            "Face save_pretrained directory",
         )
-        _require(os.path.isfile(m.pretrained), "model.pretrained", m.pretrained, "no such file")
+        _require(os.path.exists(m.pretrained), "model.pretrained", m.pretrained, "no such file or directory")
+    if "pool" in m:
+        _one_of(config, "model.pool", POOLING)
+        _one_of(config, "model.act", MLP_ACTIVATIONS)
+        _require(m.reg_tokens >= 0, "model.reg_tokens", m.reg_tokens, "must be >= 0")
+        _require(m.ln_eps > 0, "model.ln_eps", m.ln_eps, "must be > 0")
+        _require(
+            m.class_token or m.pool == "avg" or m.pretrained,
+            "model.pool",
+            m.pool,
+            "a ViT without a class token (config.model.class_token=False) needs pool=avg",
+        )
 
     _require(o.lr > 0, "optim.lr", o.lr, "must be positive")
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")

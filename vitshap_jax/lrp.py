@@ -124,6 +124,17 @@ def forward(params, images, *, patch_size: int, depth: int):
     return cls @ params["head"]["kernel"] + params["head"]["bias"], blocks, cls
 
 
+def check_supported(model) -> None:
+    """The LRP pass is written for the google-research ViT (one class token, token pooling, exact GELU,
+    epsilon 1e-6, no layer scale or extra norms); anything else is a clear error, not a wrong map."""
+    from vitshap_jax.models import ARCHITECTURE_OPTIONS
+
+    different = [k for k, v in ARCHITECTURE_OPTIONS.items() if getattr(model, k) != v]
+    if different:
+        options = ", ".join(f"{k}={getattr(model, k)!r}" for k in different)
+        raise ValueError(f"transformer_attribution (LRP) supports the plain ViT only; this one has {options}")
+
+
 def relevance(model, params, images, classes):
     """LRP relevance of each block's attention map for the class `classes[b]` of each image.
 

@@ -14,11 +14,16 @@ import tarfile
 import zipfile
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import tensorflow_datasets as tfds
 from absl import logging
 
 BAD_IMAGE_POLICIES = ("fail", "skip")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+# Where an image is transparent it is shown over this colour, as a browser or document shows it.
+ALPHA_BACKGROUND = (255, 255, 255)
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -120,11 +125,11 @@ class ImageBuilder(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
 
     def decode_image(self, data: bytes, where: str) -> PIL.Image.Image | None:
-        """Decodes to RGB (grayscale, palette, CMYK and alpha images included); None if skipped."""
+        """Decodes to upright RGB (`to_rgb`, after the EXIF orientation); None if skipped."""
         try:
             with PIL.Image.open(io.BytesIO(data)) as image:
                 image.load()
-                return image.convert("RGB")
+                return to_rgb(upright(image, where))
         except Exception as e:  # PIL raises many kinds for bad files
             if self.on_bad_image == "fail":
                 raise BadImageError(
@@ -134,3 +139,57 @@ class ImageBuilder(tfds.core.GeneratorBasedBuilder):
             logging.warning("skipping unreadable image %s (%s: %s)", where, type(e).__name__, e)
             self.skipped.append(where)
             return None
+
+
+def upright(image: PIL.Image.Image, where: str = "") -> PIL.Image.Image:
+    """The image turned as its EXIF orientation tag says (phones store photos sideways plus a tag).
+
+    A broken EXIF block is not a broken image: it is logged and the image kept as stored.
+    """
+    try:
+        return PIL.ImageOps.exif_transpose(image)
+    except Exception as e:  # Pillow raises several kinds on malformed EXIF data
+        logging.warning("%s: ignoring unreadable EXIF orientation (%s: %s)", where, type(e).__name__, e)
+        return image.copy()  # a copy: the caller closes the file behind `image`
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """An 8-bit RGB image showing what `image` shows, whatever its mode.
+
+    8-bit modes convert as Pillow does (grayscale replicated, palette looked up, CMYK as Pillow converts
+    it), except that transparency is resolved by compositing over `ALPHA_BACKGROUND` rather than dropped
+    (dropping it would reveal whatever colour a transparent pixel happens to store). Pillow's own
+    conversion clips the high-bit-depth modes at 255 (a 16-bit image comes out almost all white), so
+    they are scaled instead (`high_depth_to_uint8`).
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":  # I, I;16, I;16B, I;16L, I;16N, I;16S, F
+        return PIL.Image.fromarray(high_depth_to_uint8(np.asarray(image))).convert("RGB")
+    if image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def high_depth_to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """`pixels: [H, W]` of a 16-bit, 32-bit integer or float image -> uint8 `[H, W]`.
+
+    Integers within 0..65535 (16-bit images; Pillow also opens some of them as 32-bit mode "I") are
+    scaled so that 65535 -> 255, i.e. v / 257 rounded half up. Floats within [0, 1] are scaled by 255.
+    Anything else (negative or larger values) is stretched linearly from its own minimum and maximum
+    to 0..255; NaN becomes 0.
+    """
+    if pixels.dtype.kind == "f":
+        x = np.nan_to_num(pixels.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        if x.size == 0 or (x.min() >= 0 and x.max() <= 1):
+            return np.round(x * 255).astype(np.uint8)
+    else:
+        x = pixels.astype(np.int64)
+        if x.size == 0 or (x.min() >= 0 and x.max() <= 65535):
+            return ((x * 255 + 32767) // 65535).astype(np.uint8)
+    low, high = x.min(), x.max()
+    if high == low:
+        return np.zeros(x.shape, np.uint8)
+    return np.round((x - low) * (255 / (high - low))).astype(np.uint8)

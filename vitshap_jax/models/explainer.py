@@ -1,12 +1,13 @@
 """The explainer: a ViT backbone and an explainer head giving raw per-patch, per-class values.
 
 Head (the reference's design, configurable): `head_blocks` extra transformer blocks over all tokens
-[CLS; patches], the class token then dropped, LayerNorm, an MLP of `mlp_layers` Dense layers
-(D -> ratio*D -> ... -> C) with `activation` between them, and `tanh`. The output `phi_raw [B, n, C]` is
+[prefix tokens; patches], the prefix tokens (class, distillation, registers) then dropped, LayerNorm,
+an MLP of `mlp_layers` Dense layers (D -> ratio*D -> ... -> C) with `activation` between them, and
+`tanh`. The output `phi_raw [B, n, C]` is
 made efficient afterwards with `shapley.additive_efficient_normalization` using the surrogate's
 v(all) and v(empty) (the explainer stage does it, since it needs the surrogate).
 
-Parameters: `backbone` has exactly the ViT's names (minus its classification head), so it is
+Parameters: `backbone` has exactly the ViT's names (minus its classification heads), so it is
 initialized from the surrogate's parameters by copying; the head lives under `explainer_head`.
 """
 
@@ -29,16 +30,17 @@ class ExplainerHead(nn.Module):
     mlp_ratio: int = 4
     activation: str = "gelu"
     dtype: jnp.dtype = jnp.float32
+    num_prefix_tokens: int = 1  # class, distillation and register tokens before the patches
 
     @nn.compact
     def __call__(self, tokens, *, train: bool = False):
-        """`tokens [B, 1 + n, D]` -> `phi_raw [B, n, C]` in (-1, 1), float32."""
+        """`tokens [B, P + n, D]` -> `phi_raw [B, n, C]` in (-1, 1), float32."""
         x = tokens
         for i in range(self.head_blocks):
             x = Encoder1DBlock(self.num_heads, self.mlp_dim, dtype=self.dtype, name=f"block_{i}")(
                 x, None, deterministic=not train
             )
-        x = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm")(x[:, 1:])
+        x = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm")(x[:, self.num_prefix_tokens :])
         width = self.mlp_ratio * tokens.shape[-1]
         act = ACTIVATIONS[self.activation]
         for i in range(self.mlp_layers - 1):

@@ -14,6 +14,13 @@ coalitions at once. Two ways to hold a patch out:
 * ``zero``: the held-out patches' pixels are set to zero (after normalization) before the patch
   embedding. The comparison strategy of the paper.
 
+Architecture options cover the ViT families people fine-tune (`pretrained.py` reads them from a
+checkpoint): extra prefix tokens (a DeiT distillation token with its own head, DINOv2 register tokens),
+no class token with average pooling over the visible patches, layer scale, a LayerNorm before the blocks
+(CLIP), the final LayerNorm after pooling (timm's `fc_norm`), GELU variants and the LayerNorm epsilon.
+Every prefix token (class, distillation, registers) is always visible: masking only ever removes patch
+tokens, and with `with_complement` each half gets its own copy of every prefix token.
+
 Parameter names follow google-research/vision_transformer (`embedding`, `cls`,
 `Transformer/posembed_input/pos_embedding`, `Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1`,
 ...), so checkpoints in that format load by name (see `pretrained.py`).
@@ -30,6 +37,15 @@ import jax.numpy as jnp
 from vitshap_jax.config import MASKING_STRATEGIES
 
 _LN_EPS = 1e-6  # the value of both google-research ViT and timm ViT checkpoints
+
+# The MLP's activation: exact GELU (google-research, timm, HF ViT, DINOv2), its tanh approximation, and
+# OpenAI CLIP's "quick GELU" x * sigmoid(1.702 x).
+ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+POOLING = ("token", "avg")
 
 
 def num_patches(image_size: int, patch_size: int) -> int:
@@ -48,11 +64,12 @@ def patch_mask_to_pixels(patch_mask: jax.Array, grid: tuple[int, int], patch_siz
 
 
 class MlpBlock(nn.Module):
-    """Transformer MLP: Dense -> GELU -> Dense."""
+    """Transformer MLP: Dense -> activation (`ACTIVATIONS`) -> Dense."""
 
     mlp_dim: int
     dropout_rate: float = 0.0
     dtype: jnp.dtype = jnp.float32
+    act: str = "gelu"
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
@@ -63,7 +80,7 @@ class MlpBlock(nn.Module):
             bias_init=nn.initializers.normal(stddev=1e-6),
         )
         y = dense(self.mlp_dim, name="Dense_0")(x)
-        y = nn.gelu(y, approximate=False)  # exact GELU, as in timm / PyTorch checkpoints
+        y = ACTIVATIONS[self.act](y)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         y = dense(x.shape[-1], name="Dense_1")(y)
         return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
@@ -114,47 +131,67 @@ class MultiHeadDotProductAttention(nn.Module):
 
 
 class Encoder1DBlock(nn.Module):
-    """Pre-LayerNorm transformer block (names as in google-research/vision_transformer)."""
+    """Pre-LayerNorm transformer block (names as in google-research/vision_transformer); with
+    `layer_scale`, each branch is multiplied by a learned per-channel vector (`ls1`, `ls2`) before the
+    residual sum (CaiT / DINOv2)."""
 
     num_heads: int
     mlp_dim: int
     dropout_rate: float = 0.0
     dtype: jnp.dtype = jnp.float32
     inspect: bool = False
+    act: str = "gelu"
+    ln_eps: float = _LN_EPS
+    layer_scale: bool = False
 
     @nn.compact
     def __call__(self, x, mask, *, deterministic: bool):
-        y = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="LayerNorm_0")(x)
+        def scaled(name, y):
+            if not self.layer_scale:
+                return y
+            gamma = self.param(name, nn.initializers.constant(1e-5), (y.shape[-1],))
+            return y * gamma.astype(y.dtype)
+
+        y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="LayerNorm_0")(x)
         y = MultiHeadDotProductAttention(
             self.num_heads, dtype=self.dtype, inspect=self.inspect, name="MultiHeadDotProductAttention_1"
         )(y, mask)
-        x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-        y = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="LayerNorm_2")(x)
-        y = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype, name="MlpBlock_3")(
+        x = x + nn.Dropout(self.dropout_rate)(scaled("ls1", y), deterministic=deterministic)
+        y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="LayerNorm_2")(x)
+        y = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype, act=self.act, name="MlpBlock_3")(
             y, deterministic=deterministic
         )
-        return x + y
+        return x + scaled("ls2", y)
 
 
 class AddPositionEmbs(nn.Module):
-    """Learned position embeddings `[1, 1 + n_patches, D]` (class token first)."""
+    """Learned position embeddings `[1, num_pos_prefix + n_patches, D]`: one for each of the first
+    `num_pos_prefix` prefix tokens, then one per patch (row-major). Prefix tokens beyond them (timm's
+    `no_embed_class`, Hugging Face DINOv2's registers) get none."""
+
+    num_pos_prefix: int = 1
 
     @nn.compact
-    def __call__(self, x):
-        pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1, *x.shape[1:]))
-        if pos.shape[1:] != x.shape[1:]:
+    def __call__(self, prefix, patches):
+        k = self.num_pos_prefix
+        shape = (1, k + patches.shape[1], patches.shape[2])
+        pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02), shape)
+        if pos.shape != shape:
             raise ValueError(
-                f"input has {x.shape[1]} tokens of width {x.shape[2]} but the position embedding is "
-                f"{pos.shape[1:]}: the image size differs from the one the parameters were made for"
+                f"input has {patches.shape[1]} patches of width {patches.shape[2]} but the position "
+                f"embedding is {pos.shape[1:]}: the image size differs from the parameters' image size"
             )
-        return x + pos.astype(x.dtype)
+        pos = pos.astype(patches.dtype)
+        prefix = jnp.concatenate([prefix[:, :k] + pos[:, :k], prefix[:, k:]], axis=1)
+        return prefix, patches + pos[:, k:]
 
 
 class Encoder(nn.Module):
-    """Position embeddings, optional token selection, the blocks, and the final LayerNorm.
+    """Position embeddings, token assembly, the blocks, and the final LayerNorm.
 
-    `mask` is the attention mask (see MultiHeadDotProductAttention); `patch_indices` keeps only those
-    patch tokens; `second_cls` inserts a copy of the class token (with its position embedding) as token 1.
+    Tokens are `[prefix (P); patches]`. `mask` is the attention mask (see MultiHeadDotProductAttention);
+    `patch_indices` keeps only those patch tokens; `with_complement` puts a second copy of the prefix
+    tokens (with their position embeddings) right after the first: `[prefix; prefix; patches]`.
     """
 
     depth: int
@@ -163,16 +200,23 @@ class Encoder(nn.Module):
     dropout_rate: float = 0.0
     dtype: jnp.dtype = jnp.float32
     inspect: bool = False
+    act: str = "gelu"
+    ln_eps: float = _LN_EPS
+    layer_scale: bool = False
+    pre_norm: bool = False
+    final_norm: bool = True
+    num_pos_prefix: int = 1
 
     @nn.compact
-    def __call__(self, x, mask=None, patch_indices=None, *, deterministic: bool, second_cls: bool = False):
-        x = AddPositionEmbs(name="posembed_input")(x)
-        if second_cls:
-            x = jnp.concatenate([x[:, :1], x], axis=1)
-        if patch_indices is not None:
-            # Keep the class token and the chosen patch tokens, with their own position embeddings.
-            patches = jnp.take_along_axis(x[:, 1:], patch_indices[..., None], axis=1)
-            x = jnp.concatenate([x[:, :1], patches], axis=1)
+    def __call__(
+        self, prefix, patches, mask=None, patch_indices=None, *, deterministic: bool, with_complement=False
+    ):
+        prefix, patches = AddPositionEmbs(self.num_pos_prefix, name="posembed_input")(prefix, patches)
+        if patch_indices is not None:  # the chosen patch tokens, with their own position embeddings
+            patches = jnp.take_along_axis(patches, patch_indices[..., None], axis=1)
+        x = jnp.concatenate([prefix, prefix, patches] if with_complement else [prefix, patches], axis=1)
+        if self.pre_norm:
+            x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm_pre")(x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         for i in range(self.depth):
             if self.inspect and i == self.depth - 1:  # tokens entering the last block, for GradCAM
@@ -184,13 +228,18 @@ class Encoder(nn.Module):
                 self.dropout_rate,
                 dtype=self.dtype,
                 inspect=self.inspect,
+                act=self.act,
+                ln_eps=self.ln_eps,
+                layer_scale=self.layer_scale,
                 name=f"encoderblock_{i}",
             )(x, mask, deterministic=deterministic)
-        return nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="encoder_norm")(x)
+        if not self.final_norm:
+            return x
+        return nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="encoder_norm")(x)
 
 
 class ViT(nn.Module):
-    """ViT classifier over the class token, evaluated on a coalition of visible patches.
+    """ViT classifier, evaluated on a coalition of visible patches.
 
     Attributes:
       num_classes: outputs of the head (1 for a binary target with a sigmoid link).
@@ -201,6 +250,19 @@ class ViT(nn.Module):
       dtype: compute dtype; parameters are always float32.
       inspect: expose attention weights and the tokens entering the last block (collections
         "intermediates" and "perturbations") for `vitshap_jax.baselines`; same parameters and outputs.
+      class_token: a learned class token (`cls`) leads the sequence.
+      distill_token: a DeiT distillation token (`dist`) follows it; with `distill_head`, the logits are
+        the mean of `head` on the class token and `head_dist` on the distillation token (DeiT's inference).
+      reg_tokens: learned register tokens (`reg`, DINOv2 "registers") after them.
+      pos_prefix: how many of the leading prefix tokens have a position embedding (-1: all of them).
+      pool: "token" (the class token) or "avg" (the mean of the visible patch tokens; an empty
+        coalition pools to the zero vector).
+      fc_norm: the final LayerNorm is applied after pooling (`norm_pooled`, timm's `fc_norm`)
+        instead of to every token (`Transformer/encoder_norm`).
+      pre_norm: a LayerNorm (`Transformer/norm_pre`) after the embeddings, before the blocks (CLIP).
+      layer_scale: per-channel scales on both residual branches of every block (DINOv2).
+      act: the MLP activation, a key of `ACTIVATIONS`.
+      ln_eps: epsilon of every LayerNorm (1e-6 google/timm, 1e-12 Hugging Face ViT, 1e-5 CLIP).
     """
 
     num_classes: int
@@ -213,10 +275,39 @@ class ViT(nn.Module):
     masking: str = "attention"
     dtype: jnp.dtype = jnp.float32
     inspect: bool = False
+    class_token: bool = True
+    distill_token: bool = False
+    distill_head: bool = False
+    reg_tokens: int = 0
+    pos_prefix: int = -1
+    pool: str = "token"
+    fc_norm: bool = False
+    pre_norm: bool = False
+    layer_scale: bool = False
+    act: str = "gelu"
+    ln_eps: float = _LN_EPS
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens: class, distillation and register tokens, in that order."""
+        return int(self.class_token) + int(self.distill_token) + self.reg_tokens
 
     def setup(self):
         if self.masking not in MASKING_STRATEGIES:
             raise ValueError(f"masking={self.masking!r}: must be one of {', '.join(MASKING_STRATEGIES)}")
+        if self.pool not in POOLING:
+            raise ValueError(f"pool={self.pool!r}: must be one of {', '.join(POOLING)}")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"act={self.act!r}: must be one of {', '.join(ACTIVATIONS)}")
+        if self.pool == "token" and not self.class_token:
+            raise ValueError("pool='token' needs a class token; use pool='avg' for a ViT without one")
+        if self.distill_head and not self.distill_token:
+            raise ValueError("distill_head needs distill_token")
+        pos_prefix = self.num_prefix_tokens if self.pos_prefix < 0 else self.pos_prefix
+        if pos_prefix > self.num_prefix_tokens:
+            raise ValueError(
+                f"pos_prefix={self.pos_prefix} exceeds the {self.num_prefix_tokens} prefix tokens"
+            )
         self.embedding = nn.Conv(
             self.hidden_size,
             (self.patch_size, self.patch_size),
@@ -224,7 +315,13 @@ class ViT(nn.Module):
             padding="VALID",
             dtype=self.dtype,
         )
-        self.cls = self.param("cls", nn.initializers.zeros, (1, 1, self.hidden_size))
+        width = self.hidden_size
+        if self.class_token:
+            self.cls = self.param("cls", nn.initializers.zeros, (1, 1, width))
+        if self.distill_token:
+            self.dist = self.param("dist", nn.initializers.normal(stddev=0.02), (1, 1, width))
+        if self.reg_tokens:
+            self.reg = self.param("reg", nn.initializers.normal(stddev=0.02), (1, self.reg_tokens, width))
         self.Transformer = Encoder(
             self.depth,
             self.num_heads,
@@ -232,8 +329,28 @@ class ViT(nn.Module):
             self.dropout_rate,
             dtype=self.dtype,
             inspect=self.inspect,
+            act=self.act,
+            ln_eps=self.ln_eps,
+            layer_scale=self.layer_scale,
+            pre_norm=self.pre_norm,
+            final_norm=not self.fc_norm,
+            num_pos_prefix=pos_prefix,
         )
+        if self.fc_norm:
+            self.norm_pooled = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype)
         self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype)
+        if self.distill_head:
+            self.head_dist = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype)
+
+    def _prefix(self, b: int, dtype) -> jax.Array:
+        """The prefix tokens `[B, P, D]`: class, distillation, registers."""
+        parts = [self.cls] if self.class_token else []
+        parts += [self.dist] if self.distill_token else []
+        parts += [self.reg] if self.reg_tokens else []
+        shape = (b, self.num_prefix_tokens, self.hidden_size)
+        if not parts:
+            return jnp.zeros(shape, dtype)
+        return jnp.broadcast_to(jnp.concatenate(parts, axis=1).astype(dtype), shape)
 
     def encode(
         self,
@@ -244,25 +361,25 @@ class ViT(nn.Module):
         patch_indices=None,
         with_complement: bool = False,
     ):
-        """Token features after the final LayerNorm.
+        """Token features after the final LayerNorm (before it, with `fc_norm`).
 
         Args:
           images: `[B, H, W, C]` float, normalized; H and W multiples of `patch_size`.
           patch_mask: `[B, n_patches]` bool or {0, 1} (1 = visible), patches in row-major order;
             None means every patch is visible.
           train: enables dropout (needs a "dropout" rng).
-          patch_indices: `[B, k]` int; run only these patch tokens (plus the class token). Exactly
+          patch_indices: `[B, k]` int; run only these patch tokens (plus the prefix tokens). Exactly
             equivalent to an attention mask that keeps these k patches; not combinable with `patch_mask`.
           with_complement: evaluate the coalition `patch_mask` and its complement in one sequence of
-            n + 2 tokens (attention masking only): two class tokens, every patch token once, and a
-            block-diagonal attention mask (class token 0 and the coalition's patches form one block,
-            class token 1 and the other patches the other). Under attention masking a held-out token is
-            never attended to, so each block computes exactly what the masked model computes for its
-            coalition, at about half the cost of two masked passes.
+            n + 2P tokens (attention masking only): the P prefix tokens twice, every patch token once, and
+            a block-diagonal attention mask (the first prefix copy and the coalition's patches form one
+            block, the second copy and the other patches the other). Under attention masking a held-out
+            token is never attended to, so each block computes exactly what the masked model computes
+            for its coalition, at about half the cost of two masked passes.
 
         Returns:
-          `[B, 1 + n_patches, D]`, `[B, 1 + k, D]` with `patch_indices`, or `[B, 2 + n_patches, D]` with
-          `with_complement`; index 0 is the class token (and 1 the complement's).
+          `[B, P + n_patches, D]`, `[B, P + k, D]` with `patch_indices`, or `[B, 2P + n_patches, D]` with
+          `with_complement`; P = `num_prefix_tokens`, the class token (if any) first.
         """
         b, h, w, _ = images.shape
         p = self.patch_size
@@ -282,17 +399,56 @@ class ViT(nn.Module):
                     f"for {h}x{w} images with {p}x{p} patches"
                 )
             visible = patch_mask if patch_mask.dtype == jnp.bool_ else patch_mask > 0.5
+            mask = self._attention_mask(visible, with_complement)
             if self.masking == "zero":
                 images = images * patch_mask_to_pixels(visible, grid, p).astype(images.dtype)
-            elif with_complement:
-                group = jnp.concatenate([jnp.zeros((b, 1), bool), jnp.ones((b, 1), bool), ~visible], axis=1)
-                mask = group[:, None, :, None] == group[:, None, None, :]  # [B, 1, n + 2, n + 2]
-            else:
-                mask = jnp.concatenate([jnp.ones((b, 1), bool), visible], axis=1)[:, None, None, :]
         x = self.embedding(images.astype(self.dtype)).reshape(b, n, self.hidden_size)
-        cls = jnp.broadcast_to(self.cls.astype(x.dtype), (b, 1, self.hidden_size))
-        x = jnp.concatenate([cls, x], axis=1)
-        return self.Transformer(x, mask, patch_indices, deterministic=not train, second_cls=with_complement)
+        return self.Transformer(
+            self._prefix(b, x.dtype),
+            x,
+            mask,
+            patch_indices,
+            deterministic=not train,
+            with_complement=with_complement,
+        )
+
+    def _attention_mask(self, visible, with_complement: bool):
+        """The boolean attention mask of a coalition (None under zero masking). Prefix tokens are
+        always visible; without any, every token also attends to itself, so that a held-out token's
+        row is never empty (its output is never used)."""
+        if self.masking == "zero":
+            return None
+        b, n = visible.shape
+        k = self.num_prefix_tokens
+        if with_complement:
+            group = jnp.concatenate([jnp.zeros((b, k), bool), jnp.ones((b, k), bool), ~visible], axis=1)
+            return group[:, None, :, None] == group[:, None, None, :]  # [B, 1, n + 2k, n + 2k]
+        keys = jnp.concatenate([jnp.ones((b, k), bool), visible], axis=1)[:, None, None, :]
+        if k == 0:
+            keys = keys | jnp.eye(n, dtype=bool)[None, None]
+        return keys
+
+    def pooled(self, tokens, patch_mask=None, *, with_complement: bool = False):
+        """The pooled feature(s) the head reads: `[B, D]`, or `[B, 2, D]` with `with_complement`.
+
+        For `pool="avg"`, `patch_mask` (the coalition, as given to `encode`) selects the patch tokens
+        averaged; without one, or under zero masking, every patch token in `tokens` is averaged.
+        """
+        k = self.num_prefix_tokens
+        if self.pool == "token":
+            feats = tokens[:, jnp.array([0, k])] if with_complement else tokens[:, 0]
+        elif with_complement:  # a patch_mask under attention masking (checked in `encode`)
+            visible = (patch_mask if patch_mask.dtype == jnp.bool_ else patch_mask > 0.5).astype(tokens.dtype)
+            weights = jnp.stack([visible, 1 - visible], axis=1)  # [B, 2, n]
+            total = jnp.einsum("bgt,btd->bgd", weights, tokens[:, 2 * k :])
+            feats = total / jnp.maximum(weights.sum(-1), 1)[..., None]
+        elif patch_mask is None or self.masking == "zero":  # no patch token left: the zero vector
+            feats = tokens[:, k:].sum(axis=1) / max(tokens.shape[1] - k, 1)
+        else:
+            visible = (patch_mask if patch_mask.dtype == jnp.bool_ else patch_mask > 0.5).astype(tokens.dtype)
+            total = jnp.einsum("bt,btd->bd", visible, tokens[:, k:])
+            feats = total / jnp.maximum(visible.sum(-1), 1)[:, None]
+        return self.norm_pooled(feats) if self.fc_norm else feats
 
     def __call__(
         self,
@@ -303,10 +459,17 @@ class ViT(nn.Module):
         patch_indices=None,
         with_complement: bool = False,
     ):
-        """Logits `[B, num_classes]` (float32) from the class token; arguments as in `encode`. With
+        """Logits `[B, num_classes]` (float32) from the pooled feature; arguments as in `encode`. With
         `with_complement`: `[B, 2, num_classes]`, the coalition's logits and its complement's."""
         tokens = self.encode(
             images, patch_mask, train=train, patch_indices=patch_indices, with_complement=with_complement
         )
-        cls_tokens = tokens[:, :2] if with_complement else tokens[:, 0]
-        return self.head(cls_tokens).astype(jnp.float32)
+        feats = self.pooled(tokens, patch_mask, with_complement=with_complement)
+        logits = self.head(feats)
+        if self.distill_head:
+            k = self.num_prefix_tokens
+            dist = tokens[:, jnp.array([1, k + 1])] if with_complement else tokens[:, 1]
+            if self.fc_norm:
+                dist = self.norm_pooled(dist)
+            logits = (logits + self.head_dist(dist)) / 2
+        return logits.astype(jnp.float32)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from vitshap_jax import losses, parallel, shapley
-from vitshap_jax.models import build_model, load_pretrained, num_patches
+from vitshap_jax.models import build_model, load_pretrained_into, num_patches
 from vitshap_jax.stages import common
 from vitshap_jax.train.loop import Task
 
@@ -72,6 +72,7 @@ def summarize(out: dict, target: str) -> dict:
 
 
 def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
+    common.resolve_model(config)
     path = common.stage_dir(workdir, "classifier", config)
     splits = common.open_splits(config)
     target = config.dataset.target
@@ -79,7 +80,7 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     sample = jnp.zeros((1, config.dataset.image_size, config.dataset.image_size, 3))
     params = model.init(jax.random.key(config.seed), sample)["params"]
     if config.model.pretrained:
-        params = load_pretrained(config.model.pretrained, params)
+        params = load_pretrained_into(config, params)
     params = jax.device_put(params, parallel.replicated(mesh))
     tx = common.make_optimizer(config, common.total_steps(config, len(splits["train"])))
     state = common.create_state(params, tx, mesh)

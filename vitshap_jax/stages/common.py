@@ -14,19 +14,30 @@ from absl import logging
 from vitshap_jax import checkpoints as ckpt_lib
 from vitshap_jax import data, parallel
 from vitshap_jax.data import pipeline
+from vitshap_jax.models import ARCHITECTURE_OPTIONS
 
+# The model's architecture: what a pretrained checkpoint fixes, and what a stage's upstream run fixes.
+ARCHITECTURE_FIELDS = (
+    "model.patch_size",
+    "model.hidden_size",
+    "model.depth",
+    "model.num_heads",
+    "model.mlp_dim",
+    *(f"model.{k}" for k in ARCHITECTURE_OPTIONS),
+)
 # Fields that must agree between a stage and the upstream run it builds on.
 UPSTREAM_FIELDS = (
     "dataset.name",
     "dataset.num_classes",
     "dataset.target",
     "dataset.image_size",
-    "model.patch_size",
-    "model.hidden_size",
-    "model.depth",
-    "model.num_heads",
-    "model.mlp_dim",
+    *ARCHITECTURE_FIELDS,
 )
+# Values of fields that configs written before the field existed lack.
+_DEFAULTS = {f"model.{k}": v for k, v in ARCHITECTURE_OPTIONS.items()} | {
+    "model.from_checkpoint": "",
+    "dataset.normalization": "inception",
+}
 
 
 class StageError(ValueError):
@@ -36,8 +47,61 @@ class StageError(ValueError):
 
 def _field(tree, key):
     for part in key.split("."):
+        if part not in tree and key in _DEFAULTS:
+            return _DEFAULTS[key]
         tree = tree[part]
     return tree
+
+
+def _set(config, key: str, value) -> None:
+    group, name = key.split(".")
+    current = config[group][name]
+    config[group][name] = type(current)(value) if isinstance(current, (int, float)) else value
+
+
+def resolve_model(config, upstream: dict | None = None) -> None:
+    """Fills in place what a run reads from elsewhere than its config file, before anything is built:
+
+    * with `config.model.pretrained`, the architecture (`ARCHITECTURE_FIELDS`) the checkpoint needs
+      (`models.read_architecture`; a value set in the config that differs is logged and replaced) and,
+      with `dataset.normalization="auto"`, the normalization it states;
+    * downstream of a run whose architecture came from a checkpoint (`upstream`, its config as a dict),
+      that run's architecture and normalization;
+    * `dataset.normalization="auto"` without either: "inception".
+    """
+    from vitshap_jax.models import read_architecture
+
+    m, d = config.model, config.dataset
+    if m.get("pretrained"):
+        arch = read_architecture(m.pretrained)
+        for name, value in arch["model"].items():
+            if m[name] != value:
+                logging.info("config.model.%s=%r -> %r (read from %s)", name, m[name], value, m.pretrained)
+            _set(config, f"model.{name}", value)
+        m.from_checkpoint = os.path.abspath(m.pretrained)
+        if d.normalization == "auto":
+            d.normalization = arch["normalization"] or "inception"
+            logging.info("config.dataset.normalization=%s (from %s)", d.normalization, m.pretrained)
+    elif upstream is not None and _field(upstream, "model.from_checkpoint"):
+        for key in ARCHITECTURE_FIELDS + ("model.from_checkpoint",):
+            _set(config, key, _field(upstream, key))
+        if d.normalization in ("auto", _field(upstream, "dataset.normalization")):
+            d.normalization = _field(upstream, "dataset.normalization")
+        else:
+            raise StageError(
+                f"config.dataset.normalization={d.normalization!r}, but the upstream run (from "
+                f"{m.from_checkpoint}) used {_field(upstream, 'dataset.normalization')!r}: leave it at auto"
+            )
+    if d.normalization == "auto":
+        d.normalization = _field(upstream, "dataset.normalization") if upstream else "inception"
+
+
+def upstream_config(config, workdir: str, upstream_stage: str) -> dict | None:
+    """The config of the upstream run (`config.upstream` or `{workdir}/{upstream_stage}`), if there is one."""
+    path = config.upstream or os.path.join(os.path.abspath(os.path.expanduser(workdir)), upstream_stage)
+    if not os.path.exists(os.path.join(path, ckpt_lib.CONFIG_FILE)):
+        return None
+    return ckpt_lib.read_config(path)
 
 
 def make_optimizer(config, total_steps: int, trainable=None):

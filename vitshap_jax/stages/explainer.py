@@ -32,6 +32,7 @@ from vitshap_jax.train.loop import Task
 
 def build_explainer(config) -> Explainer:
     m, e = config.model, config.explainer
+    backbone = build_model(config)
     head = ExplainerHead(
         num_classes=num_outputs(config),
         num_heads=m.num_heads,
@@ -41,8 +42,9 @@ def build_explainer(config) -> Explainer:
         mlp_ratio=e.mlp_ratio,
         activation=e.activation,
         dtype=compute_dtype(m.dtype),
+        num_prefix_tokens=backbone.num_prefix_tokens,
     )
-    return Explainer(backbone=build_model(config), explainer_head=head)
+    return Explainer(backbone=backbone, explainer_head=head)
 
 
 def grand_and_null(surrogate, surrogate_params, images, target: str, *, packed: bool = True):
@@ -103,6 +105,7 @@ def eval_step(
 
 
 def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
+    common.resolve_model(config, common.upstream_config(config, workdir, "surrogate"))
     target, e = config.dataset.target, config.explainer
     sample = jnp.zeros((1, config.dataset.image_size, config.dataset.image_size, 3))
     probe = build_model(config)
@@ -114,7 +117,8 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     surrogate = build_model(config, masking=up["model"]["masking"])  # evaluate the game the surrogate learned
     explainer = build_explainer(config)
     params = explainer.init(jax.random.key(config.seed), sample)["params"]
-    params = {**params, "backbone": {k: v for k, v in surrogate_params.items() if k != "head"}}
+    # The backbone's encoder is the surrogate's (its heads and pooled-feature norm are not used).
+    params = {**params, "backbone": {k: v for k, v in surrogate_params.items() if k in params["backbone"]}}
     trainable = None
     if e.freeze_backbone:
         trainable = {k: jax.tree.map(lambda _, keep=(k != "backbone"): keep, v) for k, v in params.items()}

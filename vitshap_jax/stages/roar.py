@@ -32,7 +32,7 @@ from vitshap_jax.config import num_outputs
 from vitshap_jax.data import open_split
 from vitshap_jax.evaluation.metrics import importance_order
 from vitshap_jax.explain import load_explainer
-from vitshap_jax.models import build_model, load_pretrained, num_patches
+from vitshap_jax.models import build_model, load_pretrained_into, num_patches
 from vitshap_jax.models.vit import patch_mask_to_pixels
 from vitshap_jax.stages import classifier as classifier_stage
 from vitshap_jax.stages import common
@@ -66,7 +66,7 @@ def retrain(classifier_config, train, test, *, epochs: int, batch_size: int, see
     model = build_model(c)
     params = model.init(jax.random.key(seed), jnp.zeros((1, *train[0].shape[1:])))["params"]
     if c.model.pretrained:
-        params = load_pretrained(c.model.pretrained, params)
+        params = load_pretrained_into(c, params)
     images, labels = train
     steps_per_epoch = len(images) // batch_size
     if steps_per_epoch == 0:

@@ -1,0 +1,541 @@
+"""Checkpoints of the ViT families people fine-tune: Hugging Face `transformers` directories (ViT, DeiT,
+DINOv2 with and without registers, CLIP vision) and timm state dicts with their options (registers,
+layer scale, pre-norm, no class token with average pooling, distillation head, patch 14).
+
+Each test writes a tiny random checkpoint in the library's on-disk naming, reads its architecture the
+way a run does (`read_architecture`), loads it, and compares our outputs with a NumPy float64 forward
+pass written from that library's documented architecture, on the library's own parameter names.
+(`benchmarks/check_checkpoints.py` compares against the libraries themselves, outside CI.)
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.special
+from safetensors.numpy import save_file
+
+from vitshap_jax.models import ViT, load_pretrained, read_architecture
+from vitshap_jax.models.pretrained import PretrainedMismatchError
+
+D, DEPTH, HEADS, MLP, CLASSES = 32, 2, 4, 64, 3
+
+
+def _rng(seed):
+    rng = np.random.default_rng(seed)
+    return lambda *shape: (0.2 * rng.standard_normal(shape)).astype(np.float32)
+
+
+def _ln(x, w, b, eps):
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w + b
+
+
+ACTS = {
+    "gelu": lambda y: 0.5 * y * (1 + scipy.special.erf(y / np.sqrt(2))),
+    "quick_gelu": lambda y: y * scipy.special.expit(1.702 * y),
+}
+
+
+def _attention(x, q, k, v):
+    b, t, _ = x.shape
+    hd = D // HEADS
+    q, k, v = (y.reshape(b, t, HEADS, hd).transpose(0, 2, 1, 3) for y in (q, k, v))
+    a = scipy.special.softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(hd), axis=-1)
+    return (a @ v).transpose(0, 2, 1, 3).reshape(b, t, D)
+
+
+def _patches(images, weight, bias, patch):
+    """PyTorch Conv2d(kernel = stride = patch) on NHWC images: [B, n, D], row-major patches."""
+    x = images.transpose(0, 3, 1, 2)
+    b, c, h, w = x.shape
+    g = h // patch
+    p = x.reshape(b, c, g, patch, g, patch).transpose(0, 2, 4, 1, 3, 5).reshape(b, g * g, -1)
+    out = p @ weight.reshape(weight.shape[0], -1).T
+    return out if bias is None else out + bias
+
+
+# ---------------------------------------------------------------------------------------- transformers
+
+
+def _hf_state(family, seed, *, patch=4, grid=4, registers=0, head=None):
+    """A random state dict in the names `save_pretrained` writes for `family` (vit, deit, dinov2, clip)."""
+    r = _rng(seed)
+    n = grid * grid
+    sd = {}
+    if family == "clip":
+        sd |= {
+            "vision_model.embeddings.class_embedding": r(D),
+            "vision_model.embeddings.patch_embedding.weight": r(D, 3, patch, patch),
+            "vision_model.embeddings.position_embedding.weight": r(1 + n, D),
+            "vision_model.pre_layrnorm.weight": 1 + r(D),
+            "vision_model.pre_layrnorm.bias": r(D),
+            "vision_model.post_layernorm.weight": 1 + r(D),
+            "vision_model.post_layernorm.bias": r(D),
+        }
+        for i in range(DEPTH):
+            b = f"vision_model.encoder.layers.{i}."
+            for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                sd |= {f"{b}self_attn.{name}.weight": r(D, D), f"{b}self_attn.{name}.bias": r(D)}
+            sd |= {f"{b}layer_norm1.weight": 1 + r(D), f"{b}layer_norm1.bias": r(D)}
+            sd |= {f"{b}layer_norm2.weight": 1 + r(D), f"{b}layer_norm2.bias": r(D)}
+            sd |= {f"{b}mlp.fc1.weight": r(MLP, D), f"{b}mlp.fc1.bias": r(MLP)}
+            sd |= {f"{b}mlp.fc2.weight": r(D, MLP), f"{b}mlp.fc2.bias": r(D)}
+        sd |= {"text_model.embeddings.token_embedding.weight": r(10, D), "logit_scale": r(1)}
+        return sd
+    pre = {"vit": "vit.", "deit": "deit.", "dinov2": ""}[family] if head else ""
+    prefix_tokens = 2 if family == "deit" else 1
+    sd |= {
+        pre + "embeddings.cls_token": r(1, 1, D),
+        pre + "embeddings.position_embeddings": r(1, prefix_tokens + n, D),
+        pre + "embeddings.patch_embeddings.projection.weight": r(D, 3, patch, patch),
+        pre + "embeddings.patch_embeddings.projection.bias": r(D),
+        pre + "layernorm.weight": 1 + r(D),
+        pre + "layernorm.bias": r(D),
+    }
+    if family == "deit":
+        sd[pre + "embeddings.distillation_token"] = r(1, 1, D)
+    if family == "dinov2":
+        sd[pre + "embeddings.mask_token"] = r(1, D)
+        if registers:
+            sd[pre + "embeddings.register_tokens"] = r(1, registers, D)
+    for i in range(DEPTH):
+        b = f"{pre}encoder.layer.{i}."
+        for name in ("query", "key", "value"):
+            sd |= {
+                f"{b}attention.attention.{name}.weight": r(D, D),
+                f"{b}attention.attention.{name}.bias": r(D),
+            }
+        sd |= {f"{b}attention.output.dense.weight": r(D, D), f"{b}attention.output.dense.bias": r(D)}
+        if family == "dinov2":
+            sd |= {f"{b}norm1.weight": 1 + r(D), f"{b}norm1.bias": r(D), f"{b}norm2.weight": 1 + r(D)}
+            sd |= {f"{b}norm2.bias": r(D), f"{b}mlp.fc1.weight": r(MLP, D), f"{b}mlp.fc1.bias": r(MLP)}
+            sd |= {f"{b}mlp.fc2.weight": r(D, MLP), f"{b}mlp.fc2.bias": r(D)}
+            sd |= {f"{b}layer_scale1.lambda1": 1 + r(D), f"{b}layer_scale2.lambda1": 1 + r(D)}
+        else:
+            sd |= {f"{b}layernorm_before.weight": 1 + r(D), f"{b}layernorm_before.bias": r(D)}
+            sd |= {f"{b}layernorm_after.weight": 1 + r(D), f"{b}layernorm_after.bias": r(D)}
+            sd |= {f"{b}intermediate.dense.weight": r(MLP, D), f"{b}intermediate.dense.bias": r(MLP)}
+            sd |= {f"{b}output.dense.weight": r(D, MLP), f"{b}output.dense.bias": r(D)}
+    if head == "classifier":
+        sd |= {"classifier.weight": r(CLASSES, D), "classifier.bias": r(CLASSES)}
+    elif head == "teacher":
+        sd |= {"cls_classifier.weight": r(CLASSES, D), "cls_classifier.bias": r(CLASSES)}
+        sd |= {"distillation_classifier.weight": r(CLASSES, D), "distillation_classifier.bias": r(CLASSES)}
+    elif family in ("vit", "deit"):
+        sd |= {"pooler.dense.weight": r(D, D), "pooler.dense.bias": r(D)}  # ViTModel / DeiTModel
+    return sd
+
+
+def _hf_forward(family, sd, images, *, eps, act, patch=4, head=None):
+    """transformers' forward (modeling_vit / deit / dinov2 / clip) in float64: logits with a head,
+    else the pooled class-token feature (CLIPVisionModel's pooler_output, last_hidden_state[:, 0])."""
+    sd = {
+        k.removeprefix("vit.").removeprefix("deit.").removeprefix("vision_model."): v.astype(np.float64)
+        for k, v in sd.items()
+    }
+    images = images.astype(np.float64)
+    bsz = images.shape[0]
+    if family == "clip":
+        x = _patches(images, sd["embeddings.patch_embedding.weight"], None, patch)
+        cls = np.broadcast_to(sd["embeddings.class_embedding"], (bsz, 1, D))
+        x = np.concatenate([cls, x], 1) + sd["embeddings.position_embedding.weight"][None]
+        x = _ln(x, sd["pre_layrnorm.weight"], sd["pre_layrnorm.bias"], eps)
+        for i in range(DEPTH):
+            b = f"encoder.layers.{i}."
+            lin = lambda y, n, b=b: y @ sd[f"{b}{n}.weight"].T + sd[f"{b}{n}.bias"]  # noqa: E731
+            y = _ln(x, sd[b + "layer_norm1.weight"], sd[b + "layer_norm1.bias"], eps)
+            x = x + lin(
+                _attention(
+                    y, lin(y, "self_attn.q_proj"), lin(y, "self_attn.k_proj"), lin(y, "self_attn.v_proj")
+                ),
+                "self_attn.out_proj",
+            )
+            y = _ln(x, sd[b + "layer_norm2.weight"], sd[b + "layer_norm2.bias"], eps)
+            x = x + lin(ACTS[act](lin(y, "mlp.fc1")), "mlp.fc2")
+        return _ln(x[:, 0], sd["post_layernorm.weight"], sd["post_layernorm.bias"], eps)
+    x = _patches(
+        images,
+        sd["embeddings.patch_embeddings.projection.weight"],
+        sd["embeddings.patch_embeddings.projection.bias"],
+        patch,
+    )
+    tokens = [np.broadcast_to(sd["embeddings.cls_token"], (bsz, 1, D))]
+    if family == "deit":
+        tokens.append(np.broadcast_to(sd["embeddings.distillation_token"], (bsz, 1, D)))
+    x = np.concatenate(tokens + [x], 1) + sd["embeddings.position_embeddings"]
+    if "embeddings.register_tokens" in sd:  # after the position embeddings, behind the class token
+        regs = np.broadcast_to(
+            sd["embeddings.register_tokens"], (bsz, *sd["embeddings.register_tokens"].shape[1:])
+        )
+        x = np.concatenate([x[:, :1], regs, x[:, 1:]], 1)
+    for i in range(DEPTH):
+        b = f"encoder.layer.{i}."
+        lin = lambda y, n, b=b: y @ sd[f"{b}{n}.weight"].T + sd[f"{b}{n}.bias"]  # noqa: E731
+        n1, n2 = ("norm1", "norm2") if family == "dinov2" else ("layernorm_before", "layernorm_after")
+        y = _ln(x, sd[f"{b}{n1}.weight"], sd[f"{b}{n1}.bias"], eps)
+        att = lin(
+            _attention(y, *(lin(y, f"attention.attention.{n}") for n in ("query", "key", "value"))),
+            "attention.output.dense",
+        )
+        x = x + (att * sd[f"{b}layer_scale1.lambda1"] if family == "dinov2" else att)
+        y = _ln(x, sd[f"{b}{n2}.weight"], sd[f"{b}{n2}.bias"], eps)
+        if family == "dinov2":
+            x = x + lin(ACTS[act](lin(y, "mlp.fc1")), "mlp.fc2") * sd[f"{b}layer_scale2.lambda1"]
+        else:
+            x = x + lin(ACTS[act](lin(y, "intermediate.dense")), "output.dense")
+    x = _ln(x, sd["layernorm.weight"], sd["layernorm.bias"], eps)
+    if head == "classifier":
+        return x[:, 0] @ sd["classifier.weight"].T + sd["classifier.bias"]
+    if head == "teacher":
+        cls = x[:, 0] @ sd["cls_classifier.weight"].T + sd["cls_classifier.bias"]
+        dist = x[:, 1] @ sd["distillation_classifier.weight"].T + sd["distillation_classifier.bias"]
+        return (cls + dist) / 2
+    return x[:, 0]
+
+
+HF_CASES = {
+    # name: (model_type, architectures, family, head, registers, hidden_act, eps)
+    "ViTForImageClassification": ("vit", "ViTForImageClassification", "vit", "classifier", 0, "gelu", 1e-12),
+    "ViTModel": ("vit", "ViTModel", "vit", None, 0, "gelu", 1e-12),
+    "DeiTForImageClassificationWithTeacher": (
+        "deit",
+        "DeiTForImageClassificationWithTeacher",
+        "deit",
+        "teacher",
+        0,
+        "gelu",
+        1e-12,
+    ),
+    "DeiTForImageClassification": (
+        "deit",
+        "DeiTForImageClassification",
+        "deit",
+        "classifier",
+        0,
+        "gelu",
+        1e-12,
+    ),
+    "Dinov2Model": ("dinov2", "Dinov2Model", "dinov2", None, 0, "gelu", 1e-6),
+    "Dinov2WithRegistersModel": (
+        "dinov2_with_registers",
+        "Dinov2WithRegistersModel",
+        "dinov2",
+        None,
+        3,
+        "gelu",
+        1e-6,
+    ),
+    "CLIPVisionModel": ("clip_vision_model", "CLIPVisionModel", "clip", None, 0, "quick_gelu", 1e-5),
+}
+
+
+def _write_hf(tmp_path, case, seed=0, dtype=None):
+    model_type, architecture, family, head, registers, act, eps = HF_CASES[case]
+    sd = _hf_state(family, seed, registers=registers, head=head)
+    if dtype is not None:
+        sd = {k: v.astype(dtype) for k, v in sd.items()}
+    folder = tmp_path / case
+    folder.mkdir()
+    save_file(sd, str(folder / "model.safetensors"))
+    cfg = dict(
+        model_type=model_type,
+        architectures=[architecture],
+        hidden_size=D,
+        num_hidden_layers=DEPTH,
+        num_attention_heads=HEADS,
+        intermediate_size=MLP,
+        patch_size=4,
+        image_size=16,
+        hidden_act=act,
+        layer_norm_eps=eps,
+        num_channels=3,
+        qkv_bias=True,
+    )
+    if registers:
+        cfg["num_register_tokens"] = registers
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder, sd
+
+
+def _our_model(arch, num_classes=CLASSES):
+    fields = {k: v for k, v in arch["model"].items() if k != "patch_size"}
+    return ViT(num_classes=num_classes, patch_size=arch["model"]["patch_size"], **fields)
+
+
+def _load(path, arch, image=16, num_classes=CLASSES):
+    model = _our_model(arch, num_classes)
+    params = model.init(jax.random.key(0), jnp.zeros((1, image, image, 3)))["params"]
+    prefix = int(model.class_token) + int(model.distill_token) + model.reg_tokens
+    pos_prefix = prefix if model.pos_prefix < 0 else model.pos_prefix
+    return model, load_pretrained(path, params, pos_prefix=pos_prefix)
+
+
+def _features(model, params, images):
+    """Logits, or for a checkpoint without head the pooled feature."""
+    return model.apply({"params": params}, images, method=lambda m, x: m.pooled(m.encode(x)))
+
+
+IMAGES = np.random.default_rng(9).standard_normal((2, 16, 16, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_transformers_directory_gives_the_librarys_outputs(tmp_path, case):
+    model_type, _, family, head, registers, act, eps = HF_CASES[case]
+    folder, sd = _write_hf(tmp_path, case)
+    arch = read_architecture(folder)
+    m = arch["model"]
+    assert (m["hidden_size"], m["depth"], m["num_heads"], m["mlp_dim"], m["patch_size"]) == (
+        D,
+        DEPTH,
+        HEADS,
+        MLP,
+        4,
+    )
+    assert m["reg_tokens"] == registers and m["distill_token"] == (family == "deit")
+    assert m["ln_eps"] == eps and m["act"] == act
+    model, params = _load(folder, arch)
+    expected = _hf_forward(family, sd, IMAGES, eps=eps, act=act, head=head)
+    if head:
+        ours = model.apply({"params": params}, jnp.asarray(IMAGES))
+    else:
+        ours = _features(model, params, jnp.asarray(IMAGES))
+    np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_registers_and_distillation_token_stay_visible_and_pack_exactly(tmp_path):
+    """On imported DINOv2-with-registers and DeiT-with-teacher models: attention masking equals running
+    the visible patches alone (token dropping), and the packed n + 2P pair equals two masked passes."""
+    masks = jnp.asarray(np.random.default_rng(1).random((2, 16)) < 0.4)
+    for case in ("Dinov2WithRegistersModel", "DeiTForImageClassificationWithTeacher"):
+        folder, _ = _write_hf(tmp_path, case)
+        model, params = _load(folder, read_architecture(folder))
+        images = jnp.asarray(IMAGES)
+        masked = model.apply({"params": params}, images, masks)
+        both = model.apply({"params": params}, images, masks, with_complement=True)
+        for i in range(2):
+            keep = jnp.asarray(np.flatnonzero(np.asarray(masks[i]))[None])
+            alone = model.apply({"params": params}, images[i : i + 1], patch_indices=keep)
+            np.testing.assert_allclose(masked[i], alone[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(both[:, 0], masked, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            both[:, 1], model.apply({"params": params}, images, ~masks), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_a_full_clip_model_directory_loads_its_vision_tower(tmp_path):
+    folder, sd = _write_hf(tmp_path, "CLIPVisionModel")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "clip", "architectures": ["CLIPModel"], "vision_config": cfg})
+    )
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711],
+            }
+        )
+    )
+    arch = read_architecture(folder)
+    assert arch["normalization"] == "clip" and arch["model"]["pre_norm"]
+    model, params = _load(folder, arch)
+    np.testing.assert_allclose(
+        np.asarray(_features(model, params, jnp.asarray(IMAGES))),
+        _hf_forward("clip", sd, IMAGES, eps=1e-5, act="quick_gelu"),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_a_16_bit_transformers_checkpoint_loads(tmp_path):
+    folder, sd = _write_hf(tmp_path, "ViTForImageClassification", dtype=np.float16)
+    model, params = _load(folder, read_architecture(folder))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    np.testing.assert_array_equal(
+        np.asarray(params["cls"]), sd["vit.embeddings.cls_token"].astype(np.float32)
+    )
+
+
+def test_unsupported_or_incomplete_transformers_directories_are_clear_errors(tmp_path):
+    folder, _ = _write_hf(tmp_path, "ViTModel")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(cfg | {"model_type": "swin"}))
+    with pytest.raises(PretrainedMismatchError, match="model_type 'swin' is not supported"):
+        read_architecture(folder)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(PretrainedMismatchError, match="needs model.safetensors"):
+        read_architecture(folder)
+    # An array the model does not have is never dropped silently.
+    folder, sd = _write_hf(tmp_path, "Dinov2Model", seed=1)
+    save_file(
+        sd | {"encoder.layer.0.extra.weight": np.zeros(3, np.float32)}, str(folder / "model.safetensors")
+    )
+    with pytest.raises(PretrainedMismatchError, match="unexpected: encoder.layer.0.extra.weight"):
+        _load(folder, read_architecture(folder))
+
+
+# ---------------------------------------------------------------------------------------------- timm
+
+
+TIMM_CASES = {
+    # name: (architecture name for config.json, options of the state dict)
+    "dinov2_registers_patch14": (
+        "vit_small_patch14_reg4_dinov2",
+        dict(patch=14, regs=2, no_embed_class=True, layer_scale=True),
+    ),
+    "avg_pool_no_class_token": ("vit_little_patch4_gap", dict(class_token=False, fc_norm=True)),
+    "clip_quickgelu_pre_norm": ("vit_base_patch4_clip_quickgelu_16", dict(pre_norm=True)),
+    "deit_distilled": ("deit_tiny_distilled_patch4", dict(distilled=True)),
+}
+
+
+def _timm_state(
+    seed,
+    *,
+    patch=4,
+    grid=4,
+    regs=0,
+    no_embed_class=False,
+    layer_scale=False,
+    class_token=True,
+    fc_norm=False,
+    pre_norm=False,
+    distilled=False,
+):
+    r = _rng(seed)
+    prefix = int(class_token) + int(distilled) + regs
+    sd = {
+        "patch_embed.proj.weight": r(D, 3, patch, patch),
+        "pos_embed": r(1, (0 if no_embed_class else prefix) + grid * grid, D),
+        "head.weight": r(CLASSES, D),
+        "head.bias": r(CLASSES),
+    }
+    if not pre_norm:  # timm: PatchEmbed(bias=not pre_norm)
+        sd["patch_embed.proj.bias"] = r(D)
+    if class_token:
+        sd["cls_token"] = r(1, 1, D)
+    if distilled:
+        sd |= {"dist_token": r(1, 1, D), "head_dist.weight": r(CLASSES, D), "head_dist.bias": r(CLASSES)}
+    if regs:
+        sd["reg_token"] = r(1, regs, D)
+    if pre_norm:
+        sd |= {"norm_pre.weight": 1 + r(D), "norm_pre.bias": r(D)}
+    final = "fc_norm" if fc_norm else "norm"
+    sd |= {f"{final}.weight": 1 + r(D), f"{final}.bias": r(D)}
+    for i in range(DEPTH):
+        b = f"blocks.{i}."
+        sd |= {
+            b + "norm1.weight": 1 + r(D),
+            b + "norm1.bias": r(D),
+            b + "norm2.weight": 1 + r(D),
+            b + "norm2.bias": r(D),
+        }
+        sd |= {
+            b + "attn.qkv.weight": r(3 * D, D),
+            b + "attn.qkv.bias": r(3 * D),
+            b + "attn.proj.weight": r(D, D),
+            b + "attn.proj.bias": r(D),
+        }
+        sd |= {
+            b + "mlp.fc1.weight": r(MLP, D),
+            b + "mlp.fc1.bias": r(MLP),
+            b + "mlp.fc2.weight": r(D, MLP),
+            b + "mlp.fc2.bias": r(D),
+        }
+        if layer_scale:
+            sd |= {b + "ls1.gamma": 1 + r(D), b + "ls2.gamma": 1 + r(D)}
+    return sd
+
+
+def _timm_forward(sd, images, *, patch, eps, act, no_embed_class=False, fc_norm=False):
+    """timm VisionTransformer.forward (and VisionTransformerDistilled's inference) in float64."""
+    sd = {k: v.astype(np.float64) for k, v in sd.items()}
+    images = images.astype(np.float64)
+    bsz = images.shape[0]
+    x = _patches(images, sd["patch_embed.proj.weight"], sd.get("patch_embed.proj.bias"), patch)
+    prefix = [
+        np.broadcast_to(sd[k], (bsz, *sd[k].shape[1:]))
+        for k in ("cls_token", "dist_token", "reg_token")
+        if k in sd
+    ]
+    if no_embed_class:  # _pos_embed: position embeddings on the patches, then the prefix tokens
+        x = np.concatenate(prefix + [x + sd["pos_embed"]], 1)
+    else:
+        x = np.concatenate(prefix + [x], 1) + sd["pos_embed"]
+    if "norm_pre.weight" in sd:
+        x = _ln(x, sd["norm_pre.weight"], sd["norm_pre.bias"], eps)
+    for i in range(DEPTH):
+        b = f"blocks.{i}."
+        y = _ln(x, sd[b + "norm1.weight"], sd[b + "norm1.bias"], eps)
+        q, k, v = np.split(y @ sd[b + "attn.qkv.weight"].T + sd[b + "attn.qkv.bias"], 3, axis=-1)
+        y = _attention(y, q, k, v) @ sd[b + "attn.proj.weight"].T + sd[b + "attn.proj.bias"]
+        x = x + y * sd.get(b + "ls1.gamma", 1.0)
+        y = _ln(x, sd[b + "norm2.weight"], sd[b + "norm2.bias"], eps)
+        y = (
+            ACTS[act](y @ sd[b + "mlp.fc1.weight"].T + sd[b + "mlp.fc1.bias"]) @ sd[b + "mlp.fc2.weight"].T
+            + sd[b + "mlp.fc2.bias"]
+        )
+        x = x + y * sd.get(b + "ls2.gamma", 1.0)
+    n_prefix = len(prefix) and sum(p.shape[1] for p in prefix)
+    if fc_norm:  # global_pool="avg": mean over the patch tokens, then fc_norm
+        pooled = _ln(x[:, n_prefix:].mean(1), sd["fc_norm.weight"], sd["fc_norm.bias"], eps)
+        return pooled @ sd["head.weight"].T + sd["head.bias"]
+    x = _ln(x, sd["norm.weight"], sd["norm.bias"], eps)
+    logits = x[:, 0] @ sd["head.weight"].T + sd["head.bias"]
+    if "head_dist.weight" in sd:
+        logits = (logits + x[:, 1] @ sd["head_dist.weight"].T + sd["head_dist.bias"]) / 2
+    return logits
+
+
+@pytest.mark.parametrize("case", sorted(TIMM_CASES))
+def test_timm_options_give_timms_outputs(tmp_path, case):
+    name, opts = TIMM_CASES[case]
+    patch = opts.get("patch", 4)
+    sd = _timm_state(3, **opts)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architecture": name, "num_classes": CLASSES, "model_args": {"num_heads": HEADS}})
+    )
+    arch = read_architecture(tmp_path / "model.safetensors")
+    m = arch["model"]
+    assert m["patch_size"] == patch and m["num_heads"] == HEADS and m["reg_tokens"] == opts.get("regs", 0)
+    eps = 1e-5 if "clip" in name else 1e-6
+    act = "quick_gelu" if "quickgelu" in name else "gelu"
+    assert (m["ln_eps"], m["act"], m["pre_norm"], m["layer_scale"]) == (
+        eps,
+        act,
+        opts.get("pre_norm", False),
+        opts.get("layer_scale", False),
+    )
+    image = 4 * patch
+    model, params = _load(tmp_path / "model.safetensors", arch, image=image)
+    images = np.random.default_rng(4).standard_normal((2, image, image, 3)).astype(np.float32)
+    expected = _timm_forward(
+        sd,
+        images,
+        patch=patch,
+        eps=eps,
+        act=act,
+        no_embed_class=opts.get("no_embed_class", False),
+        fc_norm=opts.get("fc_norm", False),
+    )
+    np.testing.assert_allclose(
+        np.asarray(model.apply({"params": params}, jnp.asarray(images))), expected, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_timm_heads_come_from_model_args_then_the_name_then_64_channels(tmp_path):
+    save_file(_timm_state(5), str(tmp_path / "model.safetensors"))
+    path = tmp_path / "model.safetensors"
+    assert read_architecture(path)["model"]["num_heads"] == 1  # 32 channels: one head of 64 or fewer
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_huge_patch4_224"}))
+    assert read_architecture(path)["model"]["num_heads"] == 16  # ViT-H: 16 heads of 80 channels
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architecture": "vit_huge_patch4_224", "model_args": {"num_heads": 8}})
+    )
+    assert read_architecture(path)["model"]["num_heads"] == 8
