@@ -68,6 +68,42 @@ DATASET_PRESETS = {
         crop_scale_min=0.8,
         hflip=True,
     ),
+    # CIFAR-10 / CIFAR-100 from the official python tarballs: native 32 px with 4 px patches (64 players),
+    # trained from scratch like digits. For a pretrained ViT at 224 px, set dataset.image_size and
+    # dataset.resize_size to 224, model.pretrained, and a fine-tuning learning rate (docs/own_data.md).
+    "cifar10": dict(
+        num_classes=10,
+        target="multiclass",
+        image_size=32,
+        patch_size=4,
+        model="mini",
+        resize_size=32,
+        crop_scale_min=0.6,
+        hflip=True,
+    ),
+    "cifar100": dict(
+        num_classes=100,
+        target="multiclass",
+        image_size=32,
+        patch_size=4,
+        model="mini",
+        resize_size=32,
+        crop_scale_min=0.6,
+        hflip=True,
+    ),
+    # Your own images (a folder per class, split folders, or a CSV manifest; vitshap_jax/data/folder.py),
+    # with --config.dataset.manual_dir=DIR. The class count and names come from the data; two classes
+    # get a sigmoid link ("auto" target); image and patch size are yours (a checkpoint fixes the patch).
+    "folder": dict(
+        num_classes=0,
+        target="auto",
+        image_size=224,
+        patch_size=16,
+        model="base",
+        resize_size=256,
+        crop_scale_min=0.8,
+        hflip=True,
+    ),
 }
 
 STAGES = ("classifier", "surrogate", "explainer")
@@ -75,13 +111,17 @@ STAGES = ("classifier", "surrogate", "explainer")
 # Per-dataset training settings that differ from the reference's fine-tuning defaults (set in the
 # stage configs). digits has no pretrained weights at 8x8 px, so each stage trains a small ViT from
 # scratch: higher learning rates, regularization, more epochs; sized to run in minutes on a CPU.
-TRAINING = {
-    "digits": {
-        "classifier": dict(lr=1e-3, warmup_steps=200, weight_decay=0.05, dropout_rate=0.1, epochs=100),
-        "surrogate": dict(lr=5e-4, warmup_steps=200, weight_decay=0.05, dropout_rate=0.1, epochs=60),
-        "explainer": dict(lr=5e-4, warmup_steps=200, weight_decay=0.05, dropout_rate=0.0, epochs=30),
-    },
+_FROM_SCRATCH = {
+    "classifier": dict(lr=1e-3, warmup_steps=200, weight_decay=0.05, dropout_rate=0.1, epochs=100),
+    "surrogate": dict(lr=5e-4, warmup_steps=200, weight_decay=0.05, dropout_rate=0.1, epochs=60),
+    "explainer": dict(lr=5e-4, warmup_steps=200, weight_decay=0.05, dropout_rate=0.0, epochs=30),
 }
+# CIFAR from scratch: the digits recipe with fewer epochs over 36x more images (not tuned yet).
+_CIFAR = {
+    stage: settings | dict(epochs=epochs)
+    for (stage, settings), epochs in zip(_FROM_SCRATCH.items(), (40, 20, 10), strict=True)
+}
+TRAINING = {"digits": _FROM_SCRATCH, "cifar10": _CIFAR, "cifar100": _CIFAR}
 _TRAINING_FIELDS = {
     "lr": "optim",
     "warmup_steps": "optim",
@@ -158,14 +198,17 @@ def base_config(stage: str, opts: config_dict.ConfigDict) -> config_dict.ConfigD
 
     c.dataset = config_dict.ConfigDict()
     c.dataset.name = opts.dataset  # a key of DATASET_PRESETS
-    c.dataset.num_classes = preset["num_classes"]  # classes in the data (2 for a binary target)
-    c.dataset.target = preset["target"]  # "multiclass" (softmax, cross-entropy) or "binary" (sigmoid, BCE)
+    c.dataset.num_classes = preset["num_classes"]  # classes in the data (2 for binary; folder: 0 = from it)
+    # "multiclass" (softmax, cross-entropy) or "binary" (sigmoid, BCE); folder: "auto" = binary for 2 classes
+    c.dataset.target = preset["target"]
     c.dataset.image_size = preset["image_size"]  # side of the square model input, in pixels
     c.dataset.data_dir = config_dict.placeholder(
         str
     )  # prepared data (None: $TFDS_DATA_DIR or ~/tensorflow_datasets)
     c.dataset.manual_dir = config_dict.placeholder(str)  # the user's download, to prepare from on first use
     c.dataset.on_bad_image = "fail"  # an unreadable image while preparing: "fail" (with its path) or "skip"
+    c.dataset.split_fractions = "0.8,0.1,0.1"  # folder: train,validation,test shares of the splits not given
+    c.dataset.class_names = []  # set by the run: the class names in label order (from the data)
     c.dataset.resize_size = preset["resize_size"]  # eval: shorter side resized to this, then center crop
     c.dataset.crop_scale_min = preset[
         "crop_scale_min"

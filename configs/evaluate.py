@@ -14,7 +14,15 @@ from vitshap_jax.config import EVALUATION_METHODS
 
 # Images explained per dataset: ground truth costs 2^16 evaluations per digits image (exact), and
 # KernelSHAP to 1% standard error for 196 patches.
-NUM_IMAGES = {"digits": 64, "imagenette": 32, "pet": 32, "mura": 32}
+NUM_IMAGES = {
+    "digits": 64,
+    "imagenette": 32,
+    "pet": 32,
+    "mura": 32,
+    "cifar10": 32,
+    "cifar100": 32,
+    "folder": 32,
+}
 
 
 def get_config(arg=None):

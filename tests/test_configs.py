@@ -20,6 +20,10 @@ def load(stage, arg=None):
 @pytest.mark.parametrize("stage", common.STAGES)
 def test_every_stage_and_dataset_loads_and_validates(stage, dataset):
     c = load(stage, dataset)
+    if dataset == "folder":
+        with pytest.raises(ConfigError, match="config.dataset.manual_dir=None: give the folder"):
+            validate(c)
+        c.dataset.manual_dir = "/images"
     validate(c)
     preset = common.DATASET_PRESETS[dataset]
     assert c.stage == stage and c.dataset.name == dataset
@@ -106,10 +110,20 @@ def test_validate_names_the_field(field, value, message):
 @pytest.mark.parametrize("dataset", sorted(common.DATASET_PRESETS))
 def test_pipeline_config_holds_the_three_stages(dataset):
     c = load("pipeline", f"{dataset},masking=zero")
+    c.dataset.manual_dir = "/images"  # folder needs it
     validate(c)
     assert c.stage == "pipeline"
     assert [c[s].stage for s in common.STAGES] == list(common.STAGES)
     assert c.surrogate.model.masking == "zero" and c.classifier.dataset.name == dataset
-    c.explainer.model.num_heads = 5
-    with pytest.raises(ConfigError, match=r"config.explainer.model.num_heads=5: must divide"):
+    # One dataset group and one architecture for the three stages: set once, seen by every stage.
+    c.dataset.image_size, c.dataset.resize_size, c.model.patch_size = 48, 64, 8
+    assert all((c[s].dataset.image_size, c[s].model.patch_size) == (48, 8) for s in common.STAGES)
+    c.model.num_heads = 5
+    assert c.explainer.model.num_heads == 5
+    with pytest.raises(ConfigError, match=r"config.classifier.model.num_heads=5: must divide"):
+        validate(c)
+    c.model.num_heads = 4
+    c.explainer.optim.lr = -1.0  # the rest stays per stage
+    assert c.classifier.optim.lr > 0
+    with pytest.raises(ConfigError, match=r"config.explainer.optim.lr=-1.0: must be positive"):
         validate(c)

@@ -10,7 +10,7 @@ import os
 
 STAGES = ("classifier", "surrogate", "explainer")
 MASKING_STRATEGIES = ("attention", "zero")  # see vitshap_jax/models/vit.py
-DATASETS = ("digits", "imagenette", "pet", "mura")
+DATASETS = ("digits", "imagenette", "pet", "mura", "cifar10", "cifar100", "folder")
 TARGETS = ("multiclass", "binary")
 DTYPES = ("auto", "float32", "bfloat16")
 ACTIVATIONS = ("gelu", "relu")
@@ -166,10 +166,21 @@ def validate(config) -> None:
     d, m, o, t = config.dataset, config.model, config.optim, config.train
 
     _one_of(config, "dataset.name", DATASETS)
-    _one_of(config, "dataset.target", TARGETS)
-    if d.target == "binary":
-        _require(d.num_classes == 2, "dataset.num_classes", d.num_classes, "a binary target has 2 classes")
+    if d.name == "folder":  # class count and target may come from the data (stages/common.resolve)
+        _one_of(config, "dataset.target", TARGETS + ("auto",))
+        _require(
+            bool(d.manual_dir),
+            "dataset.manual_dir",
+            d.manual_dir,
+            "give the folder of your images (or a CSV manifest): --config.dataset.manual_dir=DIR",
+        )
     else:
+        _one_of(config, "dataset.target", TARGETS)
+    if d.target == "binary":
+        _require(
+            d.num_classes in (0, 2), "dataset.num_classes", d.num_classes, "a binary target has 2 classes"
+        )
+    elif d.name != "folder" or d.num_classes != 0:
         _require(d.num_classes >= 2, "dataset.num_classes", d.num_classes, "needs at least 2 classes")
     _one_of(config, "dataset.on_bad_image", BAD_IMAGE_POLICIES)
     _one_of(config, "dataset.normalization", NORMALIZATIONS)

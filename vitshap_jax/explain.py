@@ -128,7 +128,7 @@ def load_explainer(workdir: str, *, dtype: str | None = None) -> LoadedExplainer
         )
         return {"phi": phi, "v_all": grand, "v_empty": null}
 
-    names = data.class_names(config.dataset.name)
+    names = list(config.dataset.get("class_names") or data.class_names(config.dataset.name))
     if num_outputs(config) == 1:
         names = names[1:]  # a binary target explains the positive class
     return LoadedExplainer(

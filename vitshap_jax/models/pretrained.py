@@ -680,7 +680,7 @@ def _timm_architecture(path: str, ckpt: Checkpoint) -> dict:
     tokens = int(a["pos_embed"].shape[1]) if "pos_embed" in a else 0
     if "no_embed_class" in args:
         pos_prefix = 0 if args["no_embed_class"] else prefix
-    elif math.isqrt(tokens - prefix) ** 2 == tokens - prefix:
+    elif tokens >= prefix and math.isqrt(tokens - prefix) ** 2 == tokens - prefix:
         pos_prefix = prefix
     else:
         pos_prefix = 0

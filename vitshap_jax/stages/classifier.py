@@ -72,7 +72,7 @@ def summarize(out: dict, target: str) -> dict:
 
 
 def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
-    common.resolve_model(config)
+    common.resolve(config)
     path = common.stage_dir(workdir, "classifier", config)
     splits = common.open_splits(config)
     target = config.dataset.target

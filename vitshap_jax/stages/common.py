@@ -59,9 +59,11 @@ def _set(config, key: str, value) -> None:
     config[group][name] = type(current)(value) if isinstance(current, (int, float)) else value
 
 
-def resolve_model(config, upstream: dict | None = None) -> None:
+def resolve(config, upstream: dict | None = None) -> None:
     """Fills in place what a run reads from elsewhere than its config file, before anything is built:
 
+    * `config.dataset.class_names` from the data (`data.dataset_classes`; prepares it if needed), and for
+      the folder dataset its class count and, with target "auto", the target (binary for two classes);
     * with `config.model.pretrained`, the architecture (`ARCHITECTURE_FIELDS`) the checkpoint needs
       (`models.read_architecture`; a value set in the config that differs is logged and replaced) and,
       with `dataset.normalization="auto"`, the normalization it states;
@@ -72,6 +74,14 @@ def resolve_model(config, upstream: dict | None = None) -> None:
     from vitshap_jax.models import read_architecture
 
     m, d = config.model, config.dataset
+    if "class_names" in d:
+        names = data.dataset_classes(config)
+        d.class_names = names
+        if d.name == "folder":
+            d.num_classes = len(names)
+            if d.target == "auto":
+                d.target = "binary" if len(names) == 2 else "multiclass"
+            logging.info("folder: %d classes (%s), %s target", len(names), ", ".join(names[:10]), d.target)
     if m.get("pretrained"):
         arch = read_architecture(m.pretrained)
         for name, value in arch["model"].items():

@@ -105,7 +105,7 @@ def eval_step(
 
 
 def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
-    common.resolve_model(config, common.upstream_config(config, workdir, "surrogate"))
+    common.resolve(config, common.upstream_config(config, workdir, "surrogate"))
     target, e = config.dataset.target, config.explainer
     sample = jnp.zeros((1, config.dataset.image_size, config.dataset.image_size, 3))
     probe = build_model(config)

@@ -67,7 +67,7 @@ def eval_step(params, classifier_params, batch, *, model, classifier, target: st
 
 
 def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
-    common.resolve_model(config, common.upstream_config(config, workdir, "classifier"))
+    common.resolve(config, common.upstream_config(config, workdir, "classifier"))
     target = config.dataset.target
     model = build_model(config)
     classifier = build_model(config, masking="attention")  # always evaluated on full images

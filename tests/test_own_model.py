@@ -1,0 +1,107 @@
+"""Your own ViT on your own images, end to end with the README's commands: a folder of images with the
+quirks of real folders, a Hugging Face DINOv2-with-registers directory (no classification head), the
+pipeline command, then the explain command on the finished run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+
+from tests.test_pretrained_families import _write_hf
+from vitshap_jax import checkpoints
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ("cat", "dog", "zebra")
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+
+
+def _image_tree(root):
+    """Three class folders of 20x24 images, with hidden files, a Mac sidecar, a README, and images in
+    CMYK, 16-bit grayscale, RGBA and palette modes."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(CLASSES):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(14):
+            pixels = rng.integers(0, 80, (20, 24, 3), dtype=np.uint8)
+            pixels[..., c] += 150  # a class colour
+            PIL.Image.fromarray(pixels).save(folder / f"img{i}.{'JPG' if i % 2 else 'png'}")
+        (folder / "._img0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    cat = root / "cat"
+    PIL.Image.new("CMYK", (24, 20), (0, 200, 200, 0)).save(cat / "cmyk.jpg")
+    PIL.Image.fromarray(np.full((20, 24), 40000, np.uint16)).save(cat / "deep.png")
+    PIL.Image.new("RGBA", (24, 20), (200, 0, 0, 128)).save(cat / "alpha.png")
+    PIL.Image.new("P", (24, 20), 3).save(root / "dog" / "palette.png")
+    (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "README.txt").write_text("my pets")
+
+
+def test_folder_and_a_transformers_checkpoint_to_heatmaps_with_the_readme_commands(tmp_path):
+    _image_tree(tmp_path / "images")
+    checkpoint, _ = _write_hf(tmp_path, "Dinov2WithRegistersModel")  # 16 px, patch 4, 3 registers, no head
+    work = tmp_path / "work"
+    common = [
+        f"--workdir={work}",
+        f"--config.dataset.manual_dir={tmp_path / 'images'}",
+        f"--config.dataset.data_dir={tmp_path / 'prepared'}",
+        "--config.dataset.image_size=16",
+        "--config.dataset.resize_size=16",
+        "--config.dataset.read_threads=1",
+    ]
+    stages = []
+    for stage in ("classifier", "surrogate", "explainer"):
+        stages += [f"--config.{stage}.train.epochs=1", f"--config.{stage}.train.batch_size=8"]
+    r = subprocess.run(
+        [
+            sys.executable,
+            "launch.py",
+            "--config=configs/pipeline.py:folder",
+            f"--config.model.pretrained={checkpoint}",
+        ]
+        + common
+        + stages
+        + ["--config.explainer.explainer.num_coalitions=4", "--config.explainer.explainer.mlp_ratio=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "vitshap_jax pipeline finished" in r.stdout
+    for stage in ("classifier", "surrogate", "explainer"):
+        config = checkpoints.read_config(str(work / stage))
+        d, m = config["dataset"], config["model"]
+        # Read from the data and the checkpoint, not typed: classes, target, architecture, normalization.
+        assert d["class_names"] == list(CLASSES) and d["num_classes"] == 3 and d["target"] == "multiclass"
+        assert (m["hidden_size"], m["depth"], m["num_heads"], m["patch_size"]) == (32, 2, 4, 4)
+        assert (m["reg_tokens"], m["pos_prefix"], m["layer_scale"]) == (3, 1, True)
+        assert d["normalization"] == "imagenet" and m["from_checkpoint"] == str(checkpoint)
+    prepared = json.loads((work / "classifier" / "results.json").read_text())
+    assert 0 <= prepared["test"]["accuracy"] <= 1
+
+    PIL.Image.fromarray(np.full((30, 30, 3), 200, np.uint8)).save(tmp_path / "mine.jpg")
+    out = tmp_path / "explained"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "launch.py",
+            "--config=configs/explain.py:folder",
+            f"--workdir={work}",
+            f"--config.images={tmp_path / 'mine.jpg'}",
+            f"--config.output_dir={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["mine.npz", "mine.png"]
+    values = np.load(out / "mine.npz")
+    assert values["phi"].shape == (16, 3) and list(values["class_names"]) == list(CLASSES)
+    np.testing.assert_allclose(values["phi"].sum(0), values["v_all"] - values["v_empty"], atol=1e-5)
