@@ -236,6 +236,8 @@ def base_config(stage: str, opts: config_dict.ConfigDict) -> config_dict.ConfigD
     # Face save_pretrained directory. The architecture fields above and below are then read from it.
     c.model.pretrained = config_dict.placeholder(str)
     c.model.from_checkpoint = ""  # set by the run: the checkpoint the architecture was read from
+    # What a checkpoint cannot tell, by hand: "num_heads=16,act=gelu_tanh" (a timm file without config.json)
+    c.model.checkpoint_overrides = ""
     # Architecture options of the ViT families (vitshap_jax/models/vit.py); a checkpoint sets them.
     c.model.class_token = True  # a learned class token leads the sequence
     c.model.distill_token = False  # a DeiT distillation token follows it

@@ -26,6 +26,7 @@ SHARED_MODEL_FIELDS = (
     "mlp_dim",
     "pretrained",
     "from_checkpoint",
+    "checkpoint_overrides",
     "class_token",
     "distill_token",
     "distill_head",

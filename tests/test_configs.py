@@ -97,12 +97,16 @@ def test_parse_arg_rules():
         ),
         ("model.pretrained", "/tmp/vit.pth", r"expected a .npz .* or .safetensors"),
         ("model.dtype", "float16", r"config.model.dtype='float16': must be one of auto, float32, bfloat16"),
+        ("optim.lr", float("inf"), r"config.optim.lr=inf: must be a finite number"),
+        ("optim.weight_decay", float("nan"), r"config.optim.weight_decay=nan: must be a finite number"),
+        ("model.ln_eps", float("inf"), r"config.model.ln_eps=inf: must be a finite number"),
+        (".seed", -1, r"config.seed=-1: must be >= 0"),
     ],
 )
 def test_validate_names_the_field(field, value, message):
     c = load("explainer", "mura")
     group, key = field.split(".")
-    c[group][key] = value
+    (c[group] if group else c)[key] = value
     with pytest.raises(ConfigError, match=message):
         validate(c)
 

@@ -100,3 +100,40 @@ def test_bfloat16_compute_stays_close_to_float32(trained_run):
     assert v_gap > 0  # bfloat16 did run
     with pytest.raises(ValueError, match="dtype='float16'"):
         load_explainer(str(trained_run), dtype="float16")
+
+
+def test_output_names_never_collide_and_folders_without_images_are_errors(tmp_path):
+    from vitshap_jax.stages.common import StageError
+    from vitshap_jax.stages.explain import image_paths, output_names
+
+    paths = [
+        "runs/other/a.png",
+        "runs/other/a.jpg",
+        "runs/mixed/a.png",
+        "runs/mixed/b.png",
+        "runs/mixed/b.png",
+    ]
+    names = output_names(paths[:4])
+    assert names == {
+        "runs/other/a.png": "other__a_png",
+        "runs/other/a.jpg": "other__a_jpg",
+        "runs/mixed/a.png": "mixed__a_png",
+        "runs/mixed/b.png": "b",
+    }
+    assert len(set(output_names(paths).values())) == 4  # the same file twice: one name
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / "empty" / "notes.txt").write_text("no images")
+    with pytest.raises(StageError, match="empty holds no image files"):
+        image_paths(str(tmp_path / "empty"))
+    with pytest.raises(StageError, match="names no files"):
+        image_paths(" , ")
+
+
+def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
+    from vitshap_jax.explain import read_image
+
+    PIL.Image.fromarray(np.full((4, 5), 32896, np.uint16)).save(tmp_path / "deep.png")  # 16-bit gray
+    assert read_image(str(tmp_path / "deep.png")).tolist() == np.full((4, 5, 3), 128).tolist()
+    PIL.Image.fromarray(np.full((4, 5), 0.25, np.float32)).save(tmp_path / "float.tif")
+    assert (read_image(str(tmp_path / "float.tif")) == 64).all()

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import PIL.Image
+import pytest
 
 from tests.test_pretrained_families import _write_hf
 from vitshap_jax import checkpoints
@@ -105,3 +106,65 @@ def test_folder_and_a_transformers_checkpoint_to_heatmaps_with_the_readme_comman
     values = np.load(out / "mine.npz")
     assert values["phi"].shape == (16, 3) and list(values["class_names"]) == list(CLASSES)
     np.testing.assert_allclose(values["phi"].sum(0), values["v_all"] - values["v_empty"], atol=1e-5)
+
+
+def test_a_run_reads_classes_target_architecture_and_normalization_instead_of_typing_them(tmp_path):
+    """`stages.common.resolve`: two classes give a sigmoid target; a checkpoint's architecture replaces
+    the variant's; the next stage takes them from the upstream run's config."""
+    from configs import common as presets
+    from tests.test_configs import load
+    from vitshap_jax.stages import common
+
+    for name in ("no", "yes"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(12):
+            PIL.Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(tmp_path / "images" / name / f"{i}.png")
+    checkpoint, _ = _write_hf(tmp_path, "CLIPVisionModel")
+    config = load("classifier", "folder")
+    config.dataset.manual_dir, config.dataset.data_dir = str(tmp_path / "images"), str(tmp_path / "prep")
+    config.model.pretrained = str(checkpoint)
+    assert (config.dataset.num_classes, config.dataset.target, config.model.hidden_size) == (0, "auto", 768)
+    common.resolve(config)
+    d, m = config.dataset, config.model
+    assert (d.num_classes, d.target, list(d.class_names)) == (2, "binary", ["no", "yes"])
+    assert (m.hidden_size, m.depth, m.num_heads, m.mlp_dim, m.patch_size) == (32, 2, 4, 64, 4)
+    assert (m.pre_norm, m.act, m.ln_eps, d.normalization) == (True, "quick_gelu", 1e-5, "clip")
+    # A surrogate config of the preset's shape adopts the classifier run's architecture.
+    surrogate = load("surrogate", "folder")
+    surrogate.dataset.manual_dir, surrogate.dataset.data_dir = (
+        config.dataset.manual_dir,
+        config.dataset.data_dir,
+    )
+    assert surrogate.model.hidden_size == presets.MODEL_VARIANTS["base"]["hidden_size"]
+    common.resolve(surrogate, config.to_dict())
+    assert all(surrogate.model[k] == config.model[k] for k in ("hidden_size", "pre_norm", "act", "ln_eps"))
+    assert surrogate.dataset.normalization == "clip" and surrogate.dataset.target == "binary"
+    # A normalization that contradicts the checkpoint's is refused, not silently used.
+    other = load("surrogate", "folder")
+    other.dataset.manual_dir, other.dataset.data_dir = config.dataset.manual_dir, config.dataset.data_dir
+    other.dataset.normalization = "imagenet"
+    with pytest.raises(common.StageError, match="used 'clip': leave it at auto"):
+        common.resolve(other, config.to_dict())
+
+
+def test_what_a_checkpoint_cannot_tell_is_given_by_hand(tmp_path):
+    """A timm file without config.json cannot say its heads: 64 channels per head is the guess, and
+    config.model.checkpoint_overrides states the truth (typed, checked)."""
+    from safetensors.numpy import save_file
+
+    from tests.test_configs import load
+    from tests.test_pretrained_families import _timm_state
+    from vitshap_jax.stages import common
+
+    save_file(_timm_state(0), str(tmp_path / "model.safetensors"))
+    config = load("classifier", "digits")
+    config.model.pretrained = str(tmp_path / "model.safetensors")
+    common.resolve(config)
+    assert config.model.num_heads == 1  # 32 channels: the 64-channel guess
+    config.model.checkpoint_overrides = "num_heads=4, act=gelu_tanh, layer_scale=false"
+    common.resolve(config)
+    assert (config.model.num_heads, config.model.act, config.model.layer_scale) == (4, "gelu_tanh", False)
+    for bad, message in (("heads=4", "not field=value with a field of"), ("num_heads=four", "is not a int")):
+        config.model.checkpoint_overrides = bad
+        with pytest.raises(common.StageError, match=message):
+            common.resolve(config)

@@ -179,3 +179,41 @@ def test_train_transform_without_crop_or_flip_only_normalizes():
         image, np.random.default_rng(0), size=8, crop_scale_min=1.0, hflip=False, norm="inception"
     )
     np.testing.assert_allclose(out, image / 127.5 - 1, atol=1e-6)
+
+
+def test_a_worker_exits_when_its_parent_is_killed(tmp_path):
+    """`exit_with_parent` (the grain workers' init): SIGKILL the parent, the child ends by itself."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import os, sys, time\n"
+        "from vitshap_jax.data.pipeline import exit_with_parent\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    exit_with_parent(interval=0.05)\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "print(pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)  # still there (or a zombie of init, reaped soon)
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().split(")")[1].split()[0] == "Z":
+                    break
+        except (ProcessLookupError, FileNotFoundError):
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the child outlived its killed parent by 10 s")

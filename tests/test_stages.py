@@ -260,17 +260,33 @@ def _digits_shapes(config):
     )
 
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("lr", [1e30, 1e6, float("inf")])
+def test_a_nan_loss_stops_the_run_and_keeps_only_a_good_checkpoint(tmp_path, lr):
+    """The kept checkpoint is finite and its parameters give a finite loss (a state saved after the
+    last finite loss, but before its own loss was known, is deleted), or none is kept."""
     mesh = parallel.make_mesh()
     config = _digits(tmp_path / "tfds", batch_size=64, checkpoint_every_steps=1, log_every_steps=100)
-    config.optim.update(dict(lr=1e30, warmup_steps=0, grad_clip=0.0))
-    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step (\d+); the last good checkpoint"):
+    config.optim.update(dict(lr=lr, warmup_steps=0, grad_clip=0.0))
+    with pytest.raises(NonFiniteLossError) as error:
         classifier.run(config, str(tmp_path), mesh)
     manager = checkpoints.StageCheckpoints(str(tmp_path / "classifier"))
     kept = manager.latest_step()
+    if kept is None:
+        manager.close()
+        assert "no good checkpoint was saved" in str(error.value)
+        return
     state, _, meta = manager.restore_latest(_train_state_like(config, mesh))
     manager.close()
-    assert kept is not None and meta["step"] == kept and not meta["complete"]
+    assert f"the last good checkpoint (step {kept})" in str(error.value)
+    assert meta["step"] == kept and not meta["complete"]
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+    from vitshap_jax.models import build_model
+
+    images = np.random.default_rng(0).standard_normal((16, 8, 8, 3)).astype(np.float32)
+    logits = build_model(config).apply({"params": state["params"]}, images)
+    labels = np.arange(16) % 10
+    loss = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), labels[:, None], 1).mean()
+    assert np.isfinite(np.asarray(logits)).all() and np.isfinite(loss)
 
 
 def _train_state_like(config, mesh):
@@ -381,3 +397,20 @@ def test_pipeline_runs_the_stages_and_skips_finished_ones(tmp_path, imagenette_d
     again = pipeline.run(config, str(tmp_path), mesh)  # everything finished: nothing is retrained
     assert {s: os.path.getmtime(tmp_path / s / "results.json") for s in pipeline.ORDER} == stamps
     assert again["explainer"]["test"]["efficiency_gap"] < 1e-5
+
+
+def test_a_start_that_fails_its_checks_writes_nothing(tmp_path):
+    """A wrong class count or a batch larger than the data stops before the stage directory exists, so
+    the corrected command is not refused as "a different setup"."""
+    mesh = parallel.make_mesh()
+    wrong_classes = _digits(tmp_path / "tfds")
+    wrong_classes.dataset.num_classes = 5
+    with pytest.raises(ValueError, match="has 10 classes"):
+        classifier.run(wrong_classes, str(tmp_path / "work"), mesh)
+    too_big = _digits(tmp_path / "tfds", batch_size=2048)
+    with pytest.raises(common.StageError, match="batch_size=2048 is larger than the 1257 training examples"):
+        classifier.run(too_big, str(tmp_path / "work"), mesh)
+    uneven = _digits(tmp_path / "tfds", batch_size=12)
+    with pytest.raises(common.StageError, match="does not split over 8 devices"):
+        classifier.run(uneven, str(tmp_path / "work"), mesh)
+    assert not (tmp_path / "work").exists()

@@ -80,6 +80,17 @@ class StageCheckpoints:
             step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta))
         )
 
+    def delete_from(self, step: int) -> list[int]:
+        """Deletes the latest and best checkpoints of steps >= `step` (saves must be finished: `wait`);
+        returns the deleted steps of the latest checkpoints."""
+        dropped = [s for s in self.latest.all_steps() if s >= step]
+        for s in dropped:
+            self.latest.delete(s)
+        for s in self.best.all_steps():
+            if s >= step:
+                self.best.delete(s)
+        return sorted(dropped)
+
     def wait(self) -> None:
         self.latest.wait_until_finished()
         self.best.wait_until_finished()

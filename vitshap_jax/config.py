@@ -6,6 +6,7 @@ that a config must satisfy, whoever built it (launch.py, a notebook, a test).
 
 from __future__ import annotations
 
+import math
 import os
 
 STAGES = ("classifier", "surrogate", "explainer")
@@ -134,8 +135,21 @@ def _validate_evaluate(config) -> None:
     )
 
 
+def _finite_numbers(node, prefix: str = "") -> None:
+    """Every float field is a finite number and every seed non-negative (no field takes inf or NaN)."""
+    for key in node.keys():
+        value, name = node[key], f"{prefix}{key}"
+        if hasattr(value, "keys"):
+            _finite_numbers(value, f"{name}.")
+        elif isinstance(value, float):
+            _require(math.isfinite(value), name, value, "must be a finite number")
+        elif key == "seed" and isinstance(value, int):
+            _require(value >= 0, name, value, "must be >= 0")
+
+
 def validate(config) -> None:
     """Raises ConfigError (one line, naming the field) if `config` cannot run."""
+    _finite_numbers(config)
     if config.stage == "evaluate":
         _validate_evaluate(config)
         return

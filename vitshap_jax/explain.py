@@ -71,15 +71,19 @@ class LoadedExplainer:
         """uint8 `[H, W, 3]` (any size) -> float32 `[S, S, 3]`, exactly as in evaluation."""
         d = self.config.dataset
         return transforms.eval_transform(
-            image, size=d.image_size, resize_size=d.resize_size, norm=d.normalization
+            image, size=d.image_size, resize_size=d.resize_size, norm=transforms.normalization_of(self.config)
         )
 
 
 def read_image(path: str) -> np.ndarray:
-    """Any image file Pillow reads, in any mode -> uint8 RGB `[H, W, 3]`."""
+    """Any image file Pillow reads, in any mode -> uint8 RGB `[H, W, 3]`, decoded as the datasets decode
+    (`data.base.to_rgb`: EXIF orientation applied, transparency over white, 16-bit and float images
+    scaled to 0..255, never clipped)."""
+    from vitshap_jax.data.base import to_rgb, upright
+
     with PIL.Image.open(path) as image:
         image.load()
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(to_rgb(upright(image, path)))
 
 
 def _explainer_dir(path: str) -> str:

@@ -15,6 +15,8 @@ process's share of the global batch.
 from __future__ import annotations
 
 import functools
+import os
+import time
 from collections import deque
 
 import grain
@@ -95,11 +97,30 @@ def config_transform(config, train: bool):
             size=d.image_size,
             crop_scale_min=d.crop_scale_min,
             hflip=d.hflip,
-            norm=d.normalization,
+            norm=transforms.normalization_of(config),
         )
     return lambda image, rng: transforms.eval_transform(
-        image, size=d.image_size, resize_size=d.resize_size, norm=d.normalization
+        image, size=d.image_size, resize_size=d.resize_size, norm=transforms.normalization_of(config)
     )
+
+
+def exit_with_parent(worker_index: int = 0, worker_count: int = 0, *, interval: float = 1.0) -> None:
+    """Makes this (worker) process exit when the process that started it is gone.
+
+    A killed trainer (SIGKILL, OOM killer) cannot stop its grain workers; each worker runs this at start
+    (`mp_prefetch(worker_init_fn=...)`): a daemon thread that ends the worker once its parent process id
+    changes (the orphan is adopted by init or a subreaper).
+    """
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit_with_parent", daemon=True).start()
 
 
 class Loader:
@@ -117,7 +138,9 @@ class Loader:
             grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
         )
         if workers > 0:  # needs parsed absl flags (launch.py does it; tests mark them parsed)
-            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+            it_ds = it_ds.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=exit_with_parent
+            )
         self._iterator = iter(it_ds)
 
     def __len__(self):

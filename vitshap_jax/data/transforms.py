@@ -21,6 +21,20 @@ NORMALIZATIONS = {
 }
 
 
+def normalization_of(config) -> str:
+    """`config.dataset.normalization`, where "auto" means inception for a model without a checkpoint; a
+    checkpoint's "auto" is resolved by the run (`stages.common.resolve`), which must come first."""
+    kind = config.dataset.normalization
+    if kind != "auto":
+        return kind
+    if config.model.get("pretrained") or config.model.get("from_checkpoint"):
+        raise ValueError(
+            "config.dataset.normalization='auto' with a pretrained checkpoint: call "
+            "vitshap_jax.stages.common.resolve(config) first (the stages do), or name the normalization"
+        )
+    return "inception"
+
+
 def normalize(image: np.ndarray, kind: str) -> np.ndarray:
     """uint8 `[H, W, 3]` -> float32, normalized per channel."""
     if kind not in NORMALIZATIONS:

@@ -73,8 +73,8 @@ def summarize(out: dict, target: str) -> dict:
 
 def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     common.resolve(config)
+    splits = common.open_splits(config, mesh)  # every check before anything is written
     path = common.stage_dir(workdir, "classifier", config)
-    splits = common.open_splits(config)
     target = config.dataset.target
     model = build_model(config)
     sample = jnp.zeros((1, config.dataset.image_size, config.dataset.image_size, 3))

@@ -84,9 +84,11 @@ def resolve(config, upstream: dict | None = None) -> None:
             logging.info("folder: %d classes (%s), %s target", len(names), ", ".join(names[:10]), d.target)
     if m.get("pretrained"):
         arch = read_architecture(m.pretrained)
-        for name, value in arch["model"].items():
+        overrides = checkpoint_overrides(m.get("checkpoint_overrides", ""))
+        for name, value in (arch["model"] | overrides).items():
             if m[name] != value:
-                logging.info("config.model.%s=%r -> %r (read from %s)", name, m[name], value, m.pretrained)
+                how = "given in config.model.checkpoint_overrides" if name in overrides else "read from"
+                logging.info("config.model.%s=%r -> %r (%s %s)", name, m[name], value, how, m.pretrained)
             _set(config, f"model.{name}", value)
         m.from_checkpoint = os.path.abspath(m.pretrained)
         if d.normalization == "auto":
@@ -104,6 +106,36 @@ def resolve(config, upstream: dict | None = None) -> None:
             )
     if d.normalization == "auto":
         d.normalization = _field(upstream, "dataset.normalization") if upstream else "inception"
+
+
+def checkpoint_overrides(text: str) -> dict:
+    """`config.model.checkpoint_overrides` ("num_heads=16,act=gelu_tanh") as {field: value}: what a
+    checkpoint cannot tell (a timm file without its config.json), stated by hand; typed like the field."""
+    defaults = {k.split(".")[1]: v for k, v in _DEFAULTS.items() if k.startswith("model.")}
+    defaults |= {k: 0 for k in ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim")}
+    result = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, value = (x.strip() for x in item.partition("="))
+        if not sep or key not in defaults or key == "from_checkpoint":
+            known = ", ".join(k for k in defaults if k != "from_checkpoint")
+            raise StageError(
+                f"config.model.checkpoint_overrides: {item!r} is not field=value with a field of {known}"
+            )
+        kind = type(defaults[key])
+        if kind is bool:
+            if value.lower() not in ("true", "false"):
+                raise StageError(
+                    f"config.model.checkpoint_overrides: {key} needs true or false, not {value!r}"
+                )
+            result[key] = value.lower() == "true"
+        else:
+            try:
+                result[key] = kind(value)
+            except ValueError:
+                raise StageError(
+                    f"config.model.checkpoint_overrides: {key}={value!r} is not a {kind.__name__}"
+                ) from None
+    return result
 
 
 def upstream_config(config, workdir: str, upstream_stage: str) -> dict | None:
@@ -256,5 +288,19 @@ def write_results(stage_path: str, results: dict) -> None:
             json.dump(results, f, indent=2, sort_keys=True)
 
 
-def open_splits(config):
-    return {split: data.open_split(config, split) for split in data.SPLITS}
+def open_splits(config, mesh=None):
+    """The three splits, after checking what can be checked before a stage writes anything: the data
+    fit the config (`data.open_split`) and the batch fits the devices and the training split."""
+    splits = {split: data.open_split(config, split) for split in data.SPLITS}
+    t = config.train
+    if mesh is not None:
+        try:
+            parallel.check_batch_size(t.batch_size, mesh)
+        except ValueError as e:
+            raise StageError(str(e)) from None
+    if len(splits["train"]) * t.epochs < t.batch_size:
+        raise StageError(
+            f"config.train.batch_size={t.batch_size} is larger than the {len(splits['train'])} training "
+            f"examples x {t.epochs} epochs: lower the batch size"
+        )
+    return splits

@@ -7,11 +7,11 @@ import os
 import numpy as np
 from absl import logging
 
+from vitshap_jax.data.base import is_hidden
+from vitshap_jax.data.folder import is_image
 from vitshap_jax.explain import load_explainer, read_image
 from vitshap_jax.stages.common import StageError
 from vitshap_jax.viz.heatmaps import save_explanation
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 class SomeImagesFailed(StageError):
@@ -19,19 +19,54 @@ class SomeImagesFailed(StageError):
 
 
 def image_paths(spec: str) -> list[str]:
-    """Files named in `spec` (comma-separated), folders expanded to the image files inside (sorted)."""
+    """Files named in `spec` (comma-separated), folders expanded to the image files inside (sorted; any
+    extension Pillow decodes, hidden files and macOS sidecars skipped). A folder without images is an
+    error that names it."""
     paths = []
     for item in (p.strip() for p in spec.split(",")):
         if not item:
             continue
         item = os.path.expanduser(item)
         if os.path.isdir(item):
-            paths += [
-                os.path.join(item, f) for f in sorted(os.listdir(item)) if f.lower().endswith(IMAGE_SUFFIXES)
+            found = [
+                os.path.join(item, f)
+                for f in sorted(os.listdir(item))
+                if not is_hidden(f) and is_image(f) and os.path.isfile(os.path.join(item, f))
             ]
+            if not found:
+                raise StageError(
+                    f"config.images: the folder {item} holds no image files; name images or folders of images"
+                )
+            paths += found
         else:
             paths.append(item)
+    if not paths:
+        raise StageError("config.images names no files: --config.images=a.jpg,b.png,folder/")
     return paths
+
+
+def output_names(paths: list[str]) -> dict[str, str]:
+    """A distinct output name per input path: the file name without extension, or, where two inputs
+    share one (`a/x.png`, `b/x.png`, `b/x.jpg`), their path below the common folder with `/` and `.`
+    written as `__` and `_` (`a__x_png`)."""
+    stems = {p: os.path.splitext(os.path.basename(p))[0] for p in paths}
+    counts = {}
+    for stem in stems.values():
+        counts[stem] = counts.get(stem, 0) + 1
+    root = os.path.commonpath([os.path.abspath(p) for p in paths]) if paths else ""
+    names, used = {}, set()
+    for p in paths:
+        name = stems[p]
+        if counts[name] > 1:
+            rel = os.path.relpath(os.path.abspath(p), root if os.path.isdir(root) else os.path.dirname(root))
+            name = rel.replace(os.sep, "__").replace(".", "_")
+        base, k = name, 1
+        while name in used:  # the same file named twice
+            k += 1
+            name = f"{base}_{k}"
+        used.add(name)
+        names[p] = name
+    return names
 
 
 def run(config, workdir: str, mesh) -> dict:
@@ -41,9 +76,10 @@ def run(config, workdir: str, mesh) -> dict:
             f"the run in {workdir} was trained on {loaded.config.dataset.name}, not {config.dataset}: "
             f"use configs/explain.py:{loaded.config.dataset.name}"
         )
+    paths, failed, done = image_paths(config.images), [], {}
+    names = output_names(paths)
     out_dir = os.path.abspath(os.path.expanduser(config.output_dir or os.path.join(workdir, "explanations")))
     os.makedirs(out_dir, exist_ok=True)
-    paths, failed, done = image_paths(config.images), [], {}
     images = []
     for path in paths:
         try:
@@ -59,8 +95,7 @@ def run(config, workdir: str, mesh) -> dict:
         )  # one shape
         out = {k: np.asarray(v)[: len(chunk)] for k, v in loaded(padded).items()}
         for i, (path, img) in enumerate(chunk):
-            stem = os.path.splitext(os.path.basename(path))[0]
-            target = os.path.join(out_dir, stem)
+            target = os.path.join(out_dir, names[path])
             np.savez(
                 target + ".npz",
                 phi=out["phi"][i],

@@ -110,10 +110,10 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     sample = jnp.zeros((1, config.dataset.image_size, config.dataset.image_size, 3))
     probe = build_model(config)
     surrogate_params, up = common.upstream_params(config, workdir, "surrogate", probe, sample, mesh)
+    splits = common.open_splits(config, mesh)  # every check before anything is written
     path = common.stage_dir(
         workdir, "explainer", config
     )  # after the upstream check: nothing written on failure
-    splits = common.open_splits(config)
     surrogate = build_model(config, masking=up["model"]["masking"])  # evaluate the game the surrogate learned
     explainer = build_explainer(config)
     params = explainer.init(jax.random.key(config.seed), sample)["params"]

@@ -6,8 +6,10 @@ best parameters by the stage's metric, and writes metrics as JSON lines (`metric
 TensorBoard events (`tensorboard/`). On an interactive terminal a progress bar shows the running loss
 and throughput; otherwise plain log lines every `config.train.log_every_steps`.
 
-A non-finite loss stops the run with NonFiniteLossError. Losses are checked (on the host) before every
-checkpoint, so no checkpoint ever holds a state that came from a NaN step.
+A non-finite loss stops the run with NonFiniteLossError, and no checkpoint is kept that is not good: a
+state is saved only when every array in it is finite (checked on the device) and the losses up to it
+were finite; when the loss at step j turns out non-finite, the checkpoints of steps j - 1 and later
+(whose parameters produced it) are deleted, so what is kept is a state that gave a finite loss.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -90,6 +93,13 @@ def _better(value: float, best: float | None, mode: str) -> bool:
     return value < best if mode == "min" else value > best
 
 
+@jax.jit
+def _finite(tree) -> jax.Array:
+    """Whether every floating-point array of `tree` is finite (one scalar, reduced on the device)."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def fit(task: Task, config, stage_dir: str, mesh, train_source, *, stop_after: int | None = None) -> dict:
     """Trains until `config.train.epochs` are done; returns the best validation metrics.
 
@@ -120,6 +130,31 @@ def fit(task: Task, config, stage_dir: str, mesh, train_source, *, stop_after: i
         bar = tqdm(total=total, initial=start, desc=os.path.basename(stage_dir), unit="step")
     pending, last_checked, t0 = [], start, time.perf_counter()
 
+    def stop(what: str, first_bad: int):
+        """Deletes the checkpoints of steps >= `first_bad` (their state is not good) and raises."""
+        checkpoints.wait()
+        dropped = checkpoints.delete_from(first_bad)
+        kept = checkpoints.latest_step()
+        where = (
+            f"the last good checkpoint (step {kept}) is kept in {checkpoints.latest.directory}"
+            if kept is not None
+            else "no good checkpoint was saved, so a rerun starts from scratch"
+        )
+        note = (
+            f" (deleted the checkpoints of steps {', '.join(map(str, dropped))}: they led there)"
+            if dropped
+            else ""
+        )
+        raise NonFiniteLossError(
+            f"{stage_dir}: {what}; {where}{note}. "
+            "Lower config.optim.lr or raise config.optim.warmup_steps, then rerun to resume from it."
+        )
+
+    def check_state(step: int):
+        """A state is saved only if every array in it is finite."""
+        if not bool(jax.device_get(_finite(state))):
+            stop(f"the parameters after step {step} are not finite (the loss before it was)", step)
+
     def check(step: int) -> dict:
         """Host sync: fails on a non-finite loss since the last check; returns the mean metrics."""
         nonlocal pending, last_checked, t0
@@ -129,12 +164,9 @@ def fit(task: Task, config, stage_dir: str, mesh, train_source, *, stop_after: i
         means = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
         bad = [last_checked + 1 + i for i, v in enumerate(values) if not np.isfinite(v["loss"])]
         if bad:
-            kept = checkpoints.latest_step()
-            raise NonFiniteLossError(
-                f"{stage_dir}: the training loss became {values[bad[0] - last_checked - 1]['loss']} at step "
-                f"{bad[0]}; the last good checkpoint (step {kept}) is kept in "
-                f"{checkpoints.latest.directory}. "
-                "Lower config.optim.lr or raise config.optim.warmup_steps, then rerun to resume from it."
+            stop(
+                f"the training loss became {values[bad[0] - last_checked - 1]['loss']} at step {bad[0]}",
+                bad[0] - 1,
             )
         elapsed = time.perf_counter() - t0
         means["examples_per_sec"] = len(values) * config.train.batch_size / max(elapsed, 1e-9)
@@ -162,11 +194,16 @@ def fit(task: Task, config, stage_dir: str, mesh, train_source, *, stop_after: i
                 val = task.evaluate(state, "validation")
                 writer.write(step, {f"val/{k}": v for k, v in val.items()} | {"epoch": epoch})
                 logging.info("epoch %d/%d validation %s", epoch, config.train.epochs, json.dumps(val))
+                for name in ("loss", "kl"):
+                    if name in val and not math.isfinite(val[name]):
+                        stop(f"the validation {name} became {val[name]} after step {step}", step)
                 if _better(val[metric], best, mode):
+                    check_state(step)
                     best, best_metrics = val[metric], val
                     checkpoints.save_best(step, task.export(state), {"step": step, "epoch": epoch, **val})
                 t0 = time.perf_counter()  # throughput counts training steps only
             if save:
+                check_state(step)
                 meta = {"step": step, "total_steps": total, "complete": step == total}
                 checkpoints.save_latest(
                     step, state, batches.get_state(), meta | {"best": best, "best_metrics": best_metrics}
