@@ -27,6 +27,9 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (--distributed).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (--distributed).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (--distributed).")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 300, "Seconds to wait for all processes to join (--distributed)."
+)
 
 
 class _QuietLibraries:
@@ -92,6 +95,36 @@ def parse_flags(argv):
         _fail(text.splitlines()[0])
 
 
+def _wait_for_coordinator(address: str, timeout: int) -> None:
+    """Waits until `host:port` accepts connections, logging every 10 s; a one-line error after `timeout`."""
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        _fail(f"--coordinator_address={address}: expected host:port of process 0")
+    start = last_report = time.monotonic()
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as e:
+            reason = e.strerror or type(e).__name__
+        now = time.monotonic()
+        if now - start >= timeout:
+            print(
+                f"launch.py: error: the coordinator {address} did not answer within {timeout} s ({reason}): "
+                "start process 0 first, and check --coordinator_address (host:port of process 0) and the "
+                "network between the hosts",
+                file=sys.stderr,
+            )
+            sys.exit(1)
+        if now - last_report >= 10:
+            logging.info("still waiting for the coordinator %s (%d s of %d)", address, now - start, timeout)
+            last_report = now
+        time.sleep(min(1.0, max(0.0, timeout - (now - start))))
+
+
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -107,11 +140,31 @@ def main(argv):
     except ConfigError as e:
         _fail(str(e))
     if _DISTRIBUTED.value:
-        jax.distributed.initialize(
-            coordinator_address=_COORDINATOR.value,
-            num_processes=_NUM_PROCESSES.value,
-            process_id=_PROCESS_ID.value,
+        where = _COORDINATOR.value or "the coordinator the cluster environment names"
+        logging.info(
+            "joining the multi-host run at %s (waiting up to %d s)", where, _DISTRIBUTED_TIMEOUT.value
         )
+        if _COORDINATOR.value and _PROCESS_ID.value not in (None, 0):
+            # JAX aborts the whole process (a C++ fatal error) when the coordinator never answers, so a
+            # process that joins first waits for the coordinator's port itself, with progress.
+            _wait_for_coordinator(_COORDINATOR.value, _DISTRIBUTED_TIMEOUT.value)
+        try:
+            jax.distributed.initialize(
+                coordinator_address=_COORDINATOR.value,
+                num_processes=_NUM_PROCESSES.value,
+                process_id=_PROCESS_ID.value,
+                initialization_timeout=_DISTRIBUTED_TIMEOUT.value,
+            )
+        except Exception as e:  # JAX raises several kinds (ValueError, RuntimeError, XlaRuntimeError)
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            print(
+                f"launch.py: error: could not join the multi-host run at {where} within "
+                f"{_DISTRIBUTED_TIMEOUT.value} s ({reason}). Check that process 0 runs, that "
+                "--coordinator_address is host:port of process 0 and reachable from here, and that "
+                "--num_processes and --process_id are right",
+                file=sys.stderr,
+            )
+            sys.exit(1)
         import orbax.checkpoint  # noqa: F401 -- defines the flag below
 
         # Orbax's default barriers are collectives (a psum over all devices), some issued from its
@@ -139,14 +192,19 @@ def main(argv):
     if _DRY_RUN.value:
         print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         return
+    from vitshap_jax.checkpoints import CheckpointError
     from vitshap_jax.data import BadImageError, DataNotFoundError
     from vitshap_jax.models import PretrainedMismatchError
     from vitshap_jax.stages.common import StageError
-    from vitshap_jax.train.loop import NonFiniteLossError
+    from vitshap_jax.train.loop import Interrupted, NonFiniteLossError
 
+    fixable = (StageError, DataNotFoundError, BadImageError, PretrainedMismatchError, NonFiniteLossError)
     try:
         stages.get_stage(config.stage)(config, _WORKDIR.value, mesh)
-    except (StageError, DataNotFoundError, BadImageError, PretrainedMismatchError, NonFiniteLossError) as e:
+    except Interrupted as e:  # SIGTERM (preemption) or Ctrl-C: the checkpoint is saved, resume by rerunning
+        print(f"launch.py: {e}", file=sys.stderr)
+        sys.exit(e.exit_status)
+    except (*fixable, CheckpointError) as e:
         print(f"launch.py: error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -64,3 +64,18 @@ def test_bad_overrides_are_one_line_errors_naming_the_key(tmp_path, args, expect
 )
 def test_bad_config_arguments_are_one_line_errors(tmp_path, config, expected):
     assert expected in _one_line_error(launch(f"--config={config}", f"--workdir={tmp_path}"))
+
+
+def test_an_unreachable_coordinator_is_one_line_after_a_bounded_wait(tmp_path):
+    r = launch(
+        "--config=configs/classifier.py:digits",
+        f"--workdir={tmp_path / 'work'}",
+        "--distributed",
+        "--coordinator_address=127.0.0.1:9",
+        "--num_processes=2",
+        "--process_id=1",
+        "--distributed_timeout=2",
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "Fatal" not in r.stderr, r.stderr[-2000:]
+    assert "launch.py: error: the coordinator 127.0.0.1:9 did not answer within 2 s" in r.stderr
+    assert not (tmp_path / "work").exists()

@@ -292,3 +292,9 @@ def test_bad_files_are_clear_errors(tmp_path):
     np.savez(tmp_path / "other.npz", weights=np.ones(3))
     with pytest.raises(PretrainedMismatchError, match="not a ViT checkpoint.*weights"):
         load_pretrained(tmp_path / "other.npz", params)
+    (tmp_path / "html.npz").write_text("<html>a login page saved as the checkpoint</html>")
+    with pytest.raises(PretrainedMismatchError, match="html.npz: not a readable .npz of arrays"):
+        load_pretrained(tmp_path / "html.npz", params)
+    (tmp_path / "model.safetensors").write_bytes(b"PK\x03\x04 a zip, not safetensors")
+    with pytest.raises(PretrainedMismatchError, match="model.safetensors: not a readable safetensors file"):
+        load_pretrained(tmp_path / "model.safetensors", params)

@@ -16,8 +16,19 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 CONFIG_FILE = "config.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or a run's config.json is missing or damaged; the message names it and what to do."""
+
+
+def _reason(e: Exception) -> str:
+    """The first line of an exception, for a one-line message."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
 
 def abstract(tree):
@@ -57,23 +68,50 @@ class StageCheckpoints:
             ),
         )
 
-    def restore_latest(self, target):
-        """(state, loader_state, meta) of the latest checkpoint, laid out like `target`."""
-        r = self.latest.restore(
-            self.latest.latest_step(),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract(target)),
-                loader=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore(),
-            ),
+    def _newest_that_restores(self, restore):
+        """`restore(step)` of the newest latest-checkpoint that restores; an older one when the newer is
+        damaged (a truncated, zero-filled or missing file after a crash or a full disk), each skip logged
+        in one line. CheckpointError if none restores."""
+        skipped = []
+        for step in sorted(self.latest.all_steps(), reverse=True):
+            try:
+                return restore(step)
+            except Exception as e:  # orbax and tensorstore raise many kinds for damaged files
+                skipped.append(f"step {step}: {_reason(e)}")
+                logging.warning(
+                    "skipped the checkpoint of step %d in %s: it does not restore (%s)",
+                    step,
+                    self.latest.directory,
+                    _reason(e),
+                )
+        raise CheckpointError(
+            f"no checkpoint in {self.latest.directory} restores ({'; '.join(skipped)}): delete "
+            f"{self.dir} to start this stage over"
         )
-        return r.state, r.loader, r.meta
+
+    def restore_latest(self, target):
+        """(state, loader_state, meta) of the newest checkpoint that restores, laid out like `target`."""
+
+        def restore(step):
+            r = self.latest.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract(target)),
+                    loader=ocp.args.JsonRestore(),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+            return r.state, r.loader, r.meta
+
+        return self._newest_that_restores(restore)
 
     def latest_meta(self) -> dict | None:
-        step = self.latest.latest_step()
-        if step is None:
+        """The metadata of the newest checkpoint whose metadata reads, or None without checkpoints."""
+        if self.latest.latest_step() is None:
             return None
-        return self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        return self._newest_that_restores(
+            lambda step: self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        )
 
     def save_best(self, step: int, params, meta: dict) -> None:
         self.best.save(
@@ -114,14 +152,28 @@ def load_best_params(stage_dir: str, target):
             return abstract(x)
         return x if x.sharding is not None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local)
 
+    if not os.path.isdir(path):
+        raise CheckpointError(
+            f"{stage_dir} has no best/ checkpoint: the stage has not finished its first epoch there, or "
+            "best/ was removed. Run (or finish) that stage with its launch command"
+        )
     with ocp.CheckpointManager(path, item_names=("params", "meta")) as manager:
         step = manager.latest_step()
         if step is None:
-            raise FileNotFoundError(
-                f"{path} holds no checkpoint: the stage in {stage_dir} has not saved one yet"
+            raise CheckpointError(
+                f"{path} holds no checkpoint: the stage in {stage_dir} has not finished its first epoch, or "
+                "its checkpoint was removed. Run (or finish) that stage with its launch command"
             )
         target = jax.tree.map(leaf, target)
-        return manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
+        try:
+            return manager.restore(
+                step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
+            ).params
+        except Exception as e:  # a damaged file: name it instead of a long traceback
+            raise CheckpointError(
+                f"the best checkpoint (step {step}) in {path} does not restore ({_reason(e)}): it is "
+                "damaged; rerun that stage in a fresh directory"
+            ) from None
 
 
 def write_config(stage_dir: str, config) -> None:
@@ -132,5 +184,19 @@ def write_config(stage_dir: str, config) -> None:
 
 
 def read_config(stage_dir: str) -> dict:
-    with open(os.path.join(stage_dir, CONFIG_FILE)) as f:
-        return json.load(f)
+    """The config a stage ran with; CheckpointError naming the file when it is not a JSON object."""
+    path = os.path.join(stage_dir, CONFIG_FILE)
+    with open(path) as f:
+        text = f.read()
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        config, problem = None, f"not valid JSON ({e})" if text.strip() else "empty"
+    else:
+        problem = "not a JSON object"
+    if not isinstance(config, dict) or "stage" not in config:
+        raise CheckpointError(
+            f"{path} is {problem if config is None else problem + ' with a stage'}: it is damaged or not "
+            "written by vitshap_jax. Delete that stage directory to start it over"
+        )
+    return config

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import PIL.Image
+from absl import logging
 from ml_collections import config_dict
 
 from vitshap_jax import checkpoints as ckpt_lib
@@ -104,6 +105,12 @@ def load_explainer(workdir: str, *, dtype: str | None = None) -> LoadedExplainer
     parameters and outputs stay float32."""
     explainer_dir = _explainer_dir(workdir)
     config = config_dict.ConfigDict(ckpt_lib.read_config(explainer_dir))
+    if not os.path.exists(os.path.join(explainer_dir, "results.json")):
+        logging.warning(
+            "the explainer in %s has not finished training: explaining with its best checkpoint so far "
+            "(rerun its training command to finish it)",
+            explainer_dir,
+        )
     if dtype is not None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: must be one of {', '.join(DTYPES)}")

@@ -289,7 +289,13 @@ class Checkpoint:
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
-    return dict(load_file(path))
+    try:
+        return dict(load_file(path))
+    except Exception as e:  # safetensors raises its own error kinds for a file of another format
+        raise PretrainedMismatchError(
+            f"{path}: not a readable safetensors file ({type(e).__name__}: {str(e)[:200]}); is it "
+            f"another format with a .safetensors name, or cut short by the download? {WHERE_TO_GET}"
+        ) from None
 
 
 def _json(path: str) -> dict:
@@ -376,8 +382,14 @@ def _read(path: str) -> Checkpoint:
         optional = ("embedding/bias",) if "patch_embed.proj.bias" not in arrays else ()
         return Checkpoint("timm", arrays, _timm_rule, cfg, optional=optional)
     if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+        except Exception as e:  # not a zip of arrays (or a pickled object), or cut short
+            raise PretrainedMismatchError(
+                f"{path}: not a readable .npz of arrays ({type(e).__name__}: {str(e)[:200]}); is it another "
+                f"format with a .npz name, or cut short by the download? {WHERE_TO_GET}"
+            ) from None
         arrays = _strip_prefix(arrays, ("opt/target/", "params/"))
         if _POS in arrays:
             return Checkpoint("vision_transformer", arrays, _vision_transformer_rule)

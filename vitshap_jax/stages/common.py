@@ -238,12 +238,52 @@ def eval_keys(seed: int, indices, salt: int):
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
 
 
+_LOCKS: dict[str, object] = {}  # stage directories this process holds (open lock files)
+LOCK_FILE = ".lock"
+
+
+def lock_stage_dir(path: str) -> None:
+    """Takes the lock of a stage directory for the rest of this process (process 0 of a multi-host run),
+    so that two runs never train into one directory: a second one refuses, naming the holder. The lock
+    (`flock` on `{path}/.lock`) ends with its process, however it ends."""
+    import fcntl
+    import socket
+
+    if jax.process_index() != 0 or path in _LOCKS:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        f = open(os.path.join(path, LOCK_FILE), "a+")  # noqa: SIM115 -- held open until the process ends
+    except OSError as e:
+        raise StageError(
+            f"cannot write to {path} ({e.strerror}): choose a --workdir you can write to"
+        ) from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise StageError(
+            f"{path} is in use by {holder}: wait for that run to end, or use another --workdir"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _LOCKS[path] = f
+
+
 def stage_dir(workdir: str, stage: str, config) -> str:
-    """`{workdir}/{stage}`, with the config written there. Refuses a directory whose earlier run used an
-    incompatible model or dataset (its checkpoints could not be resumed)."""
+    """`{workdir}/{stage}`, locked for this run, with the config written there. Refuses a directory that
+    another run holds, or whose earlier run used an incompatible model or dataset (its checkpoints could
+    not be resumed)."""
     if not workdir:
         raise StageError("--workdir is required: every stage writes {workdir}/{stage}/")
-    path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), stage)
+    root = os.path.abspath(os.path.expanduser(workdir))
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise StageError(f"--workdir={workdir} is a file, not a directory: choose another --workdir")
+    path = os.path.join(root, stage)
     if os.path.exists(os.path.join(path, ckpt_lib.CONFIG_FILE)):
         old = ckpt_lib.read_config(path)
         new = config.to_dict()
@@ -254,6 +294,7 @@ def stage_dir(workdir: str, stage: str, config) -> str:
                 f"{path} holds a {stage} run with a different setup ({diffs}); its checkpoints cannot be "
                 "resumed. Use another --workdir, or delete that directory to start over."
             )
+    lock_stage_dir(path)
     ckpt_lib.write_config(path, config)
     return path
 
@@ -269,6 +310,11 @@ def upstream_params(config, workdir: str, upstream_stage: str, model, sample_ima
             f"{upstream_stage} stage with the same --workdir first, or set --config.upstream to its directory"
         )
     up = ckpt_lib.read_config(path)
+    if up.get("stage") != upstream_stage:
+        raise StageError(
+            f"{path} holds a {up.get('stage')} run, not a {upstream_stage} run: point config.upstream at the "
+            f"{upstream_stage} directory (or leave it unset for {{workdir}}/{upstream_stage})"
+        )
     new = config.to_dict()
     changed = [k for k in UPSTREAM_FIELDS if _field(up, k) != _field(new, k)]
     if changed:

@@ -18,7 +18,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +36,37 @@ from vitshap_jax.data import pipeline
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class Interrupted(RuntimeError):
+    """The run stopped on SIGTERM (preemption) or SIGINT (Ctrl-C) after saving its checkpoint.
+    `exit_status` is 128 + the signal number, as a shell reports a run killed by it."""
+
+    def __init__(self, message: str, exit_status: int):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+class _StopSignals:
+    """Turns SIGTERM and SIGINT into a flag the loop reads between steps (main thread only); a second
+    signal of the same kind falls back to its default action, so a stuck run can still be killed."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        signal.signal(signum, signal.SIG_DFL)
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclasses.dataclass
@@ -55,16 +88,25 @@ class Task:
 
 
 class _Metrics:
-    """JSON lines and TensorBoard on process 0."""
+    """JSON lines and TensorBoard on process 0. Resuming after step `resume_step` first drops what was
+    written for later steps (they run again), so no step appears twice."""
 
-    def __init__(self, stage_dir: str):
+    def __init__(self, stage_dir: str, resume_step: int = 0):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        self.jsonl = open(os.path.join(stage_dir, "metrics.jsonl"), "a")  # noqa: SIM115 -- closed in close()
+        path = os.path.join(stage_dir, "metrics.jsonl")
+        if resume_step and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
+        self.jsonl = open(path, "a")  # noqa: SIM115 -- closed in close()
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(os.path.join(stage_dir, "tensorboard"))
+        purge = {"purge_step": resume_step + 1} if resume_step else {}
+        self.tb = SummaryWriter(os.path.join(stage_dir, "tensorboard"), **purge)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -122,7 +164,8 @@ def fit(task: Task, config, stage_dir: str, mesh, train_source, *, stop_after: i
         checkpoints.close()
         return best_metrics
     batches = pipeline.DeviceIterator(loader, mesh)
-    writer = _Metrics(stage_dir)
+    writer = _Metrics(stage_dir, start)
+    signals = _StopSignals()
     bar = None
     if sys.stderr.isatty() and jax.process_index() == 0:
         from tqdm import tqdm
@@ -202,15 +245,33 @@ def fit(task: Task, config, stage_dir: str, mesh, train_source, *, stop_after: i
                     best, best_metrics = val[metric], val
                     checkpoints.save_best(step, task.export(state), {"step": step, "epoch": epoch, **val})
                 t0 = time.perf_counter()  # throughput counts training steps only
-            if save:
+            stopping = signals.received is not None
+            if jax.process_count() > 1 and (step % config.train.log_every_steps == 0 or save):
+                from jax.experimental import multihost_utils  # every process stops at the same step
+
+                stopping = bool(multihost_utils.process_allgather(np.int32(stopping)).any())
+            elif jax.process_count() > 1:
+                stopping = False
+            if save or stopping:
+                if not save:
+                    check(step)
                 check_state(step)
                 meta = {"step": step, "total_steps": total, "complete": step == total}
                 checkpoints.save_latest(
                     step, state, batches.get_state(), meta | {"best": best, "best_metrics": best_metrics}
                 )
+            if stopping:
+                checkpoints.wait()
+                name = signal.Signals(signals.received or signal.SIGTERM).name
+                raise Interrupted(
+                    f"stopped by {name} after step {step} of {total}; its checkpoint is saved in "
+                    f"{checkpoints.latest.directory}: rerun the same command to resume",
+                    128 + int(signals.received or signal.SIGTERM),
+                )
             if stop_after is not None and step >= stop_after:
                 break
     finally:
+        signals.restore()
         checkpoints.wait()
         checkpoints.close()
         writer.close()

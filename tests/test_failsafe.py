@@ -1,0 +1,169 @@
+"""Fail-safe runs: damaged checkpoints fall back, a stage directory has one writer, SIGTERM saves and
+stops, and the mistakes a user can make give one line naming the file or field."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vitshap_jax import checkpoints, parallel
+from vitshap_jax.stages import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+
+def _two_checkpoints(path):
+    """A stage directory with the latest checkpoints of steps 1 and 2 (a small state)."""
+    mesh = parallel.make_mesh()
+    rep = parallel.replicated(mesh)
+    manager = checkpoints.StageCheckpoints(str(path))
+    for step in (1, 2):
+        w = jax.random.normal(jax.random.key(step), (128, 128)).at[0, 0].set(step)  # incompressible
+        state = jax.device_put({"step": jnp.int32(step), "w": w}, rep)
+        manager.save_latest(step, state, {"batch": step}, {"step": step, "complete": False})
+    manager.wait()
+    manager.close()
+    return jax.device_put({"step": jnp.int32(0), "w": jnp.zeros((128, 128))}, rep)
+
+
+def _largest_file(folder):
+    files = [os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "zero_fill", "delete"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_older_one(tmp_path, damage, caplog):
+    target = _two_checkpoints(tmp_path)
+    victim = _largest_file(tmp_path / "checkpoints" / "2" / "state")
+    size = os.path.getsize(victim)
+    if damage == "truncate":
+        os.truncate(victim, size // 2)
+    elif damage == "zero_fill":
+        with open(victim, "r+b") as f:
+            f.write(b"\0" * size)
+    else:
+        os.remove(victim)
+    manager = checkpoints.StageCheckpoints(str(tmp_path))
+    with caplog.at_level("WARNING"):
+        state, loader, meta = manager.restore_latest(target)
+    manager.close()
+    assert meta["step"] == 1 and loader == {"batch": 1} and float(state["w"][0, 0]) == 1.0
+    assert any("skipped the checkpoint of step 2" in r.getMessage() for r in caplog.records)
+
+
+def test_no_restorable_checkpoint_is_one_line(tmp_path):
+    target = _two_checkpoints(tmp_path)
+    for step in ("1", "2"):
+        os.remove(_largest_file(tmp_path / "checkpoints" / step / "state"))
+    manager = checkpoints.StageCheckpoints(str(tmp_path))
+    with pytest.raises(
+        checkpoints.CheckpointError, match=r"no checkpoint in .* restores \(step 2: .*; step 1: "
+    ):
+        manager.restore_latest(target)
+    manager.close()
+
+
+def test_missing_best_and_damaged_config_name_the_file(tmp_path):
+    with pytest.raises(
+        checkpoints.CheckpointError, match="has no best/ checkpoint: the stage has not finished"
+    ):
+        checkpoints.load_best_params(str(tmp_path), {"w": jnp.zeros(3)})
+    for text, what in (
+        ("", "is empty"),
+        ("{not json", "is not valid JSON"),
+        ("[1, 2]", "is not a JSON object"),
+    ):
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(checkpoints.CheckpointError, match=f"config.json {what}"):
+            checkpoints.read_config(str(tmp_path))
+
+
+def test_a_stage_directory_has_one_writer(tmp_path):
+    """A second process cannot take a stage directory that a running one holds; once it ends, it can."""
+    path = str(tmp_path / "classifier")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from vitshap_jax.stages import common; common.lock_stage_dir({path!r}); "
+            "print('locked', flush=True); import time; time.sleep(60)",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(common.StageError, match=rf"is in use by process {holder.pid} on .*: wait for"):
+            common.lock_stage_dir(path)
+    finally:
+        holder.kill()
+        holder.wait()
+    common.lock_stage_dir(path)  # the lock ended with its process
+    assert path in common._LOCKS
+
+
+def test_unusable_workdirs_and_upstreams_are_one_line(tmp_path):
+    from tests.test_configs import load
+
+    (tmp_path / "afile").write_text("x")
+    config = load("classifier", "digits")
+    with pytest.raises(common.StageError, match="is a file, not a directory"):
+        common.stage_dir(str(tmp_path / "afile"), "classifier", config)
+    os.makedirs(tmp_path / "explainer")
+    (tmp_path / "explainer" / "config.json").write_text(json.dumps({"stage": "explainer"}))
+    surrogate = load("surrogate", "digits")
+    surrogate.upstream = str(tmp_path / "explainer")
+    with pytest.raises(common.StageError, match="holds a explainer run, not a classifier run"):
+        common.upstream_params(surrogate, str(tmp_path), "classifier", None, None, None)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_without_duplicate_metrics(tmp_path):
+    work, data_dir = tmp_path / "work", tmp_path / "tfds"
+    epochs, steps_per_epoch = 8, 1257 // 64
+
+    def command(log_every):
+        return [
+            sys.executable,
+            "launch.py",
+            "--config=configs/classifier.py:digits",
+            f"--workdir={work}",
+            f"--config.dataset.data_dir={data_dir}",
+            f"--config.train.epochs={epochs}",
+            f"--config.train.log_every_steps={log_every}",
+            "--config.train.checkpoint_every_steps=100000",
+            "--config.dataset.read_threads=1",
+            "--config.model.depth=1",
+        ]
+
+    run = subprocess.Popen(command(1), cwd=ROOT, stderr=subprocess.PIPE, text=True, env=ENV)
+    metrics = work / "classifier" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "stopped by SIGTERM after step" in stderr and "rerun the same command to resume" in stderr
+    stopped = int(stderr.split("stopped by SIGTERM after step ")[1].split()[0])
+    assert stopped < epochs * steps_per_epoch
+    manager = checkpoints.StageCheckpoints(str(work / "classifier"))
+    assert manager.latest_step() == stopped  # saved at the signal, not at a scheduled checkpoint
+    manager.close()
+    with open(metrics, "a") as f:  # as if steps after the checkpoint had been logged before a kill
+        f.write(json.dumps({"step": stopped + 1, "train/loss": 1.0}) + "\n")
+    r = subprocess.run(command(50), cwd=ROOT, capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming at step {stopped}" in r.stderr
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "train/loss" in line]
+    assert len(steps) == len(set(steps)) and steps == sorted(steps)
+    assert np.isfinite(json.loads((work / "classifier" / "results.json").read_text())["test"]["accuracy"])
