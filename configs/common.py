@@ -195,6 +195,11 @@ def base_config(stage: str, opts: config_dict.ConfigDict) -> config_dict.ConfigD
     c = config_dict.ConfigDict()
     c.stage = stage  # which stage launch.py runs
     c.seed = 0  # seeds parameter init, data order and coalition sampling
+    c.restart = (
+        False  # a run in the stage directory with other settings or upstream: move it aside, start afresh
+    )
+    c.run_id = ""  # set by the run: identifies it (the next stage records it)
+    c.upstream_run_id = ""  # set by the run: the run_id of the upstream run it was trained from
 
     c.dataset = config_dict.ConfigDict()
     c.dataset.name = opts.dataset  # a key of DATASET_PRESETS

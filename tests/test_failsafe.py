@@ -167,3 +167,53 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_without_duplicate_metr
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "train/loss" in line]
     assert len(steps) == len(set(steps)) and steps == sorted(steps)
     assert np.isfinite(json.loads((work / "classifier" / "results.json").read_text())["test"]["accuracy"])
+
+
+def test_reruns_with_other_settings_or_a_retrained_upstream_are_refused_or_restarted(tmp_path):
+    """One rule everywhere: same settings and same upstream run continue; anything else is refused with
+    the differences, or with restart=True moved aside (nothing deleted) and trained afresh; the pipeline
+    trains a stage again when its upstream was trained again."""
+    from tests.test_stages import tiny
+    from vitshap_jax.stages import classifier, pipeline, surrogate
+
+    mesh = parallel.make_mesh()
+    data_dir = tmp_path / "tfds"
+
+    def digits(stage, **kw):
+        c = tiny(stage, "digits", data_dir, batch_size=64, log_every_steps=50)
+        c.dataset.image_size, c.dataset.resize_size, c.model.patch_size = 8, 8, 2
+        for key, value in kw.items():
+            group, field = key.split("__")
+            c[group][field] = value
+        return c
+
+    work = str(tmp_path / "work")
+    classifier.run(digits("classifier"), work, mesh)
+    surrogate.run(digits("surrogate"), work, mesh)
+    first = checkpoints.read_config(os.path.join(work, "classifier"))["run_id"]
+    assert checkpoints.read_config(os.path.join(work, "surrogate"))["upstream_run_id"] == first
+    # Other settings: refused with the difference; free fields (logging) are not settings.
+    with pytest.raises(common.StageError, match=r"other settings \(optim.lr: 0.001 -> 0.002\)"):
+        classifier.run(digits("classifier", optim__lr=2e-3), work, mesh)
+    classifier.run(digits("classifier", train__log_every_steps=7), work, mesh)
+    assert checkpoints.read_config(os.path.join(work, "classifier"))["run_id"] == first  # continued
+    # restart=True moves the old run aside and trains afresh.
+    again = digits("classifier", optim__lr=2e-3)
+    again.restart = True
+    classifier.run(again, work, mesh)
+    assert len([d for d in os.listdir(work) if d.startswith("classifier.replaced-")]) == 1
+    second = checkpoints.read_config(os.path.join(work, "classifier"))["run_id"]
+    assert second != first
+    # The surrogate trained from the first classifier is not reused as if it matched the second.
+    with pytest.raises(common.StageError, match="trained from another classifier run"):
+        surrogate.run(digits("surrogate"), work, mesh)
+    # The pipeline trains it again (moving the old one aside) and skips the finished classifier.
+    from tests.test_configs import load
+
+    config = load("pipeline", "digits")
+    for stage in pipeline.ORDER:
+        config[stage] = digits(stage, optim__lr=2e-3) if stage == "classifier" else digits(stage)
+    pipeline.run(config, work, mesh)
+    assert checkpoints.read_config(os.path.join(work, "classifier"))["run_id"] == second
+    assert checkpoints.read_config(os.path.join(work, "surrogate"))["upstream_run_id"] == second
+    assert len([d for d in os.listdir(work) if d.startswith("surrogate.replaced-")]) == 1

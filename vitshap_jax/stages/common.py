@@ -274,29 +274,112 @@ def lock_stage_dir(path: str) -> None:
     _LOCKS[path] = f
 
 
-def stage_dir(workdir: str, stage: str, config) -> str:
-    """`{workdir}/{stage}`, locked for this run, with the config written there. Refuses a directory that
-    another run holds, or whose earlier run used an incompatible model or dataset (its checkpoints could
-    not be resumed)."""
+# Fields a rerun may change: they do not change what the run computes (logging, checkpoint cadence,
+# data loading, where files are). Any other difference from the recorded run is refused, or with
+# `config.restart` starts the stage afresh.
+FREE_FIELDS = (
+    "train.log_every_steps",
+    "train.checkpoint_every_steps",
+    "dataset.workers",
+    "dataset.read_threads",
+    "dataset.prefetch",
+    "dataset.data_dir",
+    "dataset.manual_dir",
+    "model.pretrained",
+    "upstream",
+    "restart",
+    "run_id",
+    "upstream_run_id",
+)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def settings_diff(old: dict, new: dict) -> list[str]:
+    """`field: old -> new` for every setting that differs, except `FREE_FIELDS`."""
+    a, b = _flat(old), _flat(new)
+    keys = sorted((set(a) | set(b)) - set(FREE_FIELDS))
+    return [
+        f"{k}: {a.get(k, _DEFAULTS.get(k))!r} -> {b.get(k, _DEFAULTS.get(k))!r}"
+        for k in keys
+        if a.get(k, _DEFAULTS.get(k)) != b.get(k, _DEFAULTS.get(k))
+    ]
+
+
+def stage_dir(workdir: str, stage: str, config, upstream: dict | None = None) -> str:
+    """`{workdir}/{stage}`, locked for this run, with the config written there.
+
+    The rerun rule: a directory that holds a run of this stage is continued (resumed, or left as it is
+    when complete) only if the run has the same settings (`settings_diff`) and was trained from the
+    same upstream run (`upstream`, whose `run_id` the stage records as `upstream_run_id`). Otherwise it
+    is refused with the differences, or with `config.restart=True` the old run is moved aside to
+    `{stage}.replaced-<time>` (nothing is deleted) and the stage starts afresh. Also refuses a
+    directory that another run holds.
+    """
+    import time
+    import uuid
+
     if not workdir:
         raise StageError("--workdir is required: every stage writes {workdir}/{stage}/")
     root = os.path.abspath(os.path.expanduser(workdir))
     if os.path.exists(root) and not os.path.isdir(root):
         raise StageError(f"--workdir={workdir} is a file, not a directory: choose another --workdir")
     path = os.path.join(root, stage)
+    upstream_id = (upstream or {}).get("run_id", "")
+    run_id = ""
     if os.path.exists(os.path.join(path, ckpt_lib.CONFIG_FILE)):
         old = ckpt_lib.read_config(path)
         new = config.to_dict()
-        changed = [k for k in UPSTREAM_FIELDS + ("model.masking",) if _field(old, k) != _field(new, k)]
-        if changed:
-            diffs = ", ".join(f"{k}: {_field(old, k)!r} -> {_field(new, k)!r}" for k in changed)
-            raise StageError(
-                f"{path} holds a {stage} run with a different setup ({diffs}); its checkpoints cannot be "
-                "resumed. Use another --workdir, or delete that directory to start over."
+        setup = [k for k in UPSTREAM_FIELDS + ("model.masking",) if _field(old, k) != _field(new, k)]
+        diffs = settings_diff(old, new)
+        recorded = old.get("upstream_run_id", "")
+        other_upstream = bool(recorded and upstream_id and recorded != upstream_id)
+        if (diffs or other_upstream) and config.get("restart"):
+            aside = f"{path}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            lock_stage_dir(path)  # nobody else may be using it while it moves
+            os.replace(path, aside)
+            _LOCKS.pop(path, None)
+            logging.info(
+                "%s: the earlier run (%s) moved to %s; starting afresh",
+                path,
+                "; ".join(diffs) or "another upstream",
+                aside,
             )
+        elif setup:
+            changes = ", ".join(f"{k}: {_field(old, k)!r} -> {_field(new, k)!r}" for k in setup)
+            raise StageError(
+                f"{path} holds a {stage} run with a different setup ({changes}); its checkpoints cannot be "
+                "resumed. Use another --workdir, or --config.restart=True to move it aside and start over."
+            )
+        elif diffs:
+            raise StageError(
+                f"{path} holds a {stage} run with other settings ({'; '.join(diffs)}): rerun with its "
+                "settings to resume it, or --config.restart=True to move it aside and start over"
+            )
+        elif other_upstream:
+            raise StageError(
+                f"{path} holds a {stage} run trained from another {UPSTREAM[stage]} run than the one in "
+                f"{config.get('upstream') or os.path.join(root, UPSTREAM[stage])}: --config.restart=True "
+                "moves it aside and trains it again from the current one"
+            )
+        else:
+            run_id = old.get("run_id", "")
     lock_stage_dir(path)
+    config.run_id = run_id or uuid.uuid4().hex
+    config.upstream_run_id = upstream_id
     ckpt_lib.write_config(path, config)
     return path
+
+
+UPSTREAM = {"surrogate": "classifier", "explainer": "surrogate"}
 
 
 def upstream_params(config, workdir: str, upstream_stage: str, model, sample_images, mesh):

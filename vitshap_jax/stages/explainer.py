@@ -111,9 +111,7 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     probe = build_model(config)
     surrogate_params, up = common.upstream_params(config, workdir, "surrogate", probe, sample, mesh)
     splits = common.open_splits(config, mesh)  # every check before anything is written
-    path = common.stage_dir(
-        workdir, "explainer", config
-    )  # after the upstream check: nothing written on failure
+    path = common.stage_dir(workdir, "explainer", config, up)  # after every check: nothing written on failure
     surrogate = build_model(config, masking=up["model"]["masking"])  # evaluate the game the surrogate learned
     explainer = build_explainer(config)
     params = explainer.init(jax.random.key(config.seed), sample)["params"]

@@ -1,7 +1,10 @@
 """The main job: classifier -> surrogate -> explainer in one workdir.
 
-A stage whose run finished (all steps done and `results.json` written) is skipped; an unfinished one
-resumes from its latest checkpoint. Prints a summary and where everything is.
+A stage whose run finished (all steps done and `results.json` written) with the same settings, from
+the current upstream run, is skipped; an unfinished one resumes from its latest checkpoint; one with
+other settings is refused (or with `--config.<stage>.restart=True` moved aside and trained afresh), and
+a stage whose upstream was trained again is trained again too (the old run moved aside). Prints a
+summary and where everything is.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import os
 import jax
 from absl import logging
 
-from vitshap_jax.stages import get_stage
+from vitshap_jax import checkpoints as ckpt_lib
+from vitshap_jax.stages import common, get_stage
 from vitshap_jax.train.loop import is_complete
 
 ORDER = ("classifier", "surrogate", "explainer")
@@ -20,15 +24,27 @@ ORDER = ("classifier", "surrogate", "explainer")
 
 def run(config, workdir: str, mesh) -> dict:
     results = {}
-    for stage in ORDER:
-        stage_path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), stage)
+    root = os.path.abspath(os.path.expanduser(workdir))
+    for i, stage in enumerate(ORDER):
+        c, stage_path = config[stage], os.path.join(root, stage)
         results_file = os.path.join(stage_path, "results.json")
-        if is_complete(stage_path) and os.path.exists(results_file):
-            logging.info("%s: finished earlier in %s, skipped", stage, stage_path)
-            with open(results_file) as f:
-                results[stage] = json.load(f)
-            continue
-        results[stage] = get_stage(stage)(config[stage], workdir, mesh)
+        upstream = common.upstream_config(c, workdir, ORDER[i - 1]) if i else None
+        recorded = (
+            ckpt_lib.read_config(stage_path)
+            if os.path.exists(os.path.join(stage_path, ckpt_lib.CONFIG_FILE))
+            else None
+        )
+        if recorded and upstream and recorded.get("upstream_run_id") not in ("", upstream.get("run_id")):
+            logging.info("%s: trained from an earlier %s run; training it again", stage, ORDER[i - 1])
+            c.restart = True  # the old run is moved aside, not deleted
+        if recorded and not c.restart and is_complete(stage_path) and os.path.exists(results_file):
+            common.resolve(c, upstream)
+            if not common.settings_diff(recorded, c.to_dict()):
+                logging.info("%s: finished earlier in %s, skipped", stage, stage_path)
+                with open(results_file) as f:
+                    results[stage] = json.load(f)
+                continue  # with other settings, the stage itself refuses (or restarts) below
+        results[stage] = get_stage(stage)(c, workdir, mesh)
     if jax.process_index() == 0:
         print(summary(results))
     return results

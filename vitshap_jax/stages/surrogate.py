@@ -72,11 +72,9 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     model = build_model(config)
     classifier = build_model(config, masking="attention")  # always evaluated on full images
     sample = jnp.zeros((1, config.dataset.image_size, config.dataset.image_size, 3))
-    classifier_params, _ = common.upstream_params(config, workdir, "classifier", classifier, sample, mesh)
+    classifier_params, up = common.upstream_params(config, workdir, "classifier", classifier, sample, mesh)
     splits = common.open_splits(config, mesh)  # every check before anything is written
-    path = common.stage_dir(
-        workdir, "surrogate", config
-    )  # after the upstream check: nothing written on failure
+    path = common.stage_dir(workdir, "surrogate", config, up)  # after every check: nothing written on failure
     params = jax.tree.map(jnp.copy, classifier_params)  # the surrogate starts as the classifier
     tx = common.make_optimizer(config, common.total_steps(config, len(splits["train"])))
     state = common.create_state(params, tx, mesh)
