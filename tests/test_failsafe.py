@@ -217,3 +217,26 @@ def test_reruns_with_other_settings_or_a_retrained_upstream_are_refused_or_resta
     assert checkpoints.read_config(os.path.join(work, "classifier"))["run_id"] == second
     assert checkpoints.read_config(os.path.join(work, "surrogate"))["upstream_run_id"] == second
     assert len([d for d in os.listdir(work) if d.startswith("surrogate.replaced-")]) == 1
+
+
+def test_runs_recorded_before_a_field_existed_still_resume():
+    """A field missing from an older run's config.json is not a difference, unless its value now differs
+    from the one those runs had (its default)."""
+    old = {
+        "stage": "classifier",
+        "optim": {"lr": 1e-3},
+        "model": {"depth": 4},
+        "train": {"log_every_steps": 5},
+    }
+    new = {
+        "stage": "classifier",
+        "optim": {"lr": 1e-3},
+        "model": {"depth": 4, "pool": "token"},
+        "dataset": {"class_names": ["0", "1"]},
+        "train": {"log_every_steps": 50},
+        "run_id": "abc",
+    }
+    assert common.settings_diff(old, new) == []
+    new["model"]["pool"] = "avg"
+    new["optim"]["lr"] = 2e-3
+    assert common.settings_diff(old, new) == ["model.pool: 'token' -> 'avg'", "optim.lr: 0.001 -> 0.002"]

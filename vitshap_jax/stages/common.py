@@ -304,9 +304,10 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def settings_diff(old: dict, new: dict) -> list[str]:
-    """`field: old -> new` for every setting that differs, except `FREE_FIELDS`."""
+    """`field: old -> new` for every setting that differs, except `FREE_FIELDS`. A field that one of the
+    two configs lacks (a run recorded before the field existed) counts only if it has a known default."""
     a, b = _flat(old), _flat(new)
-    keys = sorted((set(a) | set(b)) - set(FREE_FIELDS))
+    keys = sorted(((set(a) & set(b)) | ((set(a) | set(b)) & set(_DEFAULTS))) - set(FREE_FIELDS))
     return [
         f"{k}: {a.get(k, _DEFAULTS.get(k))!r} -> {b.get(k, _DEFAULTS.get(k))!r}"
         for k in keys
@@ -393,7 +394,9 @@ def upstream_params(config, workdir: str, upstream_stage: str, model, sample_ima
             f"{upstream_stage} stage with the same --workdir first, or set --config.upstream to its directory"
         )
     up = ckpt_lib.read_config(path)
-    if up.get("stage") != upstream_stage:
+    # A classifier trained on random coalitions (train.mask_patches) can serve as its own surrogate.
+    masked_classifier = up.get("stage") == "classifier" and up.get("train", {}).get("mask_patches")
+    if up.get("stage") != upstream_stage and not (upstream_stage == "surrogate" and masked_classifier):
         raise StageError(
             f"{path} holds a {up.get('stage')} run, not a {upstream_stage} run: point config.upstream at the "
             f"{upstream_stage} directory (or leave it unset for {{workdir}}/{upstream_stage})"

@@ -53,12 +53,12 @@ def output_names(paths: list[str]) -> dict[str, str]:
     counts = {}
     for stem in stems.values():
         counts[stem] = counts.get(stem, 0) + 1
-    root = os.path.commonpath([os.path.abspath(p) for p in paths]) if paths else ""
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else ""
     names, used = {}, set()
     for p in paths:
         name = stems[p]
         if counts[name] > 1:
-            rel = os.path.relpath(os.path.abspath(p), root if os.path.isdir(root) else os.path.dirname(root))
+            rel = os.path.relpath(os.path.abspath(p), root)
             name = rel.replace(os.sep, "__").replace(".", "_")
         base, k = name, 1
         while name in used:  # the same file named twice
