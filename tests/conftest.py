@@ -8,6 +8,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
+# The longest test files, started first: with `-n 2 --dist loadfile` (pyproject.toml) the two workers
+# take files in collection order, so a long file collected last would run alone at the end.
+SLOW_FIRST = ("test_learning.py", "test_stages.py", "test_evaluate.py", "test_failsafe.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: order kept within
+
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):

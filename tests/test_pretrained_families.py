@@ -308,13 +308,15 @@ def test_transformers_directory_gives_the_librarys_outputs(tmp_path, case):
 def test_registers_and_distillation_token_stay_visible_and_pack_exactly(tmp_path):
     """On imported DINOv2-with-registers and DeiT-with-teacher models: attention masking equals running
     the visible patches alone (token dropping), and the packed n + 2P pair equals two masked passes."""
-    masks = jnp.asarray(np.random.default_rng(1).random((2, 16)) < 0.4)
+    # The empty coalition (only prefix tokens left), a random one, and a random one for the other image.
+    masks = jnp.asarray(np.random.default_rng(1).random((2, 16)) < 0.4).at[0].set(False)
     for case in ("Dinov2WithRegistersModel", "DeiTForImageClassificationWithTeacher"):
         folder, _ = _write_hf(tmp_path, case)
         model, params = _load(folder, read_architecture(folder))
         images = jnp.asarray(IMAGES)
         masked = model.apply({"params": params}, images, masks)
         both = model.apply({"params": params}, images, masks, with_complement=True)
+        assert np.isfinite(np.asarray(masked)).all()
         for i in range(2):
             keep = jnp.asarray(np.flatnonzero(np.asarray(masks[i]))[None])
             alone = model.apply({"params": params}, images[i : i + 1], patch_indices=keep)

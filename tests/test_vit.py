@@ -178,12 +178,10 @@ def test_parameter_count_matches_public_vit(variant):
     assert sum(x.size for x in jax.tree.leaves(shapes)) == PUBLIC_COUNTS[variant]
 
 
-# The architecture options of the families pretrained.py imports, on the same small shape.
+# The architecture options of the families pretrained.py imports, on the same small shape. (Registers
+# and the distillation token with its head are checked the same way on imported DINOv2-with-registers
+# and DeiT-with-teacher models in test_pretrained_families.py.)
 ARCHITECTURES = {
-    # Hugging Face DINOv2 with registers: layer scale; registers without position embeddings.
-    "dinov2_registers": dict(reg_tokens=2, pos_prefix=1, layer_scale=True),
-    # DeiT distilled: a distillation token with its own head, the two heads averaged.
-    "deit_distilled": dict(distill_token=True, distill_head=True),
     # timm without a class token: average pooling, the final norm after pooling, one register.
     "avg_pool": dict(class_token=False, pool="avg", fc_norm=True, reg_tokens=1, pos_prefix=0),
     # timm without any prefix token: nothing but patches.
@@ -226,11 +224,11 @@ def test_architecture_options_create_their_parameters():
     )
     plain = names()
     assert {"cls", "Transformer/posembed_input/pos_embedding", "Transformer/encoder_norm/scale"} <= plain
-    dino = names(**ARCHITECTURES["dinov2_registers"])
+    dino = names(reg_tokens=2, pos_prefix=1, layer_scale=True)  # DINOv2 with registers
     assert {"reg", "Transformer/encoderblock_0/ls1", "Transformer/encoderblock_2/ls2"} <= dino
     avg = names(**ARCHITECTURES["avg_pool"])
     assert "cls" not in avg and "Transformer/encoder_norm/scale" not in avg and "norm_pooled/scale" in avg
-    assert {"dist", "head_dist/kernel"} <= names(**ARCHITECTURES["deit_distilled"])
+    assert {"dist", "head_dist/kernel"} <= names(distill_token=True, distill_head=True)  # DeiT distilled
     assert "Transformer/norm_pre/scale" in names(**ARCHITECTURES["clip"])
     with pytest.raises(ValueError, match="class token"):
         names(class_token=False)
