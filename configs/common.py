@@ -21,6 +21,16 @@ MODEL_VARIANTS = {
     "micro": dict(hidden_size=64, depth=4, num_heads=4, mlp_dim=256),
 }
 
+_CIFAR_PRESET = dict(
+    target="multiclass",
+    image_size=32,
+    patch_size=4,
+    model="mini",
+    resize_size=32,
+    crop_scale_min=0.6,
+    hflip=True,
+)
+
 # What the data fixes (classes, target type, image geometry, sensible augmentation) and a default model.
 DATASET_PRESETS = {
     # scikit-learn's bundled 8x8 digits: 16 players of 2x2 pixels; runs anywhere, offline. A mild
@@ -71,26 +81,8 @@ DATASET_PRESETS = {
     # CIFAR-10 / CIFAR-100 from the official python tarballs: native 32 px with 4 px patches (64 players),
     # trained from scratch like digits. For a pretrained ViT at 224 px, set dataset.image_size and
     # dataset.resize_size to 224, model.pretrained, and a fine-tuning learning rate (docs/own_data.md).
-    "cifar10": dict(
-        num_classes=10,
-        target="multiclass",
-        image_size=32,
-        patch_size=4,
-        model="mini",
-        resize_size=32,
-        crop_scale_min=0.6,
-        hflip=True,
-    ),
-    "cifar100": dict(
-        num_classes=100,
-        target="multiclass",
-        image_size=32,
-        patch_size=4,
-        model="mini",
-        resize_size=32,
-        crop_scale_min=0.6,
-        hflip=True,
-    ),
+    "cifar10": _CIFAR_PRESET | dict(num_classes=10),
+    "cifar100": _CIFAR_PRESET | dict(num_classes=100),
     # Your own images (a folder per class, split folders, or a CSV manifest; vitshap_jax/data/folder.py),
     # with --config.dataset.manual_dir=DIR. The class count and names come from the data; two classes
     # get a sigmoid link ("auto" target); image and patch size are yours (a checkpoint fixes the patch).

@@ -4,12 +4,21 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache for this test session, its xdist workers and the subprocesses the
+# tests start (they inherit the environment): many tests compile the same tiny models again. A fresh
+# directory per session, so no result depends on an earlier session's cache.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vitshap_jax_test_xla_cache_")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 
 import pytest  # noqa: E402
 
-# The longest test files, started first: with `-n 2 --dist loadfile` (pyproject.toml) the two workers
-# take files in collection order, so a long file collected last would run alone at the end.
+# Under pytest-xdist (`-n 2 --dist loadfile`, pyproject.toml) the two workers take whole test files in
+# collection order: the longest go first, so that none is left running alone at the end.
 SLOW_FIRST = ("test_learning.py", "test_stages.py", "test_evaluate.py", "test_failsafe.py")
 
 

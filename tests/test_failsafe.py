@@ -195,8 +195,10 @@ def test_reruns_with_other_settings_or_a_retrained_upstream_are_refused_or_resta
     # Other settings: refused with the difference; free fields (logging) are not settings.
     with pytest.raises(common.StageError, match=r"other settings \(optim.lr: 0.001 -> 0.002\)"):
         classifier.run(digits("classifier", optim__lr=2e-3), work, mesh)
-    classifier.run(digits("classifier", train__log_every_steps=7), work, mesh)
-    assert checkpoints.read_config(os.path.join(work, "classifier"))["run_id"] == first  # continued
+    free = digits("classifier", train__log_every_steps=7)
+    common.resolve(free)
+    common.stage_dir(work, "classifier", free)  # accepted: the run continues under its run_id
+    assert checkpoints.read_config(os.path.join(work, "classifier"))["run_id"] == first
     # restart=True moves the old run aside and trains afresh.
     again = digits("classifier", optim__lr=2e-3)
     again.restart = True

@@ -120,8 +120,13 @@ def test_a_run_reads_classes_target_architecture_and_normalization_instead_of_ty
         for i in range(12):
             PIL.Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(tmp_path / "images" / name / f"{i}.png")
     checkpoint, _ = _write_hf(tmp_path, "CLIPVisionModel")
-    config = load("classifier", "folder")
-    config.dataset.manual_dir, config.dataset.data_dir = str(tmp_path / "images"), str(tmp_path / "prep")
+
+    def folder_config(stage):
+        c = load(stage, "folder")
+        c.dataset.manual_dir, c.dataset.data_dir = str(tmp_path / "images"), str(tmp_path / "prep")
+        return c
+
+    config = folder_config("classifier")
     config.model.pretrained = str(checkpoint)
     assert (config.dataset.num_classes, config.dataset.target, config.model.hidden_size) == (0, "auto", 768)
     common.resolve(config)
@@ -130,18 +135,13 @@ def test_a_run_reads_classes_target_architecture_and_normalization_instead_of_ty
     assert (m.hidden_size, m.depth, m.num_heads, m.mlp_dim, m.patch_size) == (32, 2, 4, 64, 4)
     assert (m.pre_norm, m.act, m.ln_eps, d.normalization) == (True, "quick_gelu", 1e-5, "clip")
     # A surrogate config of the preset's shape adopts the classifier run's architecture.
-    surrogate = load("surrogate", "folder")
-    surrogate.dataset.manual_dir, surrogate.dataset.data_dir = (
-        config.dataset.manual_dir,
-        config.dataset.data_dir,
-    )
+    surrogate = folder_config("surrogate")
     assert surrogate.model.hidden_size == presets.MODEL_VARIANTS["base"]["hidden_size"]
     common.resolve(surrogate, config.to_dict())
     assert all(surrogate.model[k] == config.model[k] for k in ("hidden_size", "pre_norm", "act", "ln_eps"))
     assert surrogate.dataset.normalization == "clip" and surrogate.dataset.target == "binary"
     # A normalization that contradicts the checkpoint's is refused, not silently used.
-    other = load("surrogate", "folder")
-    other.dataset.manual_dir, other.dataset.data_dir = config.dataset.manual_dir, config.dataset.data_dir
+    other = folder_config("surrogate")
     other.dataset.normalization = "imagenet"
     with pytest.raises(common.StageError, match="used 'clip': leave it at auto"):
         common.resolve(other, config.to_dict())
