@@ -119,6 +119,10 @@ def test_unusable_workdirs_and_upstreams_are_one_line(tmp_path):
     config = load("classifier", "digits")
     with pytest.raises(common.StageError, match="is a file, not a directory"):
         common.stage_dir(str(tmp_path / "afile"), "classifier", config)
+    with pytest.raises(
+        common.StageError, match=r"cannot write to .*afile/sub/classifier \(Not a directory\)"
+    ):
+        common.stage_dir(str(tmp_path / "afile" / "sub"), "classifier", config)  # unwritable: one line
     os.makedirs(tmp_path / "explainer")
     (tmp_path / "explainer" / "config.json").write_text(json.dumps({"stage": "explainer"}))
     surrogate = load("surrogate", "digits")
