@@ -54,9 +54,14 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_older_one(tmp_path, damag
     manager = checkpoints.StageCheckpoints(str(tmp_path))
     with caplog.at_level("WARNING"):
         state, loader, meta = manager.restore_latest(target)
-    manager.close()
     assert meta["step"] == 1 and loader == {"batch": 1} and float(state["w"][0, 0]) == 1.0
     assert any("skipped the checkpoint of step 2" in r.getMessage() for r in caplog.records)
+    # The damaged step is gone, so the resumed run's next save (step 2 again) is written, not skipped.
+    manager.save_latest(2, state, {"batch": 2}, {"step": 2, "complete": False})
+    manager.wait()
+    _, _, meta = manager.restore_latest(target)
+    manager.close()
+    assert meta["step"] == 2
 
 
 def test_no_restorable_checkpoint_is_one_line(tmp_path):
@@ -242,6 +247,8 @@ def test_runs_recorded_before_a_field_existed_still_resume():
         "train": {"log_every_steps": 50},
         "run_id": "abc",
     }
+    assert common.settings_diff(old, new) == []
+    new["model"]["from_checkpoint"] = "/weights/vit.npz"  # recorded by newer runs; where, not what
     assert common.settings_diff(old, new) == []
     new["model"]["pool"] = "avg"
     new["optim"]["lr"] = 2e-3

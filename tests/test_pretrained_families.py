@@ -378,6 +378,19 @@ def test_unsupported_or_incomplete_transformers_directories_are_clear_errors(tmp
     )
     with pytest.raises(PretrainedMismatchError, match="unexpected: encoder.layer.0.extra.weight"):
         _load(folder, read_architecture(folder))
+    # Dinov2ForImageClassification's head reads [class token; patch mean] (2D wide): not silently dropped.
+    save_file(
+        sd
+        | {
+            "classifier.weight": np.zeros((CLASSES, 2 * D), np.float32),
+            "classifier.bias": np.zeros(CLASSES, np.float32),
+        },
+        str(folder / "model.safetensors"),
+    )
+    with pytest.raises(
+        PretrainedMismatchError, match="head reads a 64-wide feature, this ViT's a 32-wide one"
+    ):
+        _load(folder, read_architecture(folder))
 
 
 # ---------------------------------------------------------------------------------------------- timm

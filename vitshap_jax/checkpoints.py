@@ -68,15 +68,16 @@ class StageCheckpoints:
             ),
         )
 
-    def _newest_that_restores(self, restore):
+    def _newest_that_restores(self, restore, drop_damaged: bool = False):
         """`restore(step)` of the newest latest-checkpoint that restores; an older one when the newer is
         damaged (a truncated, zero-filled or missing file after a crash or a full disk), each skip logged
         in one line. CheckpointError if none restores."""
-        skipped = []
+        skipped, damaged = [], []
         for step in sorted(self.latest.all_steps(), reverse=True):
             try:
-                return restore(step)
+                restored = restore(step)
             except Exception as e:  # orbax and tensorstore raise many kinds for damaged files
+                damaged.append(step)
                 skipped.append(f"step {step}: {_reason(e)}")
                 logging.warning(
                     "skipped the checkpoint of step %d in %s: it does not restore (%s)",
@@ -84,6 +85,11 @@ class StageCheckpoints:
                     self.latest.directory,
                     _reason(e),
                 )
+                continue
+            if damaged and drop_damaged:  # or orbax would skip every save up to the damaged step
+                for bad in damaged:
+                    self.latest.delete(bad)
+            return restored
         raise CheckpointError(
             f"no checkpoint in {self.latest.directory} restores ({'; '.join(skipped)}): delete "
             f"{self.dir} to start this stage over"
@@ -103,7 +109,7 @@ class StageCheckpoints:
             )
             return r.state, r.loader, r.meta
 
-        return self._newest_that_restores(restore)
+        return self._newest_that_restores(restore, drop_damaged=True)
 
     def latest_meta(self) -> dict | None:
         """The metadata of the newest checkpoint whose metadata reads, or None without checkpoints."""
@@ -119,14 +125,11 @@ class StageCheckpoints:
         )
 
     def delete_from(self, step: int) -> list[int]:
-        """Deletes the latest and best checkpoints of steps >= `step` (saves must be finished: `wait`);
-        returns the deleted steps of the latest checkpoints."""
+        """Deletes the latest checkpoints of steps >= `step` (saves must be finished: `wait`) and returns
+        their steps. The best checkpoint stays: it was finite and validated when it was saved."""
         dropped = [s for s in self.latest.all_steps() if s >= step]
         for s in dropped:
             self.latest.delete(s)
-        for s in self.best.all_steps():
-            if s >= step:
-                self.best.delete(s)
         return sorted(dropped)
 
     def wait(self) -> None:
@@ -177,17 +180,20 @@ def load_best_params(stage_dir: str, target):
 
 
 def write_config(stage_dir: str, config) -> None:
+    """Writes `config.json` (process 0) through a temporary file, so a kill never leaves it half-written."""
     if jax.process_index() == 0:
         os.makedirs(stage_dir, exist_ok=True)
-        with open(os.path.join(stage_dir, CONFIG_FILE), "w") as f:
+        path = os.path.join(stage_dir, CONFIG_FILE)
+        with open(path + ".tmp", "w") as f:
             json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+        os.replace(path + ".tmp", path)
 
 
 def read_config(stage_dir: str) -> dict:
     """The config a stage ran with; CheckpointError naming the file when it is not a JSON object."""
     path = os.path.join(stage_dir, CONFIG_FILE)
-    with open(path) as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
     try:
         config = json.loads(text)
     except json.JSONDecodeError as e:

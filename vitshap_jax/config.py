@@ -227,6 +227,7 @@ def validate(config) -> None:
     _one_of(config, "model.masking", MASKING_STRATEGIES)
     _one_of(config, "model.dtype", DTYPES)
     if m.pretrained is not None:
+        m.pretrained = os.path.expanduser(m.pretrained)
         _require(
             os.path.isdir(m.pretrained) or m.pretrained.endswith(PRETRAINED_SUFFIXES),
             "model.pretrained",

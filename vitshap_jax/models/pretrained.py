@@ -427,7 +427,7 @@ def load_pretrained(path: str, params: dict, *, pos_prefix: int = 1) -> dict:
     differs. Raises FileNotFoundError, or PretrainedMismatchError listing every missing, unexpected and
     mis-shaped key.
     """
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
     if not os.path.exists(path):
         raise FileNotFoundError(f"pretrained weights {path!r} do not exist. {WHERE_TO_GET}")
     ckpt = _read(path)
@@ -457,6 +457,13 @@ def load_pretrained(path: str, params: dict, *, pos_prefix: int = 1) -> dict:
                 continue
             logging.info("%s: resized the position embedding to %d tokens", path, init.shape[1])
         if key.startswith(("head/", "head_dist/")) and value.shape != init.shape:
+            if key.endswith("kernel") and value.shape[-1] == init.shape[-1]:  # same classes, other input
+                mismatched.append(
+                    f"{key}: the file's head reads a {value.shape[0]}-wide feature, this ViT's a "
+                    f"{init.shape[0]}-wide one (e.g. Dinov2ForImageClassification's class token + patch "
+                    "mean): load its backbone without that head"
+                )
+                continue
             head_reinit = f"the file's head has shape {value.shape}, the model's {init.shape}"
             continue
         if value.shape != init.shape:
@@ -537,7 +544,7 @@ def read_architecture(path: str) -> dict:
     arrays; what arrays cannot say (heads of a fused qkv, activation, epsilon, pooling) from the
     checkpoint's config.json, else from the timm model name, else the common value (logged).
     """
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
     if not os.path.exists(path):
         raise FileNotFoundError(f"pretrained weights {path!r} do not exist. {WHERE_TO_GET}")
     ckpt = _read(path)

@@ -303,6 +303,8 @@ class ViT(nn.Module):
             raise ValueError("pool='token' needs a class token; use pool='avg' for a ViT without one")
         if self.distill_head and not self.distill_token:
             raise ValueError("distill_head needs distill_token")
+        if self.distill_token and not self.class_token:
+            raise ValueError("distill_token needs class_token (DeiT: class token, then distillation token)")
         pos_prefix = self.num_prefix_tokens if self.pos_prefix < 0 else self.pos_prefix
         if pos_prefix > self.num_prefix_tokens:
             raise ValueError(

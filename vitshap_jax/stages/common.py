@@ -83,6 +83,7 @@ def resolve(config, upstream: dict | None = None) -> None:
                 d.target = "binary" if len(names) == 2 else "multiclass"
             logging.info("folder: %d classes (%s), %s target", len(names), ", ".join(names[:10]), d.target)
     if m.get("pretrained"):
+        m.pretrained = os.path.expanduser(m.pretrained)
         arch = read_architecture(m.pretrained)
         overrides = checkpoint_overrides(m.get("checkpoint_overrides", ""))
         for name, value in (arch["model"] | overrides).items():
@@ -267,6 +268,10 @@ def lock_stage_dir(path: str) -> None:
         raise StageError(
             f"{path} is in use by {holder}: wait for that run to end, or use another --workdir"
         ) from None
+    except OSError as e:  # a file system without locks (NFS without lockd, Lustre with noflock)
+        logging.warning(
+            "%s: cannot lock it (%s); going on without a lock: one job per stage directory", path, e
+        )
     f.seek(0)
     f.truncate()
     f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
@@ -286,6 +291,7 @@ FREE_FIELDS = (
     "dataset.data_dir",
     "dataset.manual_dir",
     "model.pretrained",
+    "model.from_checkpoint",
     "upstream",
     "restart",
     "run_id",
@@ -335,7 +341,7 @@ def stage_dir(workdir: str, stage: str, config, upstream: dict | None = None) ->
         raise StageError(f"--workdir={workdir} is a file, not a directory: choose another --workdir")
     path = os.path.join(root, stage)
     upstream_id = (upstream or {}).get("run_id", "")
-    run_id = ""
+    run_id, move_aside = "", ""
     if os.path.exists(os.path.join(path, ckpt_lib.CONFIG_FILE)):
         old = ckpt_lib.read_config(path)
         new = config.to_dict()
@@ -344,16 +350,7 @@ def stage_dir(workdir: str, stage: str, config, upstream: dict | None = None) ->
         recorded = old.get("upstream_run_id", "")
         other_upstream = bool(recorded and upstream_id and recorded != upstream_id)
         if (diffs or other_upstream) and config.get("restart"):
-            aside = f"{path}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-            lock_stage_dir(path)  # nobody else may be using it while it moves
-            os.replace(path, aside)
-            _LOCKS.pop(path, None)
-            logging.info(
-                "%s: the earlier run (%s) moved to %s; starting afresh",
-                path,
-                "; ".join(diffs) or "another upstream",
-                aside,
-            )
+            move_aside = "; ".join(diffs) or "another upstream"
         elif setup:
             changes = ", ".join(f"{k}: {_field(old, k)!r} -> {_field(new, k)!r}" for k in setup)
             raise StageError(
@@ -373,11 +370,35 @@ def stage_dir(workdir: str, stage: str, config, upstream: dict | None = None) ->
             )
         else:
             run_id = old.get("run_id", "")
-    lock_stage_dir(path)
-    config.run_id = run_id or uuid.uuid4().hex
-    config.upstream_run_id = upstream_id
-    ckpt_lib.write_config(path, config)
+    # Every process has decided the same from the same files; only process 0 moves and writes.
+    _barrier(f"stage_dir_read:{path}")
+    if jax.process_index() == 0:
+        if move_aside:
+            aside = f"{path}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            k = 1
+            while os.path.exists(aside):
+                k += 1
+                aside = f"{path}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{k}"
+            lock_stage_dir(path)  # nobody else may be using it while it moves
+            os.replace(path, aside)
+            _LOCKS.pop(path, None)
+            logging.info("%s: the earlier run (%s) moved to %s; starting afresh", path, move_aside, aside)
+        lock_stage_dir(path)
+        config.run_id = run_id or uuid.uuid4().hex
+        config.upstream_run_id = upstream_id
+        ckpt_lib.write_config(path, config)
+    _barrier(f"stage_dir_written:{path}")
+    if jax.process_index() != 0:  # the run_id process 0 chose
+        config.run_id = ckpt_lib.read_config(path)["run_id"]
+        config.upstream_run_id = upstream_id
     return path
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 UPSTREAM = {"surrogate": "classifier", "explainer": "surrogate"}

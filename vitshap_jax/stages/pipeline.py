@@ -34,7 +34,7 @@ def run(config, workdir: str, mesh) -> dict:
             if os.path.exists(os.path.join(stage_path, ckpt_lib.CONFIG_FILE))
             else None
         )
-        if recorded and upstream and recorded.get("upstream_run_id") not in ("", upstream.get("run_id")):
+        if recorded and upstream and recorded.get("upstream_run_id", "") not in ("", upstream.get("run_id")):
             logging.info("%s: trained from an earlier %s run; training it again", stage, ORDER[i - 1])
             c.restart = True  # the old run is moved aside, not deleted
         if recorded and not c.restart and is_complete(stage_path) and os.path.exists(results_file):

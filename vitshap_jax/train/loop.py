@@ -96,16 +96,23 @@ class _Metrics:
         if not self.enabled:
             return
         path = os.path.join(stage_dir, "metrics.jsonl")
-        if resume_step and os.path.exists(path):
+        if os.path.exists(path):  # keep what the steps up to the restored one wrote (none: from scratch)
+
+            def kept_line(line: str) -> bool:
+                try:
+                    return json.loads(line).get("step", 0) <= resume_step
+                except ValueError:  # a line cut short by a kill
+                    return False
+
             with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                kept = [line for line in f if line.strip() and kept_line(line)]
             with open(path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(path + ".tmp", path)
         self.jsonl = open(path, "a")  # noqa: SIM115 -- closed in close()
         from tensorboardX import SummaryWriter
 
-        purge = {"purge_step": resume_step + 1} if resume_step else {}
+        purge = {"purge_step": resume_step + 1}
         self.tb = SummaryWriter(os.path.join(stage_dir, "tensorboard"), **purge)
 
     def write(self, step: int, metrics: dict) -> None:
@@ -190,7 +197,8 @@ def fit(task: Task, config, stage_dir: str, mesh, train_source, *, stop_after: i
         )
         raise NonFiniteLossError(
             f"{stage_dir}: {what}; {where}{note}. "
-            "Lower config.optim.lr or raise config.optim.warmup_steps, then rerun to resume from it."
+            "Rerun unchanged to resume from it, or lower config.optim.lr (or raise "
+            "config.optim.warmup_steps) with --config.restart=True to start over (the run is moved aside)."
         )
 
     def check_state(step: int):
