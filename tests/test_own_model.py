@@ -19,6 +19,15 @@ CLASSES = ("cat", "dog", "zebra")
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
 
 
+def _launch(*args):
+    """launch.py as a user runs it; its output when it succeeds."""
+    r = subprocess.run(
+        [sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
 def _image_tree(root):
     """Three class folders of 20x24 images, with hidden files, a Mac sidecar, a README, and images in
     CMYK, 16-bit grayscale, RGBA and palette modes."""
@@ -55,23 +64,14 @@ def test_folder_and_a_transformers_checkpoint_to_heatmaps_with_the_readme_comman
     stages = []
     for stage in ("classifier", "surrogate", "explainer"):
         stages += [f"--config.{stage}.train.epochs=1", f"--config.{stage}.train.batch_size=8"]
-    r = subprocess.run(
-        [
-            sys.executable,
-            "launch.py",
-            "--config=configs/pipeline.py:folder",
-            f"--config.model.pretrained={checkpoint}",
-        ]
-        + common
-        + stages
-        + ["--config.explainer.explainer.num_coalitions=4", "--config.explainer.explainer.mlp_ratio=1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=ENV,
+    r = _launch(
+        "--config=configs/pipeline.py:folder",
+        f"--config.model.pretrained={checkpoint}",
+        *common,
+        *stages,
+        "--config.explainer.explainer.num_coalitions=4",
+        "--config.explainer.explainer.mlp_ratio=1",
     )
-    assert r.returncode == 0, r.stderr[-3000:]
     assert "vitshap_jax pipeline finished" in r.stdout
     for stage in ("classifier", "surrogate", "explainer"):
         config = checkpoints.read_config(str(work / stage))
@@ -86,22 +86,12 @@ def test_folder_and_a_transformers_checkpoint_to_heatmaps_with_the_readme_comman
 
     PIL.Image.fromarray(np.full((30, 30, 3), 200, np.uint8)).save(tmp_path / "mine.jpg")
     out = tmp_path / "explained"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "launch.py",
-            "--config=configs/explain.py:folder",
-            f"--workdir={work}",
-            f"--config.images={tmp_path / 'mine.jpg'}",
-            f"--config.output_dir={out}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=ENV,
+    _launch(
+        "--config=configs/explain.py:folder",
+        f"--workdir={work}",
+        f"--config.images={tmp_path / 'mine.jpg'}",
+        f"--config.output_dir={out}",
     )
-    assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["mine.npz", "mine.png"]
     values = np.load(out / "mine.npz")
     assert values["phi"].shape == (16, 3) and list(values["class_names"]) == list(CLASSES)
