@@ -557,16 +557,15 @@ def read_architecture(path: str) -> dict:
 
 def _npz_architecture(ckpt: Checkpoint) -> dict:
     a = ckpt.arrays
-    flat = {ckpt.rule(k)[0][0]: k for k in ("embedding/kernel",)}
-    kernel = a[next(iter(flat))]
-    sample = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"
-    query = (
-        np.asarray(ckpt.rule(sample)[1](a[ckpt.rule(sample)[0][0]], None))
-        if ckpt.rule(sample)[0][0] in a
-        else None
-    )
-    mlp = "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"
-    scanned = "Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel" in a
+
+    def ours(key: str) -> np.ndarray | None:
+        """The file's array for our parameter `key` (through the format's rule), or None."""
+        (source,), fn = ckpt.rule(key)
+        return np.asarray(fn(a[source], None)) if source in a else None
+
+    kernel = ours("embedding/kernel")
+    query = ours("Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel")  # [D, heads, d]
+    scanned = "Transformer/encoderblock/LayerNorm_0/scale" in a  # big_vision: blocks stacked on axis 0
     depth = (
         a["Transformer/encoderblock/LayerNorm_0/scale"].shape[0]
         if scanned
@@ -577,7 +576,7 @@ def _npz_architecture(ckpt: Checkpoint) -> dict:
         "hidden_size": int(kernel.shape[-1]),
         "depth": int(depth),
         "num_heads": int(query.shape[-2]) if query is not None else int(kernel.shape[-1]) // 64,
-        "mlp_dim": int(np.asarray(ckpt.rule(mlp)[1](a[ckpt.rule(mlp)[0][0]], None)).shape[-1]),
+        "mlp_dim": int(ours("Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel").shape[-1]),
     }
     head = a.get("head/kernel")
     return {
