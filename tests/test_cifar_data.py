@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from ml_collections import config_dict
 
+from tests.helpers import write_files
 from vitshap_jax import data
 from vitshap_jax.data import cifar
 from vitshap_jax.data.base import DataNotFoundError
@@ -73,10 +74,7 @@ def _write(root, files: dict, archive: str | None = None):
                 info.size = len(content)
                 tf.addfile(info, io.BytesIO(content))
         return
-    for rel, content in files.items():
-        os.makedirs(os.path.join(root, os.path.dirname(rel)), exist_ok=True)
-        with open(os.path.join(root, rel), "wb") as f:
-            f.write(content)
+    write_files(root, files)
 
 
 def _records(b, split):

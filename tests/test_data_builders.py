@@ -10,6 +10,7 @@ import PIL.Image
 import pytest
 from sklearn.datasets import load_digits
 
+from tests.helpers import write_files
 from vitshap_jax import data
 from vitshap_jax.data import imagenette, mura, pet
 from vitshap_jax.data.base import BadImageError, DataNotFoundError
@@ -23,14 +24,6 @@ def _image_bytes(fmt="JPEG", mode="RGB", seed=0, size=(12, 10)):
     buf = io.BytesIO()
     image.save(buf, format=fmt)
     return buf.getvalue()
-
-
-def _write(root, files: dict):
-    for rel, content in files.items():
-        path = os.path.join(root, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(content.encode() if isinstance(content, str) else content)
 
 
 def _tar(path, root, members):
@@ -87,7 +80,7 @@ def _imagenette_tree(root, corrupt=False):
     files["imagenette2/noisy_imagenette.csv"] = "path,noisy_labels_0\n"
     if corrupt:
         files[f"imagenette2/train/{WNIDS[0]}/broken.JPEG"] = b"not a jpeg"
-    _write(root, files)
+    write_files(root, files)
     return files
 
 
@@ -147,7 +140,7 @@ def test_hidden_files_and_mac_sidecars_are_not_images(tmp_path, archive):
             folder, name = rel.rsplit("/", 1)
             junk[f"{folder}/._{name}"] = APPLEDOUBLE
             junk[f"{folder}/.DS_Store"] = b"\x00\x00\x00\x01Bud1"
-    _write(manual, junk)
+    write_files(manual, junk)
     if archive == "tgz":
         _tar(tmp_path / "imagenette2.tgz", manual, ["imagenette2"])
         manual = tmp_path
@@ -225,7 +218,7 @@ def _pet_tree(root, per_breed=12, test_per_breed=3):
     files["annotations/trainval.txt"] = "\n".join(trainval) + "\n"
     files["annotations/test.txt"] = "\n".join(test) + "\n"
     files["annotations/list.txt"] = "#Image CLASS-ID SPECIES BREED ID\n"
-    _write(root, files)
+    write_files(root, files)
     return trainval, test
 
 
@@ -250,7 +243,7 @@ def test_pet_official_split_from_archives(tmp_path):
 
 def test_pet_annotation_naming_the_wrong_breed_is_an_error(tmp_path):
     _pet_tree(tmp_path)
-    _write(tmp_path, {"annotations/test.txt": "Bombay_13 2 1 1\n"})
+    write_files(tmp_path, {"annotations/test.txt": "Bombay_13 2 1 1\n"})
     with pytest.raises(ValueError, match=r"test\.txt, line 1: class id 2 does not name 'Bombay'"):
         data.prepare("pet", str(tmp_path), str(tmp_path / "prepared"))
 
@@ -276,7 +269,7 @@ def _mura_tree(root, patients=30):
     for split, (paths, studies) in rows.items():
         files[f"MURA-v1.1/{split}_image_paths.csv"] = "\n".join(paths) + "\n"
         files[f"MURA-v1.1/{split}_labeled_studies.csv"] = "\n".join(studies) + "\n"
-    _write(root, files)
+    write_files(root, files)
     return rows
 
 
@@ -313,10 +306,10 @@ def test_mura_inconsistent_or_missing_csv_is_an_error(tmp_path):
     rows = _mura_tree(tmp_path, patients=3)
     study, label = rows["train"][1][0].rsplit(",", 1)
     flipped = [f"{study},{1 - int(label)}"] + rows["train"][1][1:]
-    _write(tmp_path, {"MURA-v1.1/train_labeled_studies.csv": "\n".join(flipped) + "\n"})
+    write_files(tmp_path, {"MURA-v1.1/train_labeled_studies.csv": "\n".join(flipped) + "\n"})
     with pytest.raises(ValueError, match="labels .*study1_negative.* 1, its folder name says 0"):
         data.prepare("mura", str(tmp_path), str(tmp_path / "prepared"))
-    _write(tmp_path, {"MURA-v1.1/train_labeled_studies.csv": "\n".join(rows["train"][1]) + "\n"})
+    write_files(tmp_path, {"MURA-v1.1/train_labeled_studies.csv": "\n".join(rows["train"][1]) + "\n"})
     os.remove(tmp_path / "MURA-v1.1" / "valid_image_paths.csv")
     with pytest.raises(DataNotFoundError, match=r"valid_image_paths\.csv is missing"):
         data.prepare("mura", str(tmp_path), str(tmp_path / "prepared"))

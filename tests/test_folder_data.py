@@ -13,6 +13,7 @@ import PIL.PngImagePlugin
 import pytest
 from ml_collections import config_dict
 
+from tests.helpers import write_files
 from vitshap_jax import data
 from vitshap_jax.data import folder
 from vitshap_jax.data.base import BadImageError, DataNotFoundError, ImageBuilder, to_rgb
@@ -30,14 +31,6 @@ def _encode(image: PIL.Image.Image, fmt: str, **kw) -> bytes:
 def _image(value: int, fmt="PNG") -> bytes:
     """A flat RGB image whose pixels are all (value, value + 1, value + 2)."""
     return _encode(PIL.Image.new("RGB", SIZE, (value, value + 1, value + 2)), fmt)
-
-
-def _write(root, files: dict):
-    for rel, content in files.items():
-        path = os.path.join(root, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(content.encode() if isinstance(content, str) else content)
 
 
 def _records(builder):
@@ -92,7 +85,7 @@ def _class_tree(root):
         ".thumbnails/cat/x.png": b"not an image",
         "zebra/.hidden.png": b"not an image",
     }
-    _write(root, files)
+    write_files(root, files)
     return images
 
 
@@ -171,7 +164,7 @@ def test_split_folders_are_kept_and_a_missing_split_is_carved_from_train(tmp_pat
             files[f"train/{c}/{c}{i}.png"] = _image(i)
         files[f"val/{c}/{c}_v.png"] = _image(100)
     files["val/wasp/wasp_v.png"] = _image(200)  # a class with no training images
-    _write(tmp_path / "src", files)
+    write_files(tmp_path / "src", files)
     with pytest.raises(ValueError, match=r"class folder\(s\) 'wasp' in validation have no training images"):
         data.prepare("folder", str(tmp_path / "src"), str(tmp_path / "p"))
     shutil.rmtree(tmp_path / "src" / "val" / "wasp")
@@ -264,7 +257,7 @@ def test_split_folders_are_kept_and_a_missing_split_is_carved_from_train(tmp_pat
 )
 def test_unusable_folders_say_what_they_found(tmp_path, files, error, message):
     (tmp_path / "src").mkdir()
-    _write(tmp_path / "src", files)
+    write_files(tmp_path / "src", files)
     with pytest.raises(error, match=message):
         data.prepare("folder", str(tmp_path / "src"), str(tmp_path / "p"))
     assert not os.path.exists(
@@ -286,7 +279,7 @@ def test_missing_source_is_reported(tmp_path):
 
 
 def test_csv_manifest_with_split_column(tmp_path):
-    _write(tmp_path, {f"imgs/{i}.png": _image(10 * i) for i in range(14)})
+    write_files(tmp_path, {f"imgs/{i}.png": _image(10 * i) for i in range(14)})
     rows = ["Label,path,notes,split"]  # any column order, any header case; other columns ignored
     for i in range(14):
         split = "val" if i in (0, 1) else "train"  # no test rows: test is carved from train
@@ -308,7 +301,7 @@ def test_csv_manifest_with_split_column(tmp_path):
 
 
 def test_csv_integer_labels_are_class_indices(tmp_path):
-    _write(tmp_path, {f"d/{i}.png": _image(i) for i in range(30)})
+    write_files(tmp_path, {f"d/{i}.png": _image(i) for i in range(30)})
     (tmp_path / "m.csv").write_text("path,label\n" + "".join(f"d/{i}.png,{i % 3}\n" for i in range(30)))
     found = folder.scan(str(tmp_path / "m.csv"), (0.8, 0.1, 0.1))
     assert found.class_names == ["0", "1", "2"]
@@ -368,7 +361,7 @@ def test_csv_integer_labels_are_class_indices(tmp_path):
     ],
 )
 def test_bad_csv_manifests_say_which_line(tmp_path, csv, error, message):
-    _write(tmp_path, {"a.png": _image(1), "b.png": _image(2)})
+    write_files(tmp_path, {"a.png": _image(1), "b.png": _image(2)})
     (tmp_path / "m.csv").write_text(csv)
     with pytest.raises(error, match=message):
         data.prepare("folder", str(tmp_path / "m.csv"), str(tmp_path / "p"))
@@ -380,7 +373,7 @@ def test_bad_csv_manifests_say_which_line(tmp_path, csv, error, message):
 def test_truncated_image_stops_with_its_path_or_is_skipped(tmp_path):
     files = {f"{c}/{i}.png": _image(i) for c in ("a", "b") for i in range(10)}
     files["b/broken.png"] = files["b/3.png"][:40]  # truncated mid-file
-    _write(tmp_path / "src", files)
+    write_files(tmp_path / "src", files)
     with pytest.raises(BadImageError, match=r"src/b/broken\.png: cannot read the image.*on_bad_image='skip'"):
         data.prepare("folder", str(tmp_path / "src"), str(tmp_path / "p"))
     b = data.prepare("folder", str(tmp_path / "src"), str(tmp_path / "p"), on_bad_image="skip")
@@ -498,7 +491,7 @@ def test_unusual_images_in_a_folder_are_prepared_as_shown(tmp_path):
         "b/plain.jpg": _image(60, "JPEG"),
     }
     files |= {f"b/{i}.png": _image(i) for i in range(12)}
-    _write(tmp_path / "src", files)
+    write_files(tmp_path / "src", files)
     b = data.prepare("folder", str(tmp_path / "src"), str(tmp_path / "p"), split_fractions="0.34,0.33,0.33")
     records = _records(b)
     for rel in [r for r in files if r.startswith("a/")] + ["b/plain.jpg"]:
