@@ -1,4 +1,4 @@
-"""Runs one stage of vitshap_jax.
+"""Runs one stage (classifier, surrogate, explainer, pipeline) or command (explain, evaluate, roar).
 
     python launch.py --config=configs/<stage>.py:<dataset>[,k=v] --workdir=DIR [--config.a.b=value ...]
 
@@ -131,8 +131,8 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax
 
-    from vitshap_jax import parallel, stages
-    from vitshap_jax.config import ConfigError, validate
+    from vitshap_jax import commands, parallel, stages
+    from vitshap_jax.config import COMMANDS, STAGES, ConfigError, validate
 
     config = _CONFIG.value
     try:
@@ -172,11 +172,10 @@ def main(argv):
         # processes. The coordination service's barriers need no collectives.
         flags.FLAGS.experimental_orbax_use_distributed_barrier = True
     mesh = parallel.make_mesh()
-    if config.stage == "pipeline":
-        sub_configs = [config[s] for s in ("classifier", "surrogate", "explainer")]
-    else:
-        own = config.stage in ("explain", "evaluate", "roar")  # these use the settings of the run they read
-        sub_configs = [] if own else [config]
+    if config.stage == stages.PIPELINE:
+        sub_configs = [config[s] for s in STAGES]
+    else:  # the commands use the settings of the run they read
+        sub_configs = [] if config.stage in COMMANDS else [config]
     try:
         for c in sub_configs:
             parallel.check_batch_size(c.train.batch_size, mesh)
@@ -192,19 +191,16 @@ def main(argv):
     if _DRY_RUN.value:
         print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         return
-    from vitshap_jax.checkpoints import CheckpointError
-    from vitshap_jax.data import BadImageError, DataNotFoundError
-    from vitshap_jax.models import PretrainedMismatchError
-    from vitshap_jax.stages.common import StageError
-    from vitshap_jax.train.loop import Interrupted, NonFiniteLossError
+    from vitshap_jax.errors import UserError
+    from vitshap_jax.train.loop import Interrupted
 
-    fixable = (StageError, DataNotFoundError, BadImageError, PretrainedMismatchError, NonFiniteLossError)
+    run = commands.get(config.stage) if config.stage in COMMANDS else stages.get_stage(config.stage)
     try:
-        stages.get_stage(config.stage)(config, _WORKDIR.value, mesh)
+        run(config, _WORKDIR.value, mesh)
     except Interrupted as e:  # SIGTERM (preemption) or Ctrl-C: the checkpoint is saved, resume by rerunning
         print(f"launch.py: {e}", file=sys.stderr)
         sys.exit(e.exit_status)
-    except (*fixable, CheckpointError) as e:
+    except UserError as e:  # a mistake the user can fix: the message says what to do
         print(f"launch.py: error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -30,10 +30,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vitshap_jax.explain import load_explainer  # noqa: E402
 from vitshap_jax.models import num_patches  # noqa: E402
-from vitshap_jax.shapley import exact_shapley, kernelshap, surrogate_game  # noqa: E402
-from vitshap_jax.stages.evaluate import first_images  # noqa: E402
+from vitshap_jax.runs import load_explainer  # noqa: E402
+from vitshap_jax.shapley import exact_shapley, kernelshap  # noqa: E402
 
 
 def timed(fn, *args, repeats: int = 1):
@@ -61,8 +60,8 @@ def main():
     )
     args = p.parse_args()
     loaded = load_explainer(args.workdir)
-    game = surrogate_game(loaded.surrogate, loaded.surrogate_params, loaded.config.dataset.target)
-    _, images, _ = first_images(loaded, "test", args.images)
+    game = loaded.game()
+    _, images, _ = loaded.examples("test", args.images)
     images = jnp.asarray(images)
     b, n = len(images), num_patches(loaded.image_size, loaded.patch_size)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 
 from configs import explainer as explainer_config  # noqa: E402
 from vitshap_jax import parallel  # noqa: E402
-from vitshap_jax.models import build_model  # noqa: E402
+from vitshap_jax.models import build_explainer, build_model  # noqa: E402
 from vitshap_jax.stages import common  # noqa: E402
 from vitshap_jax.stages import explainer as stage  # noqa: E402
 
@@ -49,7 +49,7 @@ def step_setup(variant: str, batch: int, coalitions: int, dtype: str, packed: bo
     config.model.dtype = dtype
     config.explainer.num_coalitions = coalitions
     surrogate = build_model(config)
-    explainer = stage.build_explainer(config)
+    explainer = build_explainer(config)
     images = np.random.default_rng(0).standard_normal((batch, size, size, 3)).astype(np.float32)
     s_params = surrogate.init(jax.random.key(0), images[:1])["params"]
     params = explainer.init(jax.random.key(1), images[:1])["params"]

@@ -22,10 +22,8 @@ import numpy as np  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 
 from configs import roar as roar_config  # noqa: E402
-from vitshap_jax.explain import load_explainer  # noqa: E402
-from vitshap_jax.models import num_patches  # noqa: E402
-from vitshap_jax.stages import evaluate  # noqa: E402
-from vitshap_jax.stages.roar import split_arrays  # noqa: E402
+from vitshap_jax.evaluation import methods  # noqa: E402
+from vitshap_jax.runs import TrainedRun  # noqa: E402
 
 
 def main():
@@ -34,19 +32,19 @@ def main():
     p.add_argument("--fraction", type=float, default=0.5, help="share of patches removed")
     p.add_argument("--methods", default="explainer,kernelshap,leave_one_out,random")
     args = p.parse_args()
-    loaded = load_explainer(args.workdir)
+    loaded = TrainedRun.load(args.workdir)
     config = roar_config.get_config(loaded.config.dataset.name)
     config.methods = args.methods
-    classifier, params, _ = evaluate.load_classifier(loaded)
-    n = num_patches(loaded.image_size, loaded.patch_size)
+    classifier, params = loaded.classifier()
+    n = loaded.num_players
     k = round(args.fraction * n)
-    fns = evaluate.method_functions(config, loaded, classifier, params, n)
-    splits = {"train": split_arrays(loaded, "train"), "test": split_arrays(loaded, "test")}
+    fns = methods.method_functions(config, loaded, classifier, params, n)
+    splits = {split: loaded.examples(split)[1:] for split in ("train", "test")}
     print(f"run: {args.workdir}; {k} of {n} patches removed; chance: {1 / len(loaded.class_names):.3f}")
     for name, fn in fns.items():
         masks = {}
         for split, (images, labels) in splits.items():
-            scores, _ = evaluate.run_batched(
+            scores, _ = methods.run_batched(
                 fn, images, labels, batch_size=config.batch_size, key=jax.random.key(0), put=jax.device_put
             )
             rank = np.argsort(np.argsort(-scores, axis=1), axis=1)

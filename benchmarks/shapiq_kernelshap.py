@@ -65,13 +65,11 @@ def surrogate_table(game, image, cls: int) -> np.ndarray:
 
 
 def digits_table(workdir: str) -> np.ndarray:
-    from vitshap_jax.explain import load_explainer
-    from vitshap_jax.shapley import surrogate_game
-    from vitshap_jax.stages.evaluate import first_images
+    from vitshap_jax.runs import load_explainer
 
     loaded = load_explainer(workdir)
-    _, images, labels = first_images(loaded, "test", 1)
-    game = surrogate_game(loaded.surrogate, loaded.surrogate_params, loaded.config.dataset.target)
+    _, images, labels = loaded.examples("test", 1)
+    game = loaded.game()
     return surrogate_table(game, jnp.asarray(images), int(labels[0]))
 
 

@@ -80,7 +80,7 @@ DATASET_PRESETS = {
     ),
     # CIFAR-10 / CIFAR-100 from the official python tarballs: native 32 px with 4 px patches (64 players),
     # trained from scratch like digits. For a pretrained ViT at 224 px, set dataset.image_size and
-    # dataset.resize_size to 224, model.pretrained, and a fine-tuning learning rate (docs/own_data.md).
+    # dataset.resize_size to 224, model.pretrained, and a fine-tuning learning rate (docs/data.md).
     "cifar10": _CIFAR_PRESET | dict(num_classes=10),
     "cifar100": _CIFAR_PRESET | dict(num_classes=100),
     # Your own images (a folder per class, split folders, or a CSV manifest; vitshap_jax/data/folder.py),
@@ -98,7 +98,6 @@ DATASET_PRESETS = {
     ),
 }
 
-STAGES = ("classifier", "surrogate", "explainer")
 
 # Per-dataset training settings that differ from the reference's fine-tuning defaults (set in the
 # stage configs). digits has no pretrained weights at 8x8 px, so each stage trains a small ViT from
@@ -187,9 +186,8 @@ def base_config(stage: str, opts: config_dict.ConfigDict) -> config_dict.ConfigD
     c = config_dict.ConfigDict()
     c.stage = stage  # which stage launch.py runs
     c.seed = 0  # seeds parameter init, data order and coalition sampling
-    c.restart = (
-        False  # a run in the stage directory with other settings or upstream: move it aside, start afresh
-    )
+    # A run in the stage directory with other settings or upstream: move it aside, start afresh.
+    c.restart = False
     c.run_id = ""  # set by the run: identifies it (the next stage records it)
     c.upstream_run_id = ""  # set by the run: the run_id of the upstream run it was trained from
 
@@ -199,17 +197,15 @@ def base_config(stage: str, opts: config_dict.ConfigDict) -> config_dict.ConfigD
     # "multiclass" (softmax, cross-entropy) or "binary" (sigmoid, BCE); folder: "auto" = binary for 2 classes
     c.dataset.target = preset["target"]
     c.dataset.image_size = preset["image_size"]  # side of the square model input, in pixels
-    c.dataset.data_dir = config_dict.placeholder(
-        str
-    )  # prepared data (None: $TFDS_DATA_DIR or ~/tensorflow_datasets)
+    # Where prepared data is (None: $TFDS_DATA_DIR or ~/tensorflow_datasets).
+    c.dataset.data_dir = config_dict.placeholder(str)
     c.dataset.manual_dir = config_dict.placeholder(str)  # the user's download, to prepare from on first use
     c.dataset.on_bad_image = "fail"  # an unreadable image while preparing: "fail" (with its path) or "skip"
     c.dataset.split_fractions = "0.8,0.1,0.1"  # folder: train,validation,test shares of the splits not given
     c.dataset.class_names = []  # set by the run: the class names in label order (from the data)
     c.dataset.resize_size = preset["resize_size"]  # eval: shorter side resized to this, then center crop
-    c.dataset.crop_scale_min = preset[
-        "crop_scale_min"
-    ]  # train: random-resized-crop area in [this, 1] (1: none)
+    # Train: random-resized-crop area in [this, 1] (1: none).
+    c.dataset.crop_scale_min = preset["crop_scale_min"]
     c.dataset.hflip = preset["hflip"]  # train: random horizontal flips
     # Pixel normalization: "inception" ([-1, 1]), "imagenet", "clip", or "auto" (what the pretrained
     # checkpoint states, else inception); the run records the one it used.

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitshap_jax import baselines, lrp
+from vitshap_jax.evaluation import baselines, lrp
 from vitshap_jax.models import ViT
 from vitshap_jax.shapley.exact import exact_shapley
 from vitshap_jax.shapley.game import table_game

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 
 from configs import common
-from vitshap_jax.config import ConfigError, num_outputs, validate
+from vitshap_jax.config import STAGES, ConfigError, num_outputs, validate
 
 
 def load(stage, arg=None):
@@ -17,7 +17,7 @@ def load(stage, arg=None):
 
 
 @pytest.mark.parametrize("dataset", sorted(common.DATASET_PRESETS))
-@pytest.mark.parametrize("stage", common.STAGES)
+@pytest.mark.parametrize("stage", STAGES)
 def test_every_stage_and_dataset_loads_and_validates(stage, dataset):
     c = load(stage, dataset)
     if dataset == "folder":
@@ -117,11 +117,11 @@ def test_pipeline_config_holds_the_three_stages(dataset):
     c.dataset.manual_dir = "/images"  # folder needs it
     validate(c)
     assert c.stage == "pipeline"
-    assert [c[s].stage for s in common.STAGES] == list(common.STAGES)
+    assert [c[s].stage for s in STAGES] == list(STAGES)
     assert c.surrogate.model.masking == "zero" and c.classifier.dataset.name == dataset
     # One dataset group and one architecture for the three stages: set once, seen by every stage.
     c.dataset.image_size, c.dataset.resize_size, c.model.patch_size = 48, 64, 8
-    assert all((c[s].dataset.image_size, c[s].model.patch_size) == (48, 8) for s in common.STAGES)
+    assert all((c[s].dataset.image_size, c[s].model.patch_size) == (48, 8) for s in STAGES)
     c.model.num_heads = 5
     assert c.explainer.model.num_heads == 5
     with pytest.raises(ConfigError, match=r"config.classifier.model.num_heads=5: must divide"):

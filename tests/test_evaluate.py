@@ -9,9 +9,11 @@ import pytest
 
 from tests.test_configs import load
 from vitshap_jax import parallel
+from vitshap_jax.commands import evaluate
 from vitshap_jax.config import EVALUATION_METHODS, ConfigError, validate
-from vitshap_jax.explain import load_explainer
-from vitshap_jax.stages import evaluate
+from vitshap_jax.errors import StageError
+from vitshap_jax.evaluation import ground_truth, methods, pictures
+from vitshap_jax.runs import load_explainer
 from vitshap_jax.viz.curves import curve_size
 from vitshap_jax.viz.heatmaps import figure_size
 
@@ -88,7 +90,7 @@ def test_pictures(evaluated):
     methods = 1 + len(results["methods"])  # ground truth first
     for i in range(2):
         with PIL.Image.open(out / "heatmaps" / f"{i:03d}_methods.png") as png:
-            assert png.size == figure_size(methods, evaluate.HEATMAP_COLUMNS)
+            assert png.size == figure_size(methods, pictures.HEATMAP_COLUMNS)
         assert (out / "heatmaps" / f"{i:03d}_shapley.png").exists()
     assert not (out / "heatmaps" / "002_methods.png").exists()
     curves = results["surrogate_curves"]
@@ -118,21 +120,21 @@ def test_bad_evaluate_config(field, value, message):
 
 def test_a_permutation_budget_below_one_pair_of_permutations_is_refused(trained_run):
     c = small(methods="permutation", permutation_budgets="31")  # 16 patches: one pair costs 2 + 30
-    with pytest.raises(evaluate.common.StageError, match="costs 32 evaluations with 16 patches"):
+    with pytest.raises(StageError, match="costs 32 evaluations with 16 patches"):
         evaluate.run(c, str(trained_run), parallel.make_mesh())
 
 
 def test_the_predicted_class_is_explained_when_asked(trained_run, tmp_path):
     import jax.numpy as jnp
 
-    from vitshap_jax.stages.classifier import predictions
+    from vitshap_jax.losses import predictions
 
     c = small(methods="explainer", explain_class="predicted", output_dir=str(tmp_path), num_heatmaps=0)
     results = evaluate.run(c, str(trained_run), parallel.make_mesh())
     values = np.load(tmp_path / "values.npz")
     loaded = load_explainer(str(trained_run))
-    classifier, params, _ = evaluate.load_classifier(loaded)
-    _, images, labels = evaluate.first_images(loaded, "test", 5)
+    classifier, params = loaded.classifier()
+    _, images, labels = loaded.examples("test", 5)
     predicted = np.asarray(
         predictions(classifier.apply({"params": params}, jnp.asarray(images)), "multiclass")
     )
@@ -146,7 +148,7 @@ def test_the_predicted_class_is_explained_when_asked(trained_run, tmp_path):
 def test_wrong_dataset_is_refused(trained_run):
     c = small()
     c.dataset = "digits"
-    with pytest.raises(evaluate.common.StageError, match="trained on imagenette, not digits"):
+    with pytest.raises(StageError, match="trained on imagenette, not digits"):
         evaluate.run(c, str(trained_run), parallel.make_mesh())
 
 
@@ -154,13 +156,13 @@ def test_extra_surrogates_add_curves(trained_run, tmp_path):
     mesh = parallel.make_mesh()
     loaded = load_explainer(str(trained_run))
     c = small(methods="explainer", extra_surrogates=str(trained_run / "surrogate"), output_dir=str(tmp_path))
-    from vitshap_jax.stages.evaluate import load_classifier, surrogate_curves
+    from vitshap_jax.evaluation.heldout import surrogate_curves
 
-    classifier, params, _ = load_classifier(loaded)
+    classifier, params = loaded.classifier()
     curves = surrogate_curves(c, loaded, classifier, params, mesh)
     assert len(curves["kl"]) == 4  # the run's surrogate twice (listed again), the classifier twice
     c.extra_surrogates = str(tmp_path / "nowhere")
-    with pytest.raises(evaluate.common.StageError, match="nowhere has no results.json"):
+    with pytest.raises(StageError, match="nowhere has no results.json"):
         surrogate_curves(c, loaded, classifier, params, mesh)
 
 
@@ -182,7 +184,7 @@ def test_sampled_ground_truth_agrees_with_the_exact_one(kind):
     truth = {}
     for k in ("exact", kind):
         c.ground_truth = k
-        truth[k], info = evaluate.ground_truth(
+        truth[k], info = ground_truth.ground_truth(
             c, table_game(padded), images, classes, n, put=lambda x: x, key=jax.random.key(1)
         )
     assert truth[kind].shape == (b, n)
@@ -221,7 +223,7 @@ def test_seconds_per_image_divide_by_the_images_not_the_padding():
         return np.zeros((images.shape[0], 3))
 
     images, classes = np.zeros((5, 2), np.float32), np.zeros(5, np.int32)
-    scores, seconds = evaluate.run_batched(
+    scores, seconds = methods.run_batched(
         slow, images, classes, batch_size=4, key=jax.random.key(0), put=lambda x: x
     )
     assert scores.shape == (5, 3)

@@ -8,7 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from vitshap_jax.explain import load_explainer
+from vitshap_jax.runs import load_explainer
 from vitshap_jax.viz.heatmaps import figure_size, save_explanation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,8 +103,8 @@ def test_bfloat16_compute_stays_close_to_float32(trained_run):
 
 
 def test_output_names_never_collide_and_folders_without_images_are_errors(tmp_path):
-    from vitshap_jax.stages.common import StageError
-    from vitshap_jax.stages.explain import image_paths, output_names
+    from vitshap_jax.commands.explain import image_paths, output_names
+    from vitshap_jax.errors import StageError
 
     paths = [
         "runs/other/a.png",
@@ -131,7 +131,7 @@ def test_output_names_never_collide_and_folders_without_images_are_errors(tmp_pa
 
 
 def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
-    from vitshap_jax.explain import read_image
+    from vitshap_jax.data import read_image
 
     PIL.Image.fromarray(np.full((4, 5), 32896, np.uint16)).save(tmp_path / "deep.png")  # 16-bit gray
     assert read_image(str(tmp_path / "deep.png")).tolist() == np.full((4, 5, 3), 128).tolist()

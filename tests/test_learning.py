@@ -14,7 +14,7 @@ import pytest
 from tests.test_configs import load
 from vitshap_jax import parallel
 from vitshap_jax.data import open_split
-from vitshap_jax.explain import load_explainer
+from vitshap_jax.runs import load_explainer
 from vitshap_jax.shapley import exact_shapley, surrogate_game
 from vitshap_jax.stages import classifier, explainer, surrogate
 from vitshap_jax.stages.surrogate import eval_step as surrogate_eval_step
@@ -53,9 +53,8 @@ def test_the_classifier_beats_chance(digits_run):
 def test_the_surrogate_predicts_better_under_masking_than_the_classifier(digits_run):
     work, data_dir, results = digits_run
     loaded = load_explainer(work)
-    from vitshap_jax.stages.evaluate import load_classifier
 
-    model, params, _ = load_classifier(loaded)
+    model, params = loaded.classifier()
     source = open_split(loaded.config, "test")
     batch = {
         "image": jnp.stack(

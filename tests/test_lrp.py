@@ -1,5 +1,5 @@
-"""LRP through the ViT (vitshap_jax/lrp.py): each rule against a hand computation, the replica against
-the model, and conservation of relevance through every layer."""
+"""LRP through the ViT (vitshap_jax/evaluation/lrp.py): each rule against a hand computation, the replica
+against the model, and conservation of relevance through every layer."""
 
 import itertools
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.test_baselines import CLASSES, vit
-from vitshap_jax import lrp
+from vitshap_jax.evaluation import lrp
 
 
 def test_dense_rule_matches_the_alpha1_beta0_sum():

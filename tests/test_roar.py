@@ -9,8 +9,9 @@ import pytest
 
 from tests.test_configs import load
 from vitshap_jax import parallel
+from vitshap_jax.commands import roar
 from vitshap_jax.config import ConfigError, validate
-from vitshap_jax.stages import roar
+from vitshap_jax.stages import common
 from vitshap_jax.viz.curves import curve_size
 
 
@@ -53,7 +54,7 @@ def test_roar_run_and_rerun(trained_run, tmp_path):
     assert again["accuracy"]["random"]["0.5"] == 0.123 and "0.75" in again["accuracy"]["random"]
     # Other settings: refused, and the results file is left as it was.
     before = (tmp_path / "results.json").read_text()
-    with pytest.raises(roar.common.StageError, match="other settings"):
+    with pytest.raises(common.StageError, match="other settings"):
         roar.run(small(tmp_path, epochs=2), str(trained_run), mesh)
     assert (tmp_path / "results.json").read_text() == before
 
@@ -74,11 +75,10 @@ def test_roar_removes_the_share_it_names_and_retrains_from_fresh_parameters(
     classifier."""
     from flax import traverse_util
 
-    from vitshap_jax.explain import load_explainer
-    from vitshap_jax.stages.evaluate import load_classifier
+    from vitshap_jax.runs import TrainedRun
 
     calls, starts = [], []
-    real_retrain, real_create = roar.retrain, roar.common.create_state
+    real_retrain, real_create = roar.retrain, common.create_state
 
     def spy_retrain(classifier_config, train, test, **kw):
         calls.append((train[0], test[0]))
@@ -89,7 +89,7 @@ def test_roar_removes_the_share_it_names_and_retrains_from_fresh_parameters(
         return real_create(params, tx, mesh)
 
     monkeypatch.setattr(roar, "retrain", spy_retrain)
-    monkeypatch.setattr(roar.common, "create_state", spy_create)
+    monkeypatch.setattr(common, "create_state", spy_create)
     roar.run(
         small(tmp_path, methods="explainer,random", fractions="0.25,0.5"),
         str(trained_run),
@@ -109,8 +109,7 @@ def test_roar_removes_the_share_it_names_and_retrains_from_fresh_parameters(
             shares.append(set(zero.sum(1).tolist()))
         removed.append(shares)
     assert removed == [[{0}, {0}]] + [[{4}, {4}], [{8}, {8}]] * 2  # 16 patches: 0, 25% and 50% removed
-    loaded = load_explainer(str(trained_run))
-    model, trained, _ = load_classifier(loaded)
+    model, trained = TrainedRun.load(str(trained_run)).classifier()
     fresh = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))["params"]  # config.seed = 0
     flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(fresh, sep="/").items()}
     trained = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(trained, sep="/").items()}

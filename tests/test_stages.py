@@ -14,6 +14,7 @@ from flax import traverse_util
 from tests.test_configs import load
 from tests.test_data_builders import _imagenette_tree, _mura_tree
 from vitshap_jax import checkpoints, data, parallel
+from vitshap_jax.models import build_explainer
 from vitshap_jax.stages import classifier, common, explainer, surrogate
 from vitshap_jax.train.loop import NonFiniteLossError, is_complete
 
@@ -111,10 +112,10 @@ def test_three_stages_chain_through_checkpoints(tmp_path, dataset, request):
 def _evaluate_and_explain_a_binary_run(work, mesh, tmp_path):
     """The binary (sigmoid) path through the evaluation and load_explainer: one output, explained as the
     positive class, ground truth and explainer efficient for it."""
+    from vitshap_jax.commands import evaluate
     from vitshap_jax.config import validate
     from vitshap_jax.data import open_split
-    from vitshap_jax.explain import load_explainer
-    from vitshap_jax.stages import evaluate
+    from vitshap_jax.runs import load_explainer
 
     c = load("evaluate", "mura")
     c.update(
@@ -146,7 +147,7 @@ def _evaluate_and_explain_a_binary_run(work, mesh, tmp_path):
     # The explain command on a user's image: one output, named, with its heatmap.
     import PIL.Image
 
-    from vitshap_jax.stages import explain as explain_stage
+    from vitshap_jax.commands import explain as explain_stage
 
     PIL.Image.fromarray(np.asarray(source[0]["image"])).save(tmp_path / "xray.png")
     e = load("explain", "mura")
@@ -167,7 +168,7 @@ def _shapes(stage, dataset, data_dir):
 
 def _explainer_shapes(dataset, data_dir):
     c = tiny("explainer", dataset, data_dir)
-    model = explainer.build_explainer(c)
+    model = build_explainer(c)
     return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"])
 
 
@@ -241,7 +242,7 @@ def test_a_run_killed_before_an_epoch_boundary_resumes_across_it(tmp_path, stage
     lines = [json.loads(line) for line in open(tmp_path / "b" / stage / "metrics.jsonl")]
     assert any(line.get("epoch") == 2 for line in lines)  # the resumed run went through epoch 2
     if stage == "explainer":
-        model = explainer.build_explainer(config(stage))
+        model = build_explainer(config(stage))
     else:
         from vitshap_jax.models import build_model
 
@@ -332,7 +333,7 @@ def test_one_step_on_8_devices_equals_1_device(tmp_path, stage):
             classifier.train_step, model=vit, tx=tx, target="multiclass", seed=0, mask_patches=True
         )
     else:
-        model = explainer.build_explainer(config)
+        model = build_explainer(config)
         params = model.init(jax.random.key(3), batch["image"][:1])["params"]
         frozen = (vit_params,)
         fn = functools.partial(
@@ -377,9 +378,7 @@ def test_a_masked_classifier_serves_as_its_own_surrogate(tmp_path, imagenette_di
     for k, v in exp.items():  # a frozen backbone stays the classifier's, bit for bit; the head trains
         if k.startswith("backbone/"):
             np.testing.assert_array_equal(v, cls[k.removeprefix("backbone/")], err_msg=k)
-    init = _flat(
-        explainer.build_explainer(e).init(jax.random.key(e.seed), jnp.zeros((1, 16, 16, 3)))["params"]
-    )
+    init = _flat(build_explainer(e).init(jax.random.key(e.seed), jnp.zeros((1, 16, 16, 3)))["params"])
     assert np.abs(exp["explainer_head/mlp_2/kernel"] - init["explainer_head/mlp_2/kernel"]).max() > 1e-4
 
 

@@ -18,10 +18,12 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from vitshap_jax.errors import UserError
+
 CONFIG_FILE = "config.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint or a run's config.json is missing or damaged; the message names it and what to do."""
 
 

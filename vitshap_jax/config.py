@@ -9,19 +9,30 @@ from __future__ import annotations
 import math
 import os
 
+from vitshap_jax.errors import UserError
+
+# The training stages, in the order the pipeline runs them, and the commands that read a finished run.
 STAGES = ("classifier", "surrogate", "explainer")
+COMMANDS = ("explain", "evaluate", "roar")
 MASKING_STRATEGIES = ("attention", "zero")  # see vitshap_jax/models/vit.py
 DATASETS = ("digits", "imagenette", "pet", "mura", "cifar10", "cifar100", "folder")
 TARGETS = ("multiclass", "binary")
 DTYPES = ("auto", "float32", "bfloat16")
 ACTIVATIONS = ("gelu", "relu")
 PRETRAINED_SUFFIXES = (".npz", ".safetensors")  # or a Hugging Face save_pretrained directory
-BAD_IMAGE_POLICIES = ("fail", "skip")  # see vitshap_jax/data/base.py
-NORMALIZATIONS = ("auto", "inception", "imagenet", "clip")  # see vitshap_jax/data/transforms.py
+BAD_IMAGE_POLICIES = ("fail", "skip")  # what preparing a dataset does with an unreadable image
+# Pixel statistics (mean, std per channel on [0, 1] pixels) by the name `config.dataset.normalization`
+# uses; "auto" takes what the pretrained checkpoint states (vitshap_jax/data/transforms.py).
+NORMALIZATION_STATS = {
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # google-research ViT / AugReg, timm augreg: [-1, 1]
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # DeiT, DINOv2, torchvision-style weights
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),  # OpenAI CLIP
+}
+NORMALIZATIONS = ("auto", *NORMALIZATION_STATS)
 POOLING = ("token", "avg")  # see vitshap_jax/models/vit.py
 MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
 SPLITS = ("train", "validation", "test")
-# What configs/evaluate.py can compare (vitshap_jax/stages/evaluate.py, vitshap_jax/baselines.py).
+# What configs/evaluate.py can compare (vitshap_jax/evaluation/methods.py, evaluation/baselines.py).
 EVALUATION_METHODS = (
     "explainer",
     "kernelshap",
@@ -43,7 +54,7 @@ GROUND_TRUTH = ("auto", "exact", "kernelshap", "permutation")
 KERNELSHAP_ESTIMATORS = ("standard", "unbiased")  # see vitshap_jax/shapley/kernelshap.py
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config field has a value the run cannot use; the message names the field."""
 
 

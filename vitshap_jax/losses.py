@@ -1,4 +1,5 @@
-"""Losses and the link function, per example, for multi-class (softmax) and binary (sigmoid) targets.
+"""Losses, the link function and predictions, per example, for multi-class (softmax) and binary
+(sigmoid) targets.
 
 Binary targets have one logit; the explained "class" is the positive one (C = 1).
 """
@@ -13,6 +14,16 @@ import optax
 def link(logits, target: str):
     """Model output -> probabilities: softmax over classes, or sigmoid of the single logit."""
     return jax.nn.sigmoid(logits) if target == "binary" else jax.nn.softmax(logits, axis=-1)
+
+
+def predictions(logits, target: str):
+    """The predicted class `[B]`: logit > 0 for a binary target, else the arg max."""
+    return (logits[:, 0] > 0).astype(jnp.int32) if target == "binary" else jnp.argmax(logits, -1)
+
+
+def scores(logits, target: str):
+    """Probability of the positive class (binary) or of the predicted class `[B]`."""
+    return jax.nn.sigmoid(logits[:, 0]) if target == "binary" else jnp.max(jax.nn.softmax(logits, -1), -1)
 
 
 def classification_loss(logits, labels, target: str):

@@ -17,7 +17,8 @@ import os
 
 from absl import logging
 
-from vitshap_jax.data.base import BadImageError, DataNotFoundError, ImageBuilder, is_empty_dir
+from vitshap_jax.config import SPLITS
+from vitshap_jax.data.base import BadImageError, DataNotFoundError, ImageBuilder, is_empty_dir, read_image
 from vitshap_jax.data.cifar import Cifar10, Cifar100
 from vitshap_jax.data.digits import Digits
 from vitshap_jax.data.folder import DEFAULT_FRACTIONS, Folder
@@ -34,7 +35,6 @@ BUILDERS: dict[str, type[ImageBuilder]] = {
     "cifar100": Cifar100,
     "folder": Folder,
 }
-SPLITS = ("train", "validation", "test")
 SKIPPED_FILE = "skipped_images.txt"
 CLASS_NAMES_FILE = "class_names.txt"
 NAMES_FROM_DATA = ("cifar10", "cifar100", "folder")  # datasets whose class names come with the data
@@ -49,6 +49,7 @@ __all__ = [
     "dataset_classes",
     "open_split",
     "prepare",
+    "read_image",
 ]
 
 

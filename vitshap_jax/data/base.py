@@ -20,17 +20,19 @@ import PIL.ImageOps
 import tensorflow_datasets as tfds
 from absl import logging
 
-BAD_IMAGE_POLICIES = ("fail", "skip")
+from vitshap_jax.config import BAD_IMAGE_POLICIES
+from vitshap_jax.errors import UserError
+
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 # Where an image is transparent it is shown over this colour, as a browser or document shows it.
 ALPHA_BACKGROUND = (255, 255, 255)
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(UserError, FileNotFoundError):
     """The user's download is not where the builder looks; the message says what to put where."""
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError, ValueError):
     """An image file cannot be decoded; the message names it."""
 
 
@@ -171,6 +173,15 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
         background = PIL.Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
         return PIL.Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def read_image(path: str) -> np.ndarray:
+    """Any image file Pillow reads, in any mode -> uint8 RGB `[H, W, 3]`, decoded as the datasets decode
+    it (`to_rgb`: EXIF orientation applied, transparency over white, 16-bit and float images scaled to
+    0..255, never clipped)."""
+    with PIL.Image.open(path) as image:
+        image.load()
+        return np.asarray(to_rgb(upright(image, path)))
 
 
 def high_depth_to_uint8(pixels: np.ndarray) -> np.ndarray:

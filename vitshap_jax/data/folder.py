@@ -50,9 +50,10 @@ import PIL.Image
 import tensorflow_datasets as tfds
 from absl import logging
 
+from vitshap_jax.config import SPLITS
 from vitshap_jax.data.base import DataNotFoundError, Files, ImageBuilder, is_hidden
+from vitshap_jax.files import absolute
 
-SPLITS = ("train", "validation", "test")
 SPLIT_FOLDERS = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
 DEFAULT_FRACTIONS = "0.8,0.1,0.1"
 # Formats Pillow recognizes but cannot decode without other software, or that are not pictures.
@@ -125,7 +126,7 @@ class FolderConfig(tfds.core.BuilderConfig):
 
 
 def make_config(source: str, split_fractions: str | Sequence[float] = DEFAULT_FRACTIONS) -> FolderConfig:
-    source = os.path.abspath(os.path.expanduser(os.fspath(source)))
+    source = absolute(source)
     fractions = parse_fractions(split_fractions)
     return FolderConfig(
         name=config_name(source, fractions),

@@ -207,3 +207,15 @@ class DeviceIterator:
 
     def get_state(self) -> dict:
         return self._state
+
+
+def per_example(eval_step, params: tuple, config, source, mesh) -> dict[str, np.ndarray]:
+    """Runs `eval_step(*params, batch)` over a whole split; per-example numpy arrays, padding removed."""
+    loader = make_loader(config, source, False, mesh)
+    outputs = []
+    for batch in DeviceIterator(loader, mesh):
+        out = eval_step(*params, batch)
+        outputs.append(parallel.to_host({**out, "valid": batch["valid"], "label": batch["label"]}))
+    joined = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+    valid = joined.pop("valid")
+    return {k: v[valid] for k, v in joined.items()}

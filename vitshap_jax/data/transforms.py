@@ -13,12 +13,7 @@ import math
 import numpy as np
 import PIL.Image
 
-NORMALIZATIONS = {
-    # (mean, std) per channel on [0, 1] pixels.
-    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # google-research ViT / AugReg, timm augreg: [-1, 1]
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # DeiT, DINOv2, torchvision-style weights
-    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),  # OpenAI CLIP
-}
+from vitshap_jax.config import NORMALIZATION_STATS
 
 
 def normalization_of(config) -> str:
@@ -37,11 +32,11 @@ def normalization_of(config) -> str:
 
 def normalize(image: np.ndarray, kind: str) -> np.ndarray:
     """uint8 `[H, W, 3]` -> float32, normalized per channel."""
-    if kind not in NORMALIZATIONS:
+    if kind not in NORMALIZATION_STATS:
         raise ValueError(
-            f"normalization {kind!r}: expected one of {', '.join(NORMALIZATIONS)} (resolve 'auto' first)"
+            f"normalization {kind!r}: expected one of {', '.join(NORMALIZATION_STATS)} (resolve 'auto' first)"
         )
-    mean, std = NORMALIZATIONS[kind]
+    mean, std = NORMALIZATION_STATS[kind]
     return ((image.astype(np.float32) / 255.0 - np.float32(mean)) / np.float32(std)).astype(np.float32)
 
 

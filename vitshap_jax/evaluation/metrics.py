@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitshap_jax.shapley.game import as_game, value_pairs
+from vitshap_jax.shapley.game import as_game, select_class, value_pairs
 
 
 def _ranks(x, axis):
@@ -75,7 +75,7 @@ def insertion_deletion(value_fn, images, phi, classes, *, key):
     """
     phi, classes = jnp.asarray(phi), jnp.asarray(classes)
     b, n, _ = phi.shape
-    phi_c = jnp.take_along_axis(phi, classes[:, None, None], axis=2)[..., 0]
+    phi_c = select_class(phi, classes)
     order = importance_order(phi_c, key)
     rank = jnp.argsort(order, axis=-1)  # rank[b, i]: position of player i in the order
     steps = jnp.arange(n + 1)[None, :, None]
@@ -83,8 +83,43 @@ def insertion_deletion(value_fn, images, phi, classes, *, key):
     curves = {}
     both = _pairs(as_game(value_fn), images, inserted)  # deletion removes what insertion added
     for name, values in zip(("insertion", "deletion"), both, strict=True):
-        curves[name] = jnp.take_along_axis(values, classes[:, None, None], axis=2)[..., 0]
+        curves[name] = select_class(values, classes)
     out = {k: np.asarray(v) for k, v in curves.items()}
     out["insertion_auc"] = out["insertion"].mean(1)
     out["deletion_auc"] = out["deletion"].mean(1)
     return out
+
+
+def mean_sem(x) -> tuple[float, float]:
+    """Mean and standard error of the finite entries of `x` (nan, nan when there are none)."""
+    x = np.asarray(x, np.float64).ravel()
+    x = x[np.isfinite(x)]
+    if not len(x):
+        return float("nan"), float("nan")
+    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def method_summary(
+    scores, truth, value_fn, images, classes, *, num_outputs: int, top_k: int, key, units: bool
+):
+    """One method's row of an evaluation: each `estimate_errors` metric and the insertion/deletion AUC
+    as mean and standard error over the images (`{metric}`, `{metric}_sem`), and the mean curves.
+
+    `scores`, `truth`: `[N, n]` of the explained class `classes [N]`; `units`: whether the scores are in
+    the game's units (else squared and L2 errors are None: they would mean nothing)."""
+    errors = estimate_errors(scores[..., None], truth[..., None], k=top_k)
+    full = np.zeros((*scores.shape, num_outputs), np.float32)
+    full[np.arange(len(scores)), :, classes] = scores
+    curves = insertion_deletion(value_fn, jnp.asarray(images), full, jnp.asarray(classes), key=key)
+    row = {}
+    for metric, values in errors.items():
+        name = "overlap" if metric.endswith("_overlap") else "sign" if metric.endswith("_sign") else metric
+        row[name], row[f"{name}_sem"] = mean_sem(values)
+    if not units:
+        for name in ("mse", "mse_sem", "l2", "l2_sem"):
+            row[name] = None
+    for kind in ("insertion_auc", "deletion_auc"):
+        row[kind], row[f"{kind}_sem"] = mean_sem(curves[kind])
+    row["insertion_curve"] = curves["insertion"].mean(0).tolist()
+    row["deletion_curve"] = curves["deletion"].mean(0).tolist()
+    return row

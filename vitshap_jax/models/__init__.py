@@ -1,16 +1,22 @@
-"""Models: the patch-maskable ViT and loading of public pretrained weights."""
+"""Models: the patch-maskable ViT, the explainer (ViT backbone + explainer head), and loading of public
+pretrained weights. `build_model` / `build_explainer` make them from a stage config."""
 
 import jax
 import jax.numpy as jnp
 
 from vitshap_jax.config import num_outputs
+from vitshap_jax.models.explainer_head import Explainer, ExplainerHead
 from vitshap_jax.models.pretrained import PretrainedMismatchError, load_pretrained, read_architecture
 from vitshap_jax.models.vit import MASKING_STRATEGIES, ViT, num_patches
 
 __all__ = [
     "MASKING_STRATEGIES",
+    "Explainer",
+    "ExplainerHead",
     "PretrainedMismatchError",
     "ViT",
+    "abstract_params",
+    "build_explainer",
     "build_model",
     "compute_dtype",
     "load_pretrained",
@@ -57,6 +63,35 @@ def build_model(config, *, masking: str | None = None) -> ViT:
         dtype=compute_dtype(m.dtype),
         **{k: m.get(k, default) for k, default in ARCHITECTURE_OPTIONS.items()},
     )
+
+
+def build_explainer(config) -> Explainer:
+    """The explainer a stage config describes: the ViT of `build_model` as backbone and an
+    `ExplainerHead` (`config.explainer`) giving raw values `[B, n, C]`."""
+    m, e = config.model, config.explainer
+    backbone = build_model(config)
+    head = ExplainerHead(
+        num_classes=num_outputs(config),
+        num_heads=m.num_heads,
+        mlp_dim=m.mlp_dim,
+        head_blocks=e.head_blocks,
+        mlp_layers=e.mlp_layers,
+        mlp_ratio=e.mlp_ratio,
+        activation=e.activation,
+        dtype=compute_dtype(m.dtype),
+        num_prefix_tokens=backbone.num_prefix_tokens,
+    )
+    return Explainer(backbone=backbone, explainer_head=head)
+
+
+def abstract_params(model, image_size: int, sharding=None):
+    """Shapes and dtypes of `model`'s parameters for square `image_size` images, without computing
+    them (`jax.eval_shape`): the restore target of a checkpoint, placed with `sharding` if given."""
+    sample = jnp.zeros((1, image_size, image_size, 3))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), sample)["params"])
+    if sharding is None:
+        return shapes
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
 def num_pos_prefix(config) -> int:

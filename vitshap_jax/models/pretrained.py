@@ -44,6 +44,9 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
+from vitshap_jax.config import NORMALIZATION_STATS
+from vitshap_jax.errors import UserError
+
 WHERE_TO_GET = (
     "Get ViT weights as .npz from google-research/vision_transformer (AugReg checkpoints, bucket "
     "gs://vit_models/augreg/) or as model.safetensors from a timm/vit_* repository on the Hugging Face Hub."
@@ -56,7 +59,7 @@ _BLOCK = re.compile(r"^Transformer/encoderblock_(\d+)/(.*)$")
 Rule = tuple[tuple[str, ...], Callable[..., np.ndarray]]
 
 
-class PretrainedMismatchError(ValueError):
+class PretrainedMismatchError(UserError, ValueError):
     """The file does not fit the model; the message lists every offending key."""
 
 
@@ -504,12 +507,6 @@ def load_pretrained(path: str, params: dict, *, pos_prefix: int = 1) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # The architecture a checkpoint needs, as `config.model` fields (and the pixel normalization it expects).
 
-# Pixel statistics (mean, std) that checkpoints state, by the name `config.dataset.normalization` uses.
-NORMALIZATION_STATS = {
-    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-}
 _HF_ACTIVATIONS = {
     "gelu": "gelu",
     "gelu_new": "gelu_tanh",

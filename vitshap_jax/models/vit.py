@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vitshap_jax.config import MASKING_STRATEGIES
+from vitshap_jax.config import MASKING_STRATEGIES, POOLING
 
 _LN_EPS = 1e-6  # the value of both google-research ViT and timm ViT checkpoints
 
@@ -45,7 +45,6 @@ ACTIVATIONS = {
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
-POOLING = ("token", "avg")
 
 
 def num_patches(image_size: int, patch_size: int) -> int:
@@ -249,7 +248,7 @@ class ViT(nn.Module):
       masking: how `patch_mask` removes patches: "attention" or "zero" (module docstring).
       dtype: compute dtype; parameters are always float32.
       inspect: expose attention weights and the tokens entering the last block (collections
-        "intermediates" and "perturbations") for `vitshap_jax.baselines`; same parameters and outputs.
+        "intermediates" and "perturbations") for `evaluation.baselines`; same parameters and outputs.
       class_token: a learned class token (`cls`) leads the sequence.
       distill_token: a DeiT distillation token (`dist`) follows it; with `distill_head`, the logits are
         the mean of `head` on the class token and `head_dist` on the distillation token (DeiT's inference).

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vitshap_jax import losses
 
@@ -66,6 +67,32 @@ def surrogate_game(model, params, target: str, *, packed: bool = True) -> jax.tr
     """The surrogate's game as a `value_fn(images, masks)`, with `params` bound (as pytree leaves).
     `packed=False` turns off the n + 2 token evaluation of pairs (for comparisons)."""
     return jax.tree_util.Partial(_SurrogateGame(model, target, packed), params)
+
+
+def grand_and_null(surrogate, surrogate_params, images, target: str, *, packed: bool = True):
+    """v(all), v(empty) of the surrogate: `[B, C]` each (one n + 2 token pass when `packed`)."""
+    b, n = images.shape[0], (images.shape[1] // surrogate.patch_size) ** 2
+    full = jnp.ones((b, 1, n), bool)
+    grand, null = surrogate_value_pairs(surrogate, surrogate_params, images, full, target, packed=packed)
+    return grand[:, 0], null[:, 0]
+
+
+def coalition_values(surrogate, surrogate_params, images, masks, target: str, *, paired: bool, packed: bool):
+    """v(S) of the surrogate for `masks [B, M, n]`; with `paired` (coalition M/2 + j the complement of
+    j) each pair is evaluated together (`packed`: one n + 2 token sequence)."""
+    if not paired:
+        return surrogate_values(surrogate, surrogate_params, images, masks, target)
+    half = masks.shape[1] // 2
+    pairs = surrogate_value_pairs(surrogate, surrogate_params, images, masks[:, :half], target, packed=packed)
+    return jnp.concatenate(pairs, axis=1)
+
+
+def select_class(values, classes):
+    """The explained class of each image: `values [B, ..., C]`, `classes [B]` -> `[B, ...]` (numpy in,
+    numpy out; otherwise jax)."""
+    xp = np if isinstance(values, np.ndarray) and isinstance(classes, np.ndarray) else jnp
+    index = xp.asarray(classes).reshape(-1, *(1,) * (values.ndim - 1))
+    return xp.take_along_axis(values, index, axis=-1)[..., 0]
 
 
 def value_pairs(value_fn, images, masks):

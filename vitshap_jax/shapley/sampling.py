@@ -50,3 +50,9 @@ def shapley_kernel_coalitions(key, shape: tuple[int, ...], n: int, num: int, pai
     sizes = 1 + jax.random.categorical(k_size, logits, shape=(*shape, draws))
     masks = coalitions_of_size(k_set, sizes, n)
     return jnp.concatenate([masks, ~masks], axis=-2) if paired else masks
+
+
+def eval_keys(seed: int, indices, salt: int):
+    """A key per example, fixed by its index in the split: evaluation masks are the same every epoch."""
+    base = jax.random.fold_in(jax.random.key(seed), salt)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)

@@ -1,24 +1,20 @@
-"""Stage registry: `get_stage(name)` returns `run(config, workdir, mesh)` for launch.py.
+"""The training stages (`config.STAGES`) and the pipeline that runs them in order.
 
-Stage modules are imported on demand, so that parsing a config stays fast.
+Each module's `run(config, workdir, mesh)` trains one stage into `{workdir}/{stage}`; `pipeline` runs
+all three. Modules are imported on demand, so that parsing a config stays fast.
 """
 
 from __future__ import annotations
 
 import importlib
 
-MODULES = {
-    "classifier": "vitshap_jax.stages.classifier",
-    "surrogate": "vitshap_jax.stages.surrogate",
-    "explainer": "vitshap_jax.stages.explainer",
-    "pipeline": "vitshap_jax.stages.pipeline",
-    "explain": "vitshap_jax.stages.explain",
-    "evaluate": "vitshap_jax.stages.evaluate",
-    "roar": "vitshap_jax.stages.roar",
-}
+from vitshap_jax.config import STAGES
+
+PIPELINE = "pipeline"
 
 
 def get_stage(name: str):
-    if name not in MODULES:
-        raise ValueError(f"unknown stage {name!r}; known stages: {', '.join(MODULES)}")
-    return importlib.import_module(MODULES[name]).run
+    """`run(config, workdir, mesh)` of a training stage or the pipeline."""
+    if name not in (*STAGES, PIPELINE):
+        raise ValueError(f"unknown stage {name!r}; known stages: {', '.join((*STAGES, PIPELINE))}")
+    return importlib.import_module(f"vitshap_jax.stages.{name}").run

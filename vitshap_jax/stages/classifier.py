@@ -6,6 +6,9 @@ the classifier can serve directly as its own surrogate.
 
 Validation: loss and accuracy (plus AUROC for a binary target); the best checkpoint has the highest
 accuracy. The test split is evaluated with the best parameters at the end (`results.json`).
+
+`retrain` trains the same classifier on in-memory arrays: ROAR's retraining on images with patches
+removed.
 """
 
 from __future__ import annotations
@@ -14,20 +17,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vitshap_jax import losses, parallel, shapley
+from vitshap_jax.data.pipeline import per_example
 from vitshap_jax.models import build_model, load_pretrained_into, num_patches
 from vitshap_jax.stages import common
 from vitshap_jax.train.loop import Task
-
-
-def predictions(logits, target: str):
-    return (logits[:, 0] > 0).astype(jnp.int32) if target == "binary" else jnp.argmax(logits, -1)
-
-
-def scores(logits, target: str):
-    """Probability of the positive class (binary) or of the predicted class."""
-    return jax.nn.sigmoid(logits[:, 0]) if target == "binary" else jnp.max(jax.nn.softmax(logits, -1), -1)
 
 
 def train_step(state, batch, *, model, tx, target: str, seed: int, mask_patches: bool):
@@ -46,7 +42,7 @@ def train_step(state, batch, *, model, tx, target: str, seed: int, mask_patches:
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     new_state = common.apply_gradients(state, grads, tx)
-    accuracy = jnp.mean(predictions(logits, target) == labels)
+    accuracy = jnp.mean(losses.predictions(logits, target) == labels)
     return new_state, {"loss": loss, "accuracy": accuracy}
 
 
@@ -54,8 +50,8 @@ def eval_step(params, batch, *, model, target: str):
     logits = model.apply({"params": params}, batch["image"])
     return {
         "loss": losses.classification_loss(logits, batch["label"], target),
-        "correct": (predictions(logits, target) == batch["label"]).astype(jnp.float32),
-        "score": scores(logits, target),
+        "correct": (losses.predictions(logits, target) == batch["label"]).astype(jnp.float32),
+        "score": losses.scores(logits, target),
     }
 
 
@@ -98,7 +94,53 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     ev = common.jit_eval_step(functools.partial(eval_step, model=model, target=target), mesh, 1)
 
     def evaluate(state, split):
-        return summarize(common.per_example(ev, (state["params"],), config, splits[split], mesh), target)
+        return summarize(per_example(ev, (state["params"],), config, splits[split], mesh), target)
 
     task = Task(state, step, evaluate, ("accuracy", "max"), lambda s: s["params"])
     return common.train_and_test(task, config, path, mesh, splits, stop_after=stop_after)
+
+
+def retrain(classifier_config, train, test, *, epochs: int, batch_size: int, seed: int, mesh) -> float:
+    """Trains a fresh classifier (the architecture, init and optimizer of `classifier_config`, a
+    classifier run's config) on in-memory `train` = (images, labels) for `epochs` epochs, without
+    augmentation or masking, and returns its accuracy on `test`. ROAR's retraining
+    (`commands/roar.py`)."""
+    c = classifier_config
+    target = c.dataset.target
+    model = build_model(c)
+    params = model.init(jax.random.key(seed), jnp.zeros((1, *train[0].shape[1:])))["params"]
+    if c.model.pretrained:
+        params = load_pretrained_into(c, params)
+    images, labels = train
+    steps_per_epoch = len(images) // batch_size
+    if steps_per_epoch == 0:
+        raise common.StageError(
+            f"config.batch_size={batch_size} is larger than the {len(images)} train images"
+        )
+    tx = common.make_optimizer(c, steps_per_epoch * epochs)
+    state = common.create_state(jax.device_put(params, parallel.replicated(mesh)), tx, mesh)
+    step = common.jit_train_step(
+        functools.partial(train_step, model=model, tx=tx, target=target, seed=seed, mask_patches=False),
+        mesh,
+    )
+    sharding = parallel.batch_sharding(mesh)
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        order = rng.permutation(len(images))
+        for s in range(steps_per_epoch):
+            rows = order[s * batch_size : (s + 1) * batch_size]
+            batch = {"image": images[rows], "label": labels[rows]}
+            state, _ = step(state, jax.device_put(batch, sharding))
+
+    @jax.jit
+    def predict(params, x):
+        return losses.predictions(model.apply({"params": params}, x), target)
+
+    test_images, test_labels = test
+    predicted = np.concatenate(
+        [
+            np.asarray(predict(state["params"], test_images[s : s + batch_size]))
+            for s in range(0, len(test_images), batch_size)
+        ]
+    )
+    return float((predicted == test_labels).mean())

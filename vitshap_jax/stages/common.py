@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 
 from vitshap_jax import checkpoints as ckpt_lib
 from vitshap_jax import data, parallel
-from vitshap_jax.data import pipeline
-from vitshap_jax.models import ARCHITECTURE_OPTIONS
+from vitshap_jax.errors import StageError
+from vitshap_jax.files import absolute, write_json
+from vitshap_jax.models import ARCHITECTURE_OPTIONS, abstract_params
 
 # The model's architecture: what a pretrained checkpoint fixes, and what a stage's upstream run fixes.
 ARCHITECTURE_FIELDS = (
@@ -38,11 +37,6 @@ _DEFAULTS = {f"model.{k}": v for k, v in ARCHITECTURE_OPTIONS.items()} | {
     "model.from_checkpoint": "",
     "dataset.normalization": "inception",
 }
-
-
-class StageError(ValueError):
-    """A stage cannot start: its upstream run is missing or does not match, or its directory holds an
-    incompatible run. The message says what to do."""
 
 
 def _field(tree, key):
@@ -139,9 +133,14 @@ def checkpoint_overrides(text: str) -> dict:
     return result
 
 
+def upstream_dir(config, workdir: str, upstream_stage: str) -> str:
+    """Where a stage's upstream run is: `config.upstream`, or `{workdir}/{upstream_stage}`."""
+    return absolute(config.upstream) if config.upstream else os.path.join(absolute(workdir), upstream_stage)
+
+
 def upstream_config(config, workdir: str, upstream_stage: str) -> dict | None:
-    """The config of the upstream run (`config.upstream` or `{workdir}/{upstream_stage}`), if there is one."""
-    path = config.upstream or os.path.join(os.path.abspath(os.path.expanduser(workdir)), upstream_stage)
+    """The config of the upstream run (`upstream_dir`), if there is one."""
+    path = upstream_dir(config, workdir, upstream_stage)
     if not os.path.exists(os.path.join(path, ckpt_lib.CONFIG_FILE)):
         return None
     return ckpt_lib.read_config(path)
@@ -219,24 +218,6 @@ def jit_eval_step(step_fn, mesh, num_params: int):
     """jit `step_fn(*params, batch) -> {name: [B] per example}` with the batch sharded."""
     rep, data_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     return jax.jit(step_fn, in_shardings=(rep,) * num_params + (data_sharding,), out_shardings=data_sharding)
-
-
-def per_example(eval_step, params: tuple, config, source, mesh) -> dict[str, np.ndarray]:
-    """Runs `eval_step(*params, batch)` over a whole split; per-example numpy arrays, padding removed."""
-    loader = pipeline.make_loader(config, source, False, mesh)
-    outputs = []
-    for batch in pipeline.DeviceIterator(loader, mesh):
-        out = eval_step(*params, batch)
-        outputs.append(parallel.to_host({**out, "valid": batch["valid"], "label": batch["label"]}))
-    joined = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
-    valid = joined.pop("valid")
-    return {k: v[valid] for k, v in joined.items()}
-
-
-def eval_keys(seed: int, indices, salt: int):
-    """A key per example, fixed by its index in the split: evaluation masks are the same every epoch."""
-    base = jax.random.fold_in(jax.random.key(seed), salt)
-    return jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
 
 
 _LOCKS: dict[str, object] = {}  # stage directories this process holds (open lock files)
@@ -336,7 +317,7 @@ def stage_dir(workdir: str, stage: str, config, upstream: dict | None = None) ->
 
     if not workdir:
         raise StageError("--workdir is required: every stage writes {workdir}/{stage}/")
-    root = os.path.abspath(os.path.expanduser(workdir))
+    root = absolute(workdir)
     if os.path.exists(root) and not os.path.isdir(root):
         raise StageError(f"--workdir={workdir} is a file, not a directory: choose another --workdir")
     path = os.path.join(root, stage)
@@ -404,11 +385,11 @@ def _barrier(name: str) -> None:
 UPSTREAM = {"surrogate": "classifier", "explainer": "surrogate"}
 
 
-def upstream_params(config, workdir: str, upstream_stage: str, model, sample_images, mesh):
+def upstream_params(config, workdir: str, upstream_stage: str, model, mesh):
     """The best parameters of the upstream stage, replicated on `mesh`, after checking that the run
-    matches `config` (dataset, classes, model shape). Looks in `config.upstream` or
-    `{workdir}/{upstream_stage}`. Returns (params, the upstream's config as a dict)."""
-    path = config.upstream or os.path.join(os.path.abspath(os.path.expanduser(workdir)), upstream_stage)
+    matches `config` (dataset, classes, model shape). Looks in `upstream_dir`. Returns (params, the
+    upstream's config as a dict)."""
+    path = upstream_dir(config, workdir, upstream_stage)
     if not os.path.exists(os.path.join(path, ckpt_lib.CONFIG_FILE)):
         raise StageError(
             f"no {upstream_stage} run in {path} ({ckpt_lib.CONFIG_FILE} is missing): run the "
@@ -429,16 +410,14 @@ def upstream_params(config, workdir: str, upstream_stage: str, model, sample_ima
             f"config.{k}={_field(new, k)!r}, the {upstream_stage} has {_field(up, k)!r}" for k in changed
         )
         raise StageError(f"{path}: the {upstream_stage} run does not match this config: {diffs}")
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), sample_images)["params"])
-    rep = parallel.replicated(mesh)
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
+    target = abstract_params(model, config.dataset.image_size, parallel.replicated(mesh))
     return ckpt_lib.load_best_params(path, target), up
 
 
 def write_results(stage_path: str, results: dict) -> None:
+    """`{stage_path}/results.json` (process 0; atomic: it marks the stage as finished)."""
     if jax.process_index() == 0:
-        with open(os.path.join(stage_path, "results.json"), "w") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
+        write_json(os.path.join(stage_path, "results.json"), results, sort_keys=True)
 
 
 def open_splits(config, mesh=None):

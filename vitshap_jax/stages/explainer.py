@@ -1,7 +1,7 @@
 """Stage 3: train the explainer against the frozen surrogate with the Shapley weighted-least-squares loss.
 
 The backbone starts from the surrogate's best parameters (its classification head dropped) and the
-explainer head from scratch (`models/explainer.py`). For each image: phi_raw = explainer(x); v(all)
+explainer head from scratch (`models/explainer_head.py`). For each image: phi_raw = explainer(x); v(all)
 and v(empty) come from the surrogate (same masking strategy as the surrogate run); phi is made
 efficient (`sum_i phi_i = v(all) - v(empty)`); `num_coalitions` coalitions are drawn from the Shapley
 kernel (paired: each with its complement), the surrogate is evaluated on all of them as one
@@ -22,47 +22,12 @@ import jax
 import jax.numpy as jnp
 
 from vitshap_jax import losses, shapley
-from vitshap_jax.config import num_outputs
-from vitshap_jax.models import build_model, compute_dtype, num_patches
-from vitshap_jax.models.explainer import Explainer, ExplainerHead
-from vitshap_jax.shapley.game import surrogate_value_pairs, surrogate_values
+from vitshap_jax.data.pipeline import per_example
+from vitshap_jax.models import build_explainer, build_model, num_patches
+from vitshap_jax.shapley.game import coalition_values, grand_and_null
+from vitshap_jax.shapley.sampling import eval_keys
 from vitshap_jax.stages import common
 from vitshap_jax.train.loop import Task
-
-
-def build_explainer(config) -> Explainer:
-    m, e = config.model, config.explainer
-    backbone = build_model(config)
-    head = ExplainerHead(
-        num_classes=num_outputs(config),
-        num_heads=m.num_heads,
-        mlp_dim=m.mlp_dim,
-        head_blocks=e.head_blocks,
-        mlp_layers=e.mlp_layers,
-        mlp_ratio=e.mlp_ratio,
-        activation=e.activation,
-        dtype=compute_dtype(m.dtype),
-        num_prefix_tokens=backbone.num_prefix_tokens,
-    )
-    return Explainer(backbone=backbone, explainer_head=head)
-
-
-def grand_and_null(surrogate, surrogate_params, images, target: str, *, packed: bool = True):
-    """v(all), v(empty): `[B, C]` each (one n + 2 token pass when `packed`)."""
-    b, n = images.shape[0], num_patches(images.shape[1], surrogate.patch_size)
-    full = jnp.ones((b, 1, n), bool)
-    grand, null = surrogate_value_pairs(surrogate, surrogate_params, images, full, target, packed=packed)
-    return grand[:, 0], null[:, 0]
-
-
-def coalition_values(surrogate, surrogate_params, images, masks, target: str, *, paired: bool, packed: bool):
-    """v(S) for `masks [B, M, n]`; with `paired` (coalition M/2 + j the complement of j) each pair is
-    evaluated together (`packed`: one n + 2 token sequence)."""
-    if not paired:
-        return surrogate_values(surrogate, surrogate_params, images, masks, target)
-    half = masks.shape[1] // 2
-    pairs = surrogate_value_pairs(surrogate, surrogate_params, images, masks[:, :half], target, packed=packed)
-    return jnp.concatenate(pairs, axis=1)
 
 
 def train_step(
@@ -94,7 +59,7 @@ def eval_step(
     images = batch["image"]
     grand, null = grand_and_null(surrogate, surrogate_params, images, target, packed=packed)
     n = num_patches(images.shape[1], surrogate.patch_size)
-    keys = common.eval_keys(seed, batch["index"], salt=2)
+    keys = eval_keys(seed, batch["index"], salt=2)
     masks = jax.vmap(lambda k: shapley.shapley_kernel_coalitions(k, (), n, num_coalitions, paired))(keys)
     values = coalition_values(
         surrogate, surrogate_params, images, masks, target, paired=paired, packed=packed
@@ -109,7 +74,7 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     target, e = config.dataset.target, config.explainer
     sample = jnp.zeros((1, config.dataset.image_size, config.dataset.image_size, 3))
     probe = build_model(config)
-    surrogate_params, up = common.upstream_params(config, workdir, "surrogate", probe, sample, mesh)
+    surrogate_params, up = common.upstream_params(config, workdir, "surrogate", probe, mesh)
     splits = common.open_splits(config, mesh)  # every check before anything is written
     path = common.stage_dir(workdir, "explainer", config, up)  # after every check: nothing written on failure
     surrogate = build_model(config, masking=up["model"]["masking"])  # evaluate the game the surrogate learned
@@ -128,7 +93,7 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     ev = common.jit_eval_step(functools.partial(eval_step, **kw), mesh, 2)
 
     def evaluate(state, split):
-        out = common.per_example(ev, (state["params"], surrogate_params), config, splits[split], mesh)
+        out = per_example(ev, (state["params"], surrogate_params), config, splits[split], mesh)
         return {"loss": float(out["loss"].mean()), "efficiency_gap": float(out["efficiency_gap"].max())}
 
     task = Task(

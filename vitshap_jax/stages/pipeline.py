@@ -16,15 +16,17 @@ import jax
 from absl import logging
 
 from vitshap_jax import checkpoints as ckpt_lib
+from vitshap_jax.config import STAGES
+from vitshap_jax.files import absolute
 from vitshap_jax.stages import common, get_stage
 from vitshap_jax.train.loop import is_complete
 
-ORDER = ("classifier", "surrogate", "explainer")
+ORDER = STAGES
 
 
 def run(config, workdir: str, mesh) -> dict:
     results = {}
-    root = os.path.abspath(os.path.expanduser(workdir))
+    root = absolute(workdir)
     for i, stage in enumerate(ORDER):
         c, stage_path = config[stage], os.path.join(root, stage)
         results_file = os.path.join(stage_path, "results.json")

@@ -6,7 +6,8 @@ frozen classifier on the full image, evaluated in the same jitted step (Bernoull
 targets). `config.model.masking` picks attention or zero masking.
 
 Validation reports KL and accuracy with one coalition per image (fixed by the image's index, so epochs
-compare), and at fixed held-out fractions (`kl_heldout_0.50` = half the patches held out). The best checkpoint
+compare), and at fixed held-out fractions (`kl_heldout_0.50` = half the patches held out;
+`evaluation/heldout.py`, which the evaluation's curves share). The best checkpoint
 has the lowest KL.
 """
 
@@ -18,12 +19,12 @@ import jax
 import jax.numpy as jnp
 
 from vitshap_jax import losses, shapley
+from vitshap_jax.data.pipeline import per_example
+from vitshap_jax.evaluation import heldout
 from vitshap_jax.models import build_model, num_patches
+from vitshap_jax.shapley.sampling import eval_keys
 from vitshap_jax.stages import common
-from vitshap_jax.stages.classifier import predictions
 from vitshap_jax.train.loop import Task
-
-HELD_OUT_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.9)
 
 
 def train_step(state, batch, classifier_params, *, model, classifier, tx, target: str, seed: int):
@@ -44,26 +45,18 @@ def train_step(state, batch, classifier_params, *, model, classifier, tx, target
     return new_state, {"loss": loss}
 
 
-def fixed_fraction_coalitions(keys, n: int, held_out: float):
-    """One coalition per key with exactly round((1 - held_out) * n) visible players: `[B, n]`."""
-    visible = round((1 - held_out) * n)
-    return jax.vmap(lambda k: shapley.coalitions_of_size(k, jnp.asarray(visible), n))(keys)
-
-
 def eval_step(params, classifier_params, batch, *, model, classifier, target: str, seed: int):
     images, labels = batch["image"], batch["label"]
     n = num_patches(images.shape[1], model.patch_size)
     teacher = classifier.apply({"params": classifier_params}, images)
-    keys = common.eval_keys(seed, batch["index"], salt=1)
+    keys = eval_keys(seed, batch["index"], salt=heldout.KEY_SALT)
     masks = jax.vmap(lambda k: shapley.uniform_size_coalitions(k, (), n))(keys)
-    out = {}
-    for name, m in [("", masks)] + [
-        (f"_heldout_{f:.2f}", fixed_fraction_coalitions(keys, n, f)) for f in HELD_OUT_FRACTIONS
-    ]:
-        logits = model.apply({"params": params}, images, m)
-        out[f"kl{name}"] = losses.kl_from_logits(teacher, logits, target)
-        out[f"accuracy{name}"] = (predictions(logits, target) == labels).astype(jnp.float32)
-    return out
+    logits = model.apply({"params": params}, images, masks)
+    out = {
+        "kl": losses.kl_from_logits(teacher, logits, target),
+        "accuracy": (losses.predictions(logits, target) == labels).astype(jnp.float32),
+    }
+    return out | heldout.heldout_metrics(model, params, teacher, images, labels, keys, target)
 
 
 def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
@@ -71,8 +64,7 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     target = config.dataset.target
     model = build_model(config)
     classifier = build_model(config, masking="attention")  # always evaluated on full images
-    sample = jnp.zeros((1, config.dataset.image_size, config.dataset.image_size, 3))
-    classifier_params, up = common.upstream_params(config, workdir, "classifier", classifier, sample, mesh)
+    classifier_params, up = common.upstream_params(config, workdir, "classifier", classifier, mesh)
     splits = common.open_splits(config, mesh)  # every check before anything is written
     path = common.stage_dir(workdir, "surrogate", config, up)  # after every check: nothing written on failure
     params = jax.tree.map(jnp.copy, classifier_params)  # the surrogate starts as the classifier
@@ -92,7 +84,7 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     )
 
     def evaluate(state, split):
-        out = common.per_example(ev, (state["params"], classifier_params), config, splits[split], mesh)
+        out = per_example(ev, (state["params"], classifier_params), config, splits[split], mesh)
         return {k: float(v.mean()) for k, v in out.items() if k != "label"}
 
     def train_step_with_classifier(state, batch):

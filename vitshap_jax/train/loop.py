@@ -32,9 +32,10 @@ from absl import logging
 
 from vitshap_jax import checkpoints as ckpt_lib
 from vitshap_jax.data import pipeline
+from vitshap_jax.errors import UserError
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 

@@ -7,10 +7,11 @@ import os
 import numpy as np
 from absl import logging
 
-from vitshap_jax.data.base import is_hidden
+from vitshap_jax.data.base import is_hidden, read_image
 from vitshap_jax.data.folder import is_image
-from vitshap_jax.explain import load_explainer, read_image
-from vitshap_jax.stages.common import StageError
+from vitshap_jax.errors import StageError
+from vitshap_jax.files import absolute
+from vitshap_jax.runs import TrainedRun
 from vitshap_jax.viz.heatmaps import save_explanation
 
 
@@ -70,15 +71,10 @@ def output_names(paths: list[str]) -> dict[str, str]:
 
 
 def run(config, workdir: str, mesh) -> dict:
-    loaded = load_explainer(workdir)
-    if loaded.config.dataset.name != config.dataset:
-        raise StageError(
-            f"the run in {workdir} was trained on {loaded.config.dataset.name}, not {config.dataset}: "
-            f"use configs/explain.py:{loaded.config.dataset.name}"
-        )
+    trained = TrainedRun.load(workdir, dataset=config.dataset, command="explain")
     paths, failed, done = image_paths(config.images), [], {}
     names = output_names(paths)
-    out_dir = os.path.abspath(os.path.expanduser(config.output_dir or os.path.join(workdir, "explanations")))
+    out_dir = absolute(config.output_dir or os.path.join(workdir, "explanations"))
     os.makedirs(out_dir, exist_ok=True)
     images = []
     for path in paths:
@@ -89,11 +85,11 @@ def run(config, workdir: str, mesh) -> dict:
     size = config.batch_size
     for start in range(0, len(images), size):
         chunk = images[start : start + size]
-        batch = np.stack([loaded.preprocess(img) for _, img in chunk])
+        batch = np.stack([trained.preprocess(img) for _, img in chunk])
         padded = np.concatenate(
             [batch, np.zeros((size - len(chunk), *batch.shape[1:]), batch.dtype)]
         )  # one shape
-        out = {k: np.asarray(v)[: len(chunk)] for k, v in loaded(padded).items()}
+        out = {k: np.asarray(v)[: len(chunk)] for k, v in trained(padded).items()}
         for i, (path, img) in enumerate(chunk):
             target = os.path.join(out_dir, names[path])
             np.savez(
@@ -101,16 +97,16 @@ def run(config, workdir: str, mesh) -> dict:
                 phi=out["phi"][i],
                 v_all=out["v_all"][i],
                 v_empty=out["v_empty"][i],
-                class_names=np.array(loaded.class_names),
-                patch_size=loaded.patch_size,
-                image_size=loaded.image_size,
+                class_names=np.array(trained.class_names),
+                patch_size=trained.patch_size,
+                image_size=trained.image_size,
             )
             shown = np.argsort(-out["v_all"][i])[: config.max_classes]
-            titles = [f"{loaded.class_names[c]} (p={out['v_all'][i][c]:.2f})" for c in shown]
+            titles = [f"{trained.class_names[c]} (p={out['v_all'][i][c]:.2f})" for c in shown]
             save_explanation(
-                loaded.crop(img),
+                trained.crop(img),
                 out["phi"][i][:, shown],
-                [loaded.class_names[c] for c in shown],
+                [trained.class_names[c] for c in shown],
                 target + ".png",
                 titles=titles,
             )

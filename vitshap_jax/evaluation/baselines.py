@@ -13,7 +13,7 @@ row-major order, the players of ViT-Shapley). Three families:
   `attention_rollout` (Abnar & Zuidema 2020: product over layers of 0.5 A + 0.5 I), `gradcam`
   (Selvaraju et al. 2017 on the patch tokens entering the last block: the last block's outputs of
   patch tokens never reach the class token), `transformer_attribution` (Chefer et al., CVPR 2021:
-  LRP relevance of each attention map, `vitshap_jax.lrp`, weighted by its gradient and rolled out
+  LRP relevance of each attention map, `evaluation.lrp`, weighted by its gradient and rolled out
   over the layers) and `generic_attention` (Chefer et al., ICCV 2021: the same with the attention maps
   in place of their relevance);
 * queries of a game `value_fn(images, masks [B, M, n]) -> [B, M, C]` (the surrogate):
@@ -27,7 +27,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vitshap_jax import lrp
+from vitshap_jax.evaluation import lrp
+from vitshap_jax.shapley.game import select_class
 from vitshap_jax.shapley.kernelshap import kernelshap
 from vitshap_jax.shapley.permutation import permutation_shapley
 
@@ -44,7 +45,7 @@ def _class_logit_grad(logit_fn, images, classes):
     """d logit[class] / d image, per image: `[B, H, W, C]` (images are independent in the batch)."""
 
     def total(x):
-        return jnp.take_along_axis(logit_fn(x), classes[:, None], axis=1).sum()
+        return select_class(logit_fn(x), classes).sum()
 
     return jax.grad(total)(images)
 
@@ -142,7 +143,7 @@ def _intermediate_grads(model, params, images, classes):
 
     def total(perturbations):
         logits = net.apply({"params": params, "perturbations": perturbations}, images)
-        return jnp.take_along_axis(logits, classes[:, None], axis=1).sum()
+        return select_class(logits, classes).sum()
 
     grads = jax.grad(total)(state["perturbations"])
     return state["intermediates"]["Transformer"], grads["Transformer"]
@@ -171,7 +172,7 @@ def _gradient_weighted_rollout(attention_grads, weights, first: int):
 def transformer_attribution(model, params, images, classes):
     """Chefer, Gur & Wolf (CVPR 2021), the paper's "LRP": attention relevance propagated through layers.
 
-    R^A_l, the LRP relevance of layer l's attention map for the class (`vitshap_jax.lrp`: LRP rules through
+    R^A_l, the LRP relevance of layer l's attention map for the class (`evaluation.lrp`: LRP rules through
     every layer from the class logit down), is weighted by the attention gradient; with
     Abar_l = I + mean_heads((dlogit/dA_l * R^A_l)^+) the scores are the class token's row of
     Abar_L ... Abar_1 over the patches."""
@@ -195,7 +196,7 @@ def leave_one_out(value_fn, images, classes, *, n: int):
     b = images.shape[0]
     masks = jnp.concatenate([jnp.ones((1, n), bool), ~jnp.eye(n, dtype=bool)])  # [n + 1, n]
     values = value_fn(images, jnp.broadcast_to(masks, (b, n + 1, n)))
-    v = jnp.take_along_axis(values, classes[:, None, None], axis=2)[..., 0]  # [B, n + 1]
+    v = select_class(values, classes)  # [B, n + 1]
     return v[:, :1] - v[:, 1:]
 
 
@@ -208,7 +209,7 @@ def rise(value_fn, images, classes, key, *, n: int, num_masks: int = 2000, p: fl
         key, sub = jax.random.split(key)
         m = min(chunk, num_masks - start)
         masks = jax.random.bernoulli(sub, p, (b, m, n))
-        v = jnp.take_along_axis(value_fn(images, masks), classes[:, None, None], axis=2)  # [B, m, 1]
+        v = select_class(value_fn(images, masks), classes)[..., None]  # [B, m, 1]
         total_mv = total_mv + (masks * v).sum(1)
         total_v, total_m = total_v + v.sum(1), total_m + masks.sum(1)
     return total_mv / jnp.maximum(total_m, 1) - total_v / num_masks
@@ -237,7 +238,7 @@ def kernelshap_budget(
         max_evals=evals,
         estimator=estimator,
     )
-    return jnp.take_along_axis(phi, classes[:, None, None], axis=2)[..., 0]
+    return select_class(phi, classes)
 
 
 def permutation_budget(value_fn, images, classes, key, *, n: int, evals: int, perms_per_step: int = 8):
@@ -246,7 +247,7 @@ def permutation_budget(value_fn, images, classes, key, *, n: int, evals: int, pe
     phi, _ = permutation_shapley(
         value_fn, images, n, key=key, threshold=None, perms_per_step=perms_per_step, max_evals=evals
     )
-    return jnp.take_along_axis(phi, classes[:, None, None], axis=2)[..., 0]
+    return select_class(phi, classes)
 
 
 def random_scores(images, classes, key, *, n: int):
