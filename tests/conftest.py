@@ -30,8 +30,7 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """A finished tiny pipeline (classifier, surrogate, explainer) on a mini imagenette: its workdir."""
-    from tests.test_configs import load
-    from tests.test_stages import _imagenette_tree, tiny
+    from tests.helpers import _imagenette_tree, load, tiny
     from vitshap_jax import data, parallel
     from vitshap_jax.stages import pipeline
 

@@ -5,23 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import BASELINE_CLASSES as CLASSES
+from tests.helpers import BASELINE_PATCH as P
+from tests.helpers import vit
 from vitshap_jax.evaluation import baselines, lrp
-from vitshap_jax.models import ViT
 from vitshap_jax.shapley.exact import exact_shapley
 from vitshap_jax.shapley.game import table_game
-
-P = 2  # patch size; 8x8 images -> 16 patches
-
-
-def vit(depth=2, **kw):
-    model = ViT(num_classes=3, patch_size=P, hidden_size=16, depth=depth, num_heads=2, mlp_dim=32, **kw)
-    images = jax.random.normal(jax.random.key(1), (3, 8, 8, 3))
-    params = model.init(jax.random.key(0), images)["params"]
-    params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(2), x.shape), params)
-    return model, params, images
-
-
-CLASSES = jnp.array([0, 2, 1])
 
 
 def test_inspect_path_matches_fused_attention():

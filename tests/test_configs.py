@@ -1,19 +1,10 @@
 """Stage configs: every stage x dataset loads and validates; options, presets and errors."""
 
-import importlib.util
-
 import pytest
 
 from configs import common
+from tests.helpers import load
 from vitshap_jax.config import STAGES, ConfigError, num_outputs, validate
-
-
-def load(stage, arg=None):
-    """Loads configs/<stage>.py the way config_flags does (by path) and calls get_config(arg)."""
-    spec = importlib.util.spec_from_file_location(f"cfg_{stage}", f"configs/{stage}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg is not None else module.get_config()
 
 
 @pytest.mark.parametrize("dataset", sorted(common.DATASET_PRESETS))

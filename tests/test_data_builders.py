@@ -1,29 +1,17 @@
 """Dataset builders on miniature copies of each official layout (written here; no download, no TF)."""
 
-import io
 import os
 import tarfile
 import zipfile
 
 import numpy as np
-import PIL.Image
 import pytest
 from sklearn.datasets import load_digits
 
-from tests.helpers import write_files
+from tests.helpers import _image_bytes, _imagenette_tree, _mura_tree, write_files
 from vitshap_jax import data
 from vitshap_jax.data import imagenette, mura, pet
 from vitshap_jax.data.base import BadImageError, DataNotFoundError
-
-
-def _image_bytes(fmt="JPEG", mode="RGB", seed=0, size=(12, 10)):
-    rng = np.random.default_rng(seed)
-    channels = {"RGB": 3, "L": 1, "CMYK": 4}[mode]
-    pixels = rng.integers(0, 255, (size[1], size[0], channels), dtype=np.uint8)
-    image = PIL.Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode=mode)
-    buf = io.BytesIO()
-    image.save(buf, format=fmt)
-    return buf.getvalue()
 
 
 def _tar(path, root, members):
@@ -63,25 +51,6 @@ def test_a_prepared_dataset_is_reused(tmp_path, monkeypatch):
 
 
 # ---- imagenette
-
-WNIDS = list(imagenette.CLASSES)[:3]
-
-
-def _imagenette_tree(root, corrupt=False):
-    files = {}
-    for c, wnid in enumerate(WNIDS):
-        for i in range(3):
-            files[f"imagenette2/train/{wnid}/{wnid}_{i}.JPEG"] = _image_bytes(seed=c * 10 + i)
-        for i in range(4):
-            mode = "L" if i == 0 else "CMYK" if i == 1 else "RGB"  # imagenette has gray and CMYK JPEGs
-            files[f"imagenette2/val/{wnid}/ILSVRC2012_val_{c}{i:04d}.JPEG"] = _image_bytes(
-                mode=mode, seed=99 + i
-            )
-    files["imagenette2/noisy_imagenette.csv"] = "path,noisy_labels_0\n"
-    if corrupt:
-        files[f"imagenette2/train/{WNIDS[0]}/broken.JPEG"] = b"not a jpeg"
-    write_files(root, files)
-    return files
 
 
 @pytest.mark.parametrize("archive", [False, True])
@@ -249,28 +218,6 @@ def test_pet_annotation_naming_the_wrong_breed_is_an_error(tmp_path):
 
 
 # ---- MURA
-
-
-def _mura_tree(root, patients=30):
-    files, rows = {}, {"train": ([], []), "valid": ([], [])}
-    for split, count in (("train", patients), ("valid", 4)):
-        for p in range(count):
-            part = mura.BODY_PARTS[p % len(mura.BODY_PARTS)]
-            patient = f"patient{(p if split == 'train' else 11000 + p):05d}"
-            for s in range(1 + p % 2):
-                label = (p + s) % 2
-                study = (
-                    f"MURA-v1.1/{split}/{part}/{patient}/study{s + 1}_{'positive' if label else 'negative'}/"
-                )
-                rows[split][1].append(f"{study},{label}")
-                for m in range(1 + s):
-                    files[f"{study}image{m + 1}.png"] = _image_bytes("PNG", "L", seed=p * 10 + s + m)
-                    rows[split][0].append(f"{study}image{m + 1}.png")
-    for split, (paths, studies) in rows.items():
-        files[f"MURA-v1.1/{split}_image_paths.csv"] = "\n".join(paths) + "\n"
-        files[f"MURA-v1.1/{split}_labeled_studies.csv"] = "\n".join(studies) + "\n"
-    write_files(root, files)
-    return rows
 
 
 @pytest.mark.parametrize("archive", [False, True])

@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from tests.test_configs import load
+from tests.helpers import load, order_two_games
 from vitshap_jax import parallel
 from vitshap_jax.commands import evaluate
 from vitshap_jax.config import EVALUATION_METHODS, ConfigError, validate
@@ -171,7 +171,6 @@ def test_sampled_ground_truth_agrees_with_the_exact_one(kind):
     """The evaluation's sampled ground-truth branch (the one runs with more than 20 patches take), on
     12-player table games with 3 classes: close to the exact values of each image's explained class,
     and not equal to them (so it did sample)."""
-    from tests.test_ground_truth import order_two_games
     from vitshap_jax.shapley.game import table_game
 
     n, b = 12, 5

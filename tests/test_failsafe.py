@@ -118,7 +118,7 @@ def test_a_stage_directory_has_one_writer(tmp_path):
 
 
 def test_unusable_workdirs_and_upstreams_are_one_line(tmp_path):
-    from tests.test_configs import load
+    from tests.helpers import load
 
     (tmp_path / "afile").write_text("x")
     config = load("classifier", "digits")
@@ -182,7 +182,7 @@ def test_reruns_with_other_settings_or_a_retrained_upstream_are_refused_or_resta
     """One rule everywhere: same settings and same upstream run continue; anything else is refused with
     the differences, or with restart=True moved aside (nothing deleted) and trained afresh; the pipeline
     trains a stage again when its upstream was trained again."""
-    from tests.test_stages import tiny
+    from tests.helpers import tiny
     from vitshap_jax.stages import classifier, pipeline, surrogate
 
     mesh = parallel.make_mesh()
@@ -219,7 +219,7 @@ def test_reruns_with_other_settings_or_a_retrained_upstream_are_refused_or_resta
     with pytest.raises(common.StageError, match="trained from another classifier run"):
         surrogate.run(digits("surrogate"), work, mesh)
     # The pipeline trains it again (moving the old one aside) and skips the finished classifier.
-    from tests.test_configs import load
+    from tests.helpers import load
 
     config = load("pipeline", "digits")
     for stage in pipeline.ORDER:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import members, order_two_games
 from vitshap_jax.shapley.exact import exact_shapley
 from vitshap_jax.shapley.game import table_game
 from vitshap_jax.shapley.kernelshap import border_sizes, kernel_moments, kernelshap
@@ -62,12 +63,6 @@ def test_kernel_moments_by_enumeration():
     np.testing.assert_allclose(kernel_moments(n), (z * weight[:, None]).T @ z, atol=1e-12)
 
 
-def members(n):
-    """All coalitions as a float64 `[2^n, n]` 0/1 matrix, row = binary code."""
-    codes = np.arange(2**n)
-    return ((codes[:, None] >> np.arange(n)) & 1).astype(np.float64)
-
-
 def brute_force_sums(table, n):
     """Shapley values in float64 straight from the subset-sum definition (no pairing, no chunks):
     phi_i = sum_S w(S, i) v(S), weights from math.factorial."""
@@ -78,19 +73,6 @@ def brute_force_sums(table, n):
     w_out = np.array([f(s) * f(n - s - 1) / f(n) if s <= n - 1 else 0.0 for s in range(n + 1)])
     w = np.where(z > 0, w_in[k][:, None], -w_out[k][:, None])  # [2^n, n]
     return np.einsum("mn,bmc->bnc", w, np.asarray(table, np.float64))
-
-
-def order_two_games(n, seed=0):
-    """Tables `[1, 2^n, 1]` of an additive and a pairwise game (order <= 2) and of a non-linear one
-    (a random tanh network of the coalition)."""
-    rng = np.random.default_rng(seed)
-    z = members(n)
-    additive = z @ rng.normal(size=n)
-    pairwise = additive + np.einsum("mi,ij,mj->m", z, np.triu(rng.normal(size=(n, n)), 1), z)
-    mlp = np.tanh(z @ rng.normal(size=(n, 32))) @ rng.normal(size=32)
-    return {
-        name: t[None, :, None] for name, t in [("additive", additive), ("pairwise", pairwise), ("mlp", mlp)]
-    }
 
 
 def relative_error(phi, exact):

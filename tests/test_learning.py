@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_configs import load
+from tests.helpers import load
 from vitshap_jax import parallel
 from vitshap_jax.data import open_split
 from vitshap_jax.runs import load_explainer

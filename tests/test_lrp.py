@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_baselines import CLASSES, vit
+from tests.helpers import BASELINE_CLASSES as CLASSES
+from tests.helpers import vit
 from vitshap_jax.evaluation import lrp
 
 

@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from tests.test_configs import load
-from tests.test_stages import assert_same_params
+from tests.helpers import assert_same_params, load
 from vitshap_jax import checkpoints, data
 from vitshap_jax.models import build_model
 

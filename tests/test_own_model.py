@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from tests.test_pretrained_families import _write_hf
+from tests.helpers import _timm_state, _write_hf, load
 from vitshap_jax import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,7 +102,6 @@ def test_a_run_reads_classes_target_architecture_and_normalization_instead_of_ty
     """`stages.common.resolve`: two classes give a sigmoid target; a checkpoint's architecture replaces
     the variant's; the next stage takes them from the upstream run's config."""
     from configs import common as presets
-    from tests.test_configs import load
     from vitshap_jax.stages import common
 
     for name in ("no", "yes"):
@@ -142,8 +141,6 @@ def test_what_a_checkpoint_cannot_tell_is_given_by_hand(tmp_path):
     config.model.checkpoint_overrides states the truth (typed, checked)."""
     from safetensors.numpy import save_file
 
-    from tests.test_configs import load
-    from tests.test_pretrained_families import _timm_state
     from vitshap_jax.stages import common
 
     save_file(_timm_state(0), str(tmp_path / "model.safetensors"))

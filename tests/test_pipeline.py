@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.test_configs import load
+from tests.helpers import load
 from vitshap_jax import data, parallel
 from vitshap_jax.data import pipeline, transforms
 

@@ -17,15 +17,14 @@ import pytest
 import scipy.special
 from safetensors.numpy import save_file
 
+from tests.helpers import FAMILY_CLASSES as CLASSES
+from tests.helpers import FAMILY_D as D
+from tests.helpers import FAMILY_DEPTH as DEPTH
+from tests.helpers import FAMILY_HEADS as HEADS
+from tests.helpers import FAMILY_MLP as MLP
+from tests.helpers import HF_CASES, _timm_state, _write_hf
 from vitshap_jax.models import ViT, load_pretrained, read_architecture
 from vitshap_jax.models.pretrained import PretrainedMismatchError
-
-D, DEPTH, HEADS, MLP, CLASSES = 32, 2, 4, 64, 3
-
-
-def _rng(seed):
-    rng = np.random.default_rng(seed)
-    return lambda *shape: (0.2 * rng.standard_normal(shape)).astype(np.float32)
 
 
 def _ln(x, w, b, eps):
@@ -58,75 +57,6 @@ def _patches(images, weight, bias, patch):
 
 
 # ---------------------------------------------------------------------------------------- transformers
-
-
-def _hf_state(family, seed, *, patch=4, grid=4, registers=0, head=None):
-    """A random state dict in the names `save_pretrained` writes for `family` (vit, deit, dinov2, clip)."""
-    r = _rng(seed)
-    n = grid * grid
-    sd = {}
-    if family == "clip":
-        sd |= {
-            "vision_model.embeddings.class_embedding": r(D),
-            "vision_model.embeddings.patch_embedding.weight": r(D, 3, patch, patch),
-            "vision_model.embeddings.position_embedding.weight": r(1 + n, D),
-            "vision_model.pre_layrnorm.weight": 1 + r(D),
-            "vision_model.pre_layrnorm.bias": r(D),
-            "vision_model.post_layernorm.weight": 1 + r(D),
-            "vision_model.post_layernorm.bias": r(D),
-        }
-        for i in range(DEPTH):
-            b = f"vision_model.encoder.layers.{i}."
-            for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                sd |= {f"{b}self_attn.{name}.weight": r(D, D), f"{b}self_attn.{name}.bias": r(D)}
-            sd |= {f"{b}layer_norm1.weight": 1 + r(D), f"{b}layer_norm1.bias": r(D)}
-            sd |= {f"{b}layer_norm2.weight": 1 + r(D), f"{b}layer_norm2.bias": r(D)}
-            sd |= {f"{b}mlp.fc1.weight": r(MLP, D), f"{b}mlp.fc1.bias": r(MLP)}
-            sd |= {f"{b}mlp.fc2.weight": r(D, MLP), f"{b}mlp.fc2.bias": r(D)}
-        sd |= {"text_model.embeddings.token_embedding.weight": r(10, D), "logit_scale": r(1)}
-        return sd
-    pre = {"vit": "vit.", "deit": "deit.", "dinov2": ""}[family] if head else ""
-    prefix_tokens = 2 if family == "deit" else 1
-    sd |= {
-        pre + "embeddings.cls_token": r(1, 1, D),
-        pre + "embeddings.position_embeddings": r(1, prefix_tokens + n, D),
-        pre + "embeddings.patch_embeddings.projection.weight": r(D, 3, patch, patch),
-        pre + "embeddings.patch_embeddings.projection.bias": r(D),
-        pre + "layernorm.weight": 1 + r(D),
-        pre + "layernorm.bias": r(D),
-    }
-    if family == "deit":
-        sd[pre + "embeddings.distillation_token"] = r(1, 1, D)
-    if family == "dinov2":
-        sd[pre + "embeddings.mask_token"] = r(1, D)
-        if registers:
-            sd[pre + "embeddings.register_tokens"] = r(1, registers, D)
-    for i in range(DEPTH):
-        b = f"{pre}encoder.layer.{i}."
-        for name in ("query", "key", "value"):
-            sd |= {
-                f"{b}attention.attention.{name}.weight": r(D, D),
-                f"{b}attention.attention.{name}.bias": r(D),
-            }
-        sd |= {f"{b}attention.output.dense.weight": r(D, D), f"{b}attention.output.dense.bias": r(D)}
-        if family == "dinov2":
-            sd |= {f"{b}norm1.weight": 1 + r(D), f"{b}norm1.bias": r(D), f"{b}norm2.weight": 1 + r(D)}
-            sd |= {f"{b}norm2.bias": r(D), f"{b}mlp.fc1.weight": r(MLP, D), f"{b}mlp.fc1.bias": r(MLP)}
-            sd |= {f"{b}mlp.fc2.weight": r(D, MLP), f"{b}mlp.fc2.bias": r(D)}
-            sd |= {f"{b}layer_scale1.lambda1": 1 + r(D), f"{b}layer_scale2.lambda1": 1 + r(D)}
-        else:
-            sd |= {f"{b}layernorm_before.weight": 1 + r(D), f"{b}layernorm_before.bias": r(D)}
-            sd |= {f"{b}layernorm_after.weight": 1 + r(D), f"{b}layernorm_after.bias": r(D)}
-            sd |= {f"{b}intermediate.dense.weight": r(MLP, D), f"{b}intermediate.dense.bias": r(MLP)}
-            sd |= {f"{b}output.dense.weight": r(D, MLP), f"{b}output.dense.bias": r(D)}
-    if head == "classifier":
-        sd |= {"classifier.weight": r(CLASSES, D), "classifier.bias": r(CLASSES)}
-    elif head == "teacher":
-        sd |= {"cls_classifier.weight": r(CLASSES, D), "cls_classifier.bias": r(CLASSES)}
-        sd |= {"distillation_classifier.weight": r(CLASSES, D), "distillation_classifier.bias": r(CLASSES)}
-    elif family in ("vit", "deit"):
-        sd |= {"pooler.dense.weight": r(D, D), "pooler.dense.bias": r(D)}  # ViTModel / DeiTModel
-    return sd
 
 
 def _hf_forward(family, sd, images, *, eps, act, patch=4, head=None):
@@ -194,70 +124,6 @@ def _hf_forward(family, sd, images, *, eps, act, patch=4, head=None):
         dist = x[:, 1] @ sd["distillation_classifier.weight"].T + sd["distillation_classifier.bias"]
         return (cls + dist) / 2
     return x[:, 0]
-
-
-HF_CASES = {
-    # name: (model_type, architectures, family, head, registers, hidden_act, eps)
-    "ViTForImageClassification": ("vit", "ViTForImageClassification", "vit", "classifier", 0, "gelu", 1e-12),
-    "ViTModel": ("vit", "ViTModel", "vit", None, 0, "gelu", 1e-12),
-    "DeiTForImageClassificationWithTeacher": (
-        "deit",
-        "DeiTForImageClassificationWithTeacher",
-        "deit",
-        "teacher",
-        0,
-        "gelu",
-        1e-12,
-    ),
-    "DeiTForImageClassification": (
-        "deit",
-        "DeiTForImageClassification",
-        "deit",
-        "classifier",
-        0,
-        "gelu",
-        1e-12,
-    ),
-    "Dinov2Model": ("dinov2", "Dinov2Model", "dinov2", None, 0, "gelu", 1e-6),
-    "Dinov2WithRegistersModel": (
-        "dinov2_with_registers",
-        "Dinov2WithRegistersModel",
-        "dinov2",
-        None,
-        3,
-        "gelu",
-        1e-6,
-    ),
-    "CLIPVisionModel": ("clip_vision_model", "CLIPVisionModel", "clip", None, 0, "quick_gelu", 1e-5),
-}
-
-
-def _write_hf(tmp_path, case, seed=0, dtype=None):
-    model_type, architecture, family, head, registers, act, eps = HF_CASES[case]
-    sd = _hf_state(family, seed, registers=registers, head=head)
-    if dtype is not None:
-        sd = {k: v.astype(dtype) for k, v in sd.items()}
-    folder = tmp_path / case
-    folder.mkdir()
-    save_file(sd, str(folder / "model.safetensors"))
-    cfg = dict(
-        model_type=model_type,
-        architectures=[architecture],
-        hidden_size=D,
-        num_hidden_layers=DEPTH,
-        num_attention_heads=HEADS,
-        intermediate_size=MLP,
-        patch_size=4,
-        image_size=16,
-        hidden_act=act,
-        layer_norm_eps=eps,
-        num_channels=3,
-        qkv_bias=True,
-    )
-    if registers:
-        cfg["num_register_tokens"] = registers
-    (folder / "config.json").write_text(json.dumps(cfg))
-    return folder, sd
 
 
 def _our_model(arch, num_classes=CLASSES):
@@ -406,64 +272,6 @@ TIMM_CASES = {
     "clip_quickgelu_pre_norm": ("vit_base_patch4_clip_quickgelu_16", dict(pre_norm=True)),
     "deit_distilled": ("deit_tiny_distilled_patch4", dict(distilled=True)),
 }
-
-
-def _timm_state(
-    seed,
-    *,
-    patch=4,
-    grid=4,
-    regs=0,
-    no_embed_class=False,
-    layer_scale=False,
-    class_token=True,
-    fc_norm=False,
-    pre_norm=False,
-    distilled=False,
-):
-    r = _rng(seed)
-    prefix = int(class_token) + int(distilled) + regs
-    sd = {
-        "patch_embed.proj.weight": r(D, 3, patch, patch),
-        "pos_embed": r(1, (0 if no_embed_class else prefix) + grid * grid, D),
-        "head.weight": r(CLASSES, D),
-        "head.bias": r(CLASSES),
-    }
-    if not pre_norm:  # timm: PatchEmbed(bias=not pre_norm)
-        sd["patch_embed.proj.bias"] = r(D)
-    if class_token:
-        sd["cls_token"] = r(1, 1, D)
-    if distilled:
-        sd |= {"dist_token": r(1, 1, D), "head_dist.weight": r(CLASSES, D), "head_dist.bias": r(CLASSES)}
-    if regs:
-        sd["reg_token"] = r(1, regs, D)
-    if pre_norm:
-        sd |= {"norm_pre.weight": 1 + r(D), "norm_pre.bias": r(D)}
-    final = "fc_norm" if fc_norm else "norm"
-    sd |= {f"{final}.weight": 1 + r(D), f"{final}.bias": r(D)}
-    for i in range(DEPTH):
-        b = f"blocks.{i}."
-        sd |= {
-            b + "norm1.weight": 1 + r(D),
-            b + "norm1.bias": r(D),
-            b + "norm2.weight": 1 + r(D),
-            b + "norm2.bias": r(D),
-        }
-        sd |= {
-            b + "attn.qkv.weight": r(3 * D, D),
-            b + "attn.qkv.bias": r(3 * D),
-            b + "attn.proj.weight": r(D, D),
-            b + "attn.proj.bias": r(D),
-        }
-        sd |= {
-            b + "mlp.fc1.weight": r(MLP, D),
-            b + "mlp.fc1.bias": r(MLP),
-            b + "mlp.fc2.weight": r(D, MLP),
-            b + "mlp.fc2.bias": r(D),
-        }
-        if layer_scale:
-            sd |= {b + "ls1.gamma": 1 + r(D), b + "ls2.gamma": 1 + r(D)}
-    return sd
 
 
 def _timm_forward(sd, images, *, patch, eps, act, no_embed_class=False, fc_norm=False):

@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from tests.test_configs import load
+from tests.helpers import load
 from vitshap_jax import parallel
 from vitshap_jax.commands import roar
 from vitshap_jax.config import ConfigError, validate

@@ -11,25 +11,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from tests.test_configs import load
-from tests.test_data_builders import _imagenette_tree, _mura_tree
+from tests.helpers import _imagenette_tree, _mura_tree, assert_same_params, load, tiny
 from vitshap_jax import checkpoints, data, parallel
 from vitshap_jax.models import build_explainer
 from vitshap_jax.stages import classifier, common, explainer, surrogate
 from vitshap_jax.train.loop import NonFiniteLossError, is_complete
-
-TINY = dict(hidden_size=32, depth=1, num_heads=2, mlp_dim=64, patch_size=4)
-
-
-def tiny(stage, dataset, data_dir, **train):
-    c = load(stage, dataset)
-    c.dataset.data_dir = str(data_dir)
-    c.dataset.image_size, c.dataset.resize_size, c.dataset.read_threads = 16, 16, 1
-    c.model.update(TINY)
-    c.train.update(dict(batch_size=8, epochs=1, log_every_steps=1) | train)
-    if stage == "explainer":
-        c.explainer.update(dict(num_coalitions=4, mlp_ratio=1))
-    return c
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +32,6 @@ def mura_dir(tmp_path_factory):
     _mura_tree(root / "manual")
     data.prepare("mura", str(root / "manual"), str(root / "prepared"))
     return root / "prepared"
-
-
-def assert_same_params(a: dict, b: dict, rtol=1e-5, atol=1e-6):
-    """Flat param dicts equal within float tolerance, except attention key biases: their gradient is zero
-    in exact arithmetic (softmax ignores a shift shared by all keys), so Adam turns float noise, which
-    differs with the device count, into +-lr updates."""
-    assert a.keys() == b.keys()
-    for k in a:
-        if not k.endswith("key/bias"):
-            np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
 
 
 def _flat(tree):
