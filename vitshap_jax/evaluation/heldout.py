@@ -20,7 +20,7 @@ from vitshap_jax import checkpoints as ckpt_lib
 from vitshap_jax import losses, parallel, shapley
 from vitshap_jax.config import split_list
 from vitshap_jax.data import open_split
-from vitshap_jax.data.pipeline import per_example
+from vitshap_jax.data.loader import per_example
 from vitshap_jax.errors import StageError
 from vitshap_jax.files import absolute, read_json
 from vitshap_jax.models import build_model

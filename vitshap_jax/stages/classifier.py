@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitshap_jax import losses, parallel, shapley
-from vitshap_jax.data.pipeline import per_example
+from vitshap_jax.data.loader import per_example
 from vitshap_jax.models import build_model, load_pretrained_into, num_patches
 from vitshap_jax.stages import common
 from vitshap_jax.train.loop import Task

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from vitshap_jax import losses, shapley
-from vitshap_jax.data.pipeline import per_example
+from vitshap_jax.data.loader import per_example
 from vitshap_jax.models import build_explainer, build_model, num_patches
 from vitshap_jax.shapley.game import coalition_values, grand_and_null
 from vitshap_jax.shapley.sampling import eval_keys

@@ -31,7 +31,7 @@ import numpy as np
 from absl import logging
 
 from vitshap_jax import checkpoints as ckpt_lib
-from vitshap_jax.data import pipeline
+from vitshap_jax.data.loader import DeviceIterator, make_loader
 from vitshap_jax.errors import UserError
 
 
@@ -156,7 +156,7 @@ def fit(task: Task, config, stage_dir: str, mesh, train_source, *, stop_after: i
     `stop_after` ends the run after that many steps without a final checkpoint, as if the process
     had been killed there (used by the resume tests).
     """
-    loader = pipeline.make_loader(config, train_source, True, mesh, num_epochs=config.train.epochs)
+    loader = make_loader(config, train_source, True, mesh, num_epochs=config.train.epochs)
     total = len(loader)
     ends = _epoch_ends(len(train_source), config.train.batch_size, config.train.epochs)
     metric, mode = task.select
@@ -171,7 +171,7 @@ def fit(task: Task, config, stage_dir: str, mesh, train_source, *, stop_after: i
     if start >= total:
         checkpoints.close()
         return best_metrics
-    batches = pipeline.DeviceIterator(loader, mesh)
+    batches = DeviceIterator(loader, mesh)
     writer = _Metrics(stage_dir, start)
     signals = _StopSignals()
     bar = None

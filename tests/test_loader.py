@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers import load
 from vitshap_jax import data, parallel
-from vitshap_jax.data import pipeline, transforms
+from vitshap_jax.data import loader, transforms
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +25,9 @@ def train_source(config):
 
 
 def _dataset(config, source, rows=None, seed=0, train=True, epochs=2, g=64):
-    return pipeline.batches(
+    return loader.batches(
         source,
-        pipeline.config_transform(config, train),
+        loader.config_transform(config, train),
         global_batch_size=g,
         rows=rows or slice(0, g),
         seed=seed,
@@ -90,17 +90,15 @@ def test_eval_covers_every_example_once_with_padding_flagged(config):
 @pytest.mark.parametrize("consumed", [1, 5])
 def test_resume_from_state_continues_with_the_same_batches(config, train_source, consumed):
     mesh = parallel.make_mesh()
-    full = pipeline.DeviceIterator(pipeline.make_loader(config, train_source, True, mesh, num_epochs=2), mesh)
+    full = loader.DeviceIterator(loader.make_loader(config, train_source, True, mesh, num_epochs=2), mesh)
     reference = [np.asarray(b["index"]) for b in itertools.islice(full, consumed + 3)]
 
-    first = pipeline.DeviceIterator(
-        pipeline.make_loader(config, train_source, True, mesh, num_epochs=2), mesh
-    )
+    first = loader.DeviceIterator(loader.make_loader(config, train_source, True, mesh, num_epochs=2), mesh)
     _take(first, consumed)  # the device iterator has prefetched further than this
     state = first.get_state()
-    resumed_loader = pipeline.make_loader(config, train_source, True, mesh, num_epochs=2)
+    resumed_loader = loader.make_loader(config, train_source, True, mesh, num_epochs=2)
     resumed_loader.set_state(state)
-    resumed = pipeline.DeviceIterator(resumed_loader, mesh)
+    resumed = loader.DeviceIterator(resumed_loader, mesh)
     got = [np.asarray(b["index"]) for b in itertools.islice(resumed, 3)]
     assert len(got) == 3  # an empty or short resumed iterator fails here
     for expected, batch in zip(reference[consumed:], got, strict=True):
@@ -109,7 +107,7 @@ def test_resume_from_state_continues_with_the_same_batches(config, train_source,
 
 def test_device_batches_are_global_arrays_sharded_over_data(config, train_source):
     mesh = parallel.make_mesh()
-    it = pipeline.DeviceIterator(pipeline.make_loader(config, train_source, True, mesh), mesh)
+    it = loader.DeviceIterator(loader.make_loader(config, train_source, True, mesh), mesh)
     batch = next(it)
     assert isinstance(batch["image"], jax.Array) and batch["image"].shape == (64, 8, 8, 3)
     assert batch["image"].sharding == parallel.batch_sharding(mesh)
@@ -121,8 +119,8 @@ def test_worker_processes_give_the_same_batches(config, train_source):
 
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
     ds = _dataset(config, train_source, epochs=1)
-    plain = list(pipeline.Loader(ds, workers=0))
-    workers = list(pipeline.Loader(ds, workers=2))
+    plain = list(loader.Loader(ds, workers=0))
+    workers = list(loader.Loader(ds, workers=2))
     assert len(plain) == len(workers) > 1
     for key in ("index", "image", "label"):  # the decoded, augmented images too, not only which ones
         np.testing.assert_array_equal(
@@ -191,7 +189,7 @@ def test_a_worker_exits_when_its_parent_is_killed(tmp_path):
 
     script = (
         "import os, sys, time\n"
-        "from vitshap_jax.data.pipeline import exit_with_parent\n"
+        "from vitshap_jax.data.loader import exit_with_parent\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"
         "    exit_with_parent(interval=0.05)\n"
