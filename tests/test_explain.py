@@ -137,3 +137,38 @@ def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
     assert read_image(str(tmp_path / "deep.png")).tolist() == np.full((4, 5, 3), 128).tolist()
     PIL.Image.fromarray(np.full((4, 5), 0.25, np.float32)).save(tmp_path / "float.tif")
     assert (read_image(str(tmp_path / "float.tif")) == 64).all()
+
+
+def test_explain_exports_shapiq_files_and_pairwise_interactions(trained_run, tmp_path):
+    """--config.export=shapiq writes each drawn class's values as InteractionValues shapiq loads;
+    --config.interactions adds the top class's pairs among its strongest patches (exact here: 2^5
+    coalitions fit the budget) as a k-SII file, a picture and arrays in the .npz."""
+    import shapiq
+
+    from tests.helpers import load
+    from vitshap_jax import parallel
+    from vitshap_jax.commands import explain as explain_command
+
+    rng = np.random.default_rng(0)
+    PIL.Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    c = load("explain", "imagenette")
+    c.images, c.output_dir, c.max_classes = str(tmp_path / "a.png"), str(tmp_path / "out"), 2
+    c.export, c.interactions, c.interaction_players, c.interaction_budget = "shapiq", "k-SII", 5, 64
+    explain_command.run(c, str(trained_run), parallel.make_mesh())
+    out = tmp_path / "out"
+    saved = np.load(out / "a.npz")
+    top = int(np.argmax(saved["v_all"]))
+    files = sorted(os.listdir(out))
+    assert f"a.class{top}.json" in files and "a.k-SII.json" in files and "a.interactions.png" in files
+    sv = shapiq.InteractionValues.load(str(out / f"a.class{top}.json"))
+    assert (sv.index, sv.n_players) == ("SV", 16)
+    np.testing.assert_allclose([sv[(i,)] for i in range(16)], saved["phi"][:, top], atol=1e-6)
+    np.testing.assert_allclose(sv.baseline_value, saved["v_empty"][top], atol=1e-6)
+    pairs = shapiq.InteractionValues.load(str(out / "a.k-SII.json"))
+    assert (pairs.index, pairs.max_order, pairs.n_players, pairs.estimated) == ("k-SII", 2, 5, False)
+    players = saved["interaction_players"]
+    assert list(players) == sorted(np.argsort(-np.abs(saved["phi"][:, top]))[:5])
+    np.testing.assert_allclose(pairs[(1, 3)], saved["interaction_pairs"][1, 3], atol=1e-6)
+    # efficiency of the restricted game: its players and pairs add up to v(all) - v(all but them)
+    total = saved["interaction_values"].sum() + saved["interaction_pairs"].sum() / 2
+    assert abs(total + pairs.baseline_value - saved["v_all"][top]) < 1e-4

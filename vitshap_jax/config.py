@@ -50,6 +50,8 @@ EVALUATION_METHODS = (
     "attention_last",
     "random",
 )
+INTERACTION_INDICES = ("k-SII", "FSII")  # see vitshap_jax/shapley/interactions.py
+EXPORTS = ("", "shapiq")  # extra file formats of the explain command
 GROUND_TRUTH = ("auto", "exact", "kernelshap", "permutation")
 KERNELSHAP_ESTIMATORS = ("standard", "unbiased")  # see vitshap_jax/shapley/kernelshap.py
 
@@ -179,6 +181,11 @@ def validate(config) -> None:
         _one_of(config, "dataset", DATASETS)
         _require(config.batch_size >= 1, "batch_size", config.batch_size, "must be positive")
         _require(config.max_classes >= 1, "max_classes", config.max_classes, "must be positive")
+        _one_of(config, "export", EXPORTS)
+        _one_of(config, "interactions", ("", *INTERACTION_INDICES))
+        p, b = config.interaction_players, config.interaction_budget
+        _require(p >= 2, "interaction_players", p, "must be at least 2 (pairs of patches)")
+        _require(b >= 4, "interaction_budget", b, "must be at least 4 coalitions")
         return
     if config.stage == "pipeline":
         for stage in STAGES:

@@ -144,9 +144,18 @@ class TrainedRun:
         """Patches of an image: the players of the game."""
         return num_patches(self.image_size, self.patch_size)
 
-    def game(self, *, packed: bool = True):
-        """The surrogate's game `value_fn(images, masks) -> [B, M, C]` (`shapley.game.surrogate_game`)."""
-        return surrogate_game(self.surrogate, self.surrogate_params, self.target, packed=packed)
+    def game(self, *, model: str = "surrogate", masking: str | None = None, packed: bool = True):
+        """The game `value_fn(images, masks) -> [B, M, C]` (`shapley.game.surrogate_game`) of the surrogate
+        (with its own masking unless `masking` is given) or, with `model="classifier"`, of the
+        classifier with `masking` (default attention) and no fine-tuning."""
+        if model == "surrogate":
+            module = self.surrogate if masking is None else build_model(self.config, masking=masking)
+            return surrogate_game(module, self.surrogate_params, self.target, packed=packed)
+        if model != "classifier":
+            raise ValueError(f"model={model!r}: must be surrogate or classifier")
+        _, params = self.classifier()
+        module = build_model(self.config, masking=masking or "attention")
+        return surrogate_game(module, params, self.target, packed=packed)
 
     # -- the classifier behind the surrogate ------------------------------------------------------------
     @property

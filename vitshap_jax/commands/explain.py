@@ -1,9 +1,11 @@
-"""The `explain` command: heatmaps and values for users' own images, with a trained run."""
+"""The `explain` command: heatmaps and values for users' own images, with a trained run; optionally
+shapiq's file format and pairwise patch interactions (`configs/explain.py`)."""
 
 from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -12,7 +14,10 @@ from vitshap_jax.data.folder import is_image
 from vitshap_jax.errors import StageError
 from vitshap_jax.files import absolute
 from vitshap_jax.runs import TrainedRun
+from vitshap_jax.shapiq_interop import image_parameters, write_interaction_values
+from vitshap_jax.shapley.interactions import interactions
 from vitshap_jax.viz.heatmaps import save_explanation
+from vitshap_jax.viz.interactions import save_interactions
 
 
 class SomeImagesFailed(StageError):
@@ -70,6 +75,36 @@ def output_names(paths: list[str]) -> dict[str, str]:
     return names
 
 
+def pair_interactions(config, trained, images, out: dict, start: int) -> dict:
+    """Order-2 interactions (`config.interactions`) of each image's top class (highest v(all)) among its
+    `config.interaction_players` patches with the largest |value|, in the surrogate's game (the other
+    patches visible): numpy arrays per image (players sorted by patch index)."""
+    phi = out["phi"]  # [B, n, C]
+    k = min(config.interaction_players, phi.shape[1])
+    classes = np.argmax(out["v_all"], axis=-1)
+    top = np.take_along_axis(np.abs(phi), classes[:, None, None], axis=2)[..., 0]
+    players = np.sort(np.argsort(-top, axis=1, kind="stable")[:, :k], axis=1)
+    result = interactions(
+        trained.game(),
+        images,
+        trained.num_players,
+        index=config.interactions,
+        players=players,
+        budget=config.interaction_budget,
+        key=jax.random.fold_in(jax.random.key(0), start),
+    )
+    rows = np.arange(len(images))
+    return {
+        "class": classes,
+        "players": players,
+        "values": result["values"][rows, :, classes],
+        "pairs": result["pairs"][rows, :, :, classes],
+        "baseline": result["baseline"][rows, classes],
+        "exact": np.full(len(images), result["exact"]),
+        "evals": np.full(len(images), result["evals"]),
+    }
+
+
 def run(config, workdir: str, mesh) -> dict:
     trained = TrainedRun.load(workdir, dataset=config.dataset, command="explain")
     paths, failed, done = image_paths(config.images), [], {}
@@ -90,8 +125,10 @@ def run(config, workdir: str, mesh) -> dict:
             [batch, np.zeros((size - len(chunk), *batch.shape[1:]), batch.dtype)]
         )  # one shape
         out = {k: np.asarray(v)[: len(chunk)] for k, v in trained(padded).items()}
+        pairs = pair_interactions(config, trained, batch, out, start) if config.interactions else None
         for i, (path, img) in enumerate(chunk):
             target = os.path.join(out_dir, names[path])
+            extra = {} if pairs is None else {f"interaction_{k}": v[i] for k, v in pairs.items()}
             np.savez(
                 target + ".npz",
                 phi=out["phi"][i],
@@ -100,16 +137,54 @@ def run(config, workdir: str, mesh) -> dict:
                 class_names=np.array(trained.class_names),
                 patch_size=trained.patch_size,
                 image_size=trained.image_size,
+                **extra,
             )
             shown = np.argsort(-out["v_all"][i])[: config.max_classes]
             titles = [f"{trained.class_names[c]} (p={out['v_all'][i][c]:.2f})" for c in shown]
+            view = trained.crop(img)
             save_explanation(
-                trained.crop(img),
+                view,
                 out["phi"][i][:, shown],
                 [trained.class_names[c] for c in shown],
                 target + ".png",
                 titles=titles,
             )
+            about = dict(
+                image=os.path.basename(path), image_size=trained.image_size, patch_size=trained.patch_size
+            )
+            if config.export == "shapiq":
+                for c in shown:
+                    write_interaction_values(
+                        f"{target}.class{c}.json",
+                        out["phi"][i][:, c],
+                        float(out["v_empty"][i][c]),
+                        description="vitshap_jax explainer (one forward pass)",
+                        **image_parameters(class_name=trained.class_names[c], class_index=c, **about),
+                    )
+            if pairs is not None:
+                c, players = int(pairs["class"][i]), pairs["players"][i]
+                write_interaction_values(
+                    f"{target}.{config.interactions}.json",
+                    pairs["values"][i],
+                    float(pairs["baseline"][i]),
+                    pairs=pairs["pairs"][i],
+                    index=config.interactions,
+                    estimated=not pairs["exact"][i],
+                    budget=int(pairs["evals"][i]),
+                    description="vitshap_jax surrogate game, other patches visible",
+                    **image_parameters(
+                        class_name=trained.class_names[c], class_index=c, players=players, **about
+                    ),
+                )
+                save_interactions(
+                    view,
+                    pairs["values"][i],
+                    pairs["pairs"][i],
+                    target + ".interactions.png",
+                    grid=trained.image_size // trained.patch_size,
+                    players=players,
+                    title=f"{config.interactions}: {trained.class_names[c]}",
+                )
             done[path] = target
     logging.info("explained %d images into %s", len(done), out_dir)
     print(f"explained {len(done)} of {len(paths)} images; results in {out_dir}")
