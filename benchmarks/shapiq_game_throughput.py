@@ -85,9 +85,7 @@ def main():
     batched = shapiq_game(value_fn, image, c, n, batch_size=args.batch)
     t_batched, phi_batched = timed(batched, n, args.budget)
     t_single, phi_single = timed(PerCoalition(value_fn, image, c, n), n, args.budget)
-    print(
-        f"{what}; shapiq {version('shapiq')} KernelSHAP, budget {args.budget}; {jax.devices()[0].platform}"
-    )
+    print(f"{what}; shapiq {version('shapiq')} KernelSHAP, budget {args.budget}; {jax.devices()[0].platform}")
     print(f"  per-coalition game: {t_single:.3f} s per image")
     print(f"  batched jitted game (batch {args.batch}): {t_batched:.3f} s per image")
     gap = np.abs(phi_batched - phi_single).max()
