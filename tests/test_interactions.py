@@ -9,7 +9,7 @@ import pytest
 import shapiq
 
 from vitshap_jax.models import ViT
-from vitshap_jax.shapiq_interop import from_shapiq, shapiq_game, write_interaction_values
+from vitshap_jax.shapiq_interop import complement_pairs, from_shapiq, shapiq_game, write_interaction_values
 from vitshap_jax.shapley.exact import all_coalitions, exact_shapley
 from vitshap_jax.shapley.game import surrogate_game, table_game
 from vitshap_jax.shapley.interactions import interactions, restrict
@@ -167,3 +167,23 @@ def test_restricting_to_some_patches_keeps_the_others_visible():
         np.asarray(restricted(jnp.zeros((1, 1)), jnp.zeros((1, 1, 3), bool)))[0, 0, 0],
         sub(np.zeros((1, 3), bool))[0],
     )
+
+
+def test_complement_pairs_finds_each_pair_once():
+    c = np.array([[1, 0, 0], [0, 1, 1], [1, 1, 0], [0, 1, 1], [0, 0, 1], [1, 0, 1]], bool)
+    first, second, alone = complement_pairs(c)
+    assert sorted(zip(first.tolist(), second.tolist(), strict=True)) == [(0, 1), (2, 4)]
+    assert alone.tolist() == [3, 5]  # a repeated row pairs once; [1, 0, 1] has no complement here
+
+
+def test_shapiq_kernelshap_on_the_adapter_matches_a_per_coalition_game():
+    """Paired requests go through value_pairs (one packed pass per pair); the values are the same."""
+    game, x = _vit_game()
+    n, cls = 9, 0
+    ours = shapiq_game(game, x[0], cls, n, batch_size=64)
+    one = jax.jit(lambda m: game(x[:1], m[None, None])[0, 0, cls])
+    plain = shapiq.Game(n_players=n, normalize=False)
+    plain.value_function = lambda coalitions: np.array([float(one(jnp.asarray(c))) for c in coalitions])
+    a = shapiq.KernelSHAP(n=n, random_state=0).approximate(budget=200, game=ours)
+    b = shapiq.KernelSHAP(n=n, random_state=0).approximate(budget=200, game=plain)
+    np.testing.assert_allclose([a[(i,)] for i in range(n)], [b[(i,)] for i in range(n)], atol=1e-5)

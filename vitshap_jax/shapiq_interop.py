@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitshap_jax.files import write_json
-from vitshap_jax.shapley.game import as_game
+from vitshap_jax.shapley.game import as_game, value_pairs
 
 FORMAT_VERSION = "1.4.1"  # the shapiq release whose InteractionValues JSON this writes (and is tested on)
 
@@ -106,26 +106,58 @@ def image_parameters(
 # Games, both ways.
 
 
+def complement_pairs(coalitions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(first, second, alone): row indices such that `coalitions[second[k]]` is the complement of
+    `coalitions[first[k]]`, and the rows without their complement among the others (each row once)."""
+    codes: dict[bytes, list[int]] = {}
+    for i, row in enumerate(np.packbits(coalitions, axis=1)):
+        codes.setdefault(row.tobytes(), []).append(i)
+    first, second, used = [], [], np.zeros(len(coalitions), bool)
+    for i, row in enumerate(np.packbits(~coalitions, axis=1)):
+        if used[i]:
+            continue
+        j = next((j for j in codes.get(row.tobytes(), ()) if not used[j] and j != i), None)
+        if j is not None:
+            first.append(i)
+            second.append(j)
+            used[i] = used[j] = True
+    return np.asarray(first, int), np.asarray(second, int), np.flatnonzero(~used)
+
+
 def shapiq_game(value_fn, image, class_index: int, n: int, *, batch_size: int = 1024):
     """One image's game of `value_fn` (our `value_fn(images, masks) -> [B, M, C]`) for one class, as a
     `shapiq.Game` with n players. Coalitions are evaluated `batch_size` at a time in one jitted call
-    (padded to that size, so it compiles once). Values are the game's own (not centred: shapiq's
-    `normalize` is off), so `baseline_value` of shapiq's results is v(empty)."""
+    (padded to that size, so it compiles once); a coalition asked together with its complement (paired
+    sampling: shapiq's KernelSHAP, KernelSHAP-IQ, ...) is evaluated with it as a pair (`value_pairs`:
+    one n + 2 token pass for an attention-masked surrogate). Values are the game's own (not centred:
+    shapiq's `normalize` is off), so `baseline_value` of shapiq's results is v(empty)."""
     import shapiq
 
     game = as_game(value_fn)
     image = jnp.asarray(image)[None]
-    evaluate = jax.jit(lambda g, x, m: g(x, m)[0, :, class_index])
+    single = jax.jit(lambda g, x, m: g(x, m)[0, :, class_index])
+    pair = jax.jit(lambda g, x, m: tuple(v[0, :, class_index] for v in value_pairs(g, x, m)))
+
+    def batched(fn, masks, size):
+        out = []
+        for s in range(0, len(masks), size):
+            chunk = masks[s : s + size]
+            padded = np.concatenate([chunk, np.ones((size - len(chunk), n), bool)])
+            values = fn(game, image, jnp.asarray(padded)[None])
+            out.append(np.stack(values, -1) if isinstance(values, tuple) else np.asarray(values))
+        return np.concatenate(out)[: len(masks)]
 
     class _Game(shapiq.Game):
         def value_function(self, coalitions: np.ndarray) -> np.ndarray:
             coalitions = np.asarray(coalitions, bool)
-            out = []
-            for s in range(0, len(coalitions), batch_size):
-                chunk = coalitions[s : s + batch_size]
-                padded = np.concatenate([chunk, np.ones((batch_size - len(chunk), n), bool)])
-                out.append(np.asarray(evaluate(game, image, jnp.asarray(padded)[None]))[: len(chunk)])
-            return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+            values = np.zeros(len(coalitions))
+            first, second, alone = complement_pairs(coalitions)
+            if len(first):
+                both = batched(pair, coalitions[first], max(1, batch_size // 2))
+                values[first], values[second] = both[:, 0], both[:, 1]
+            if len(alone):
+                values[alone] = batched(single, coalitions[alone], batch_size)
+            return values
 
     return _Game(n_players=n, normalize=False)
 

@@ -11,7 +11,8 @@ Both describe a game by one value per player and one per pair, summing (with v(e
 
 Every quantity is a weighted sum over coalitions T of `v'(T) x(T)`, with v' = v - v(empty) and
 `x(T) = [1, a_i, a_i a_j (i < j)]` (a = membership), with weights that depend on |T| only (FSII adds
-`sum w x x^T`). So one jitted pass over coalitions serves both:
+`sum w x x^T`). So one jitted pass over coalitions serves both, each coalition evaluated with its
+complement (`game.value_pairs`: one n + 2 token pass for an attention-masked surrogate):
 
 * **exact**: all 2^n coalitions (up to about 20 players), in chunks, each chunk's sums added in float64
   on the host;
@@ -36,7 +37,7 @@ import numpy as np
 
 from vitshap_jax.config import INTERACTION_INDICES
 from vitshap_jax.shapley.exact import all_coalitions, shapley_weights
-from vitshap_jax.shapley.game import as_game
+from vitshap_jax.shapley.game import as_game, value_pairs
 from vitshap_jax.shapley.sampling import shapley_kernel_coalitions, shapley_kernel_size_probs
 
 INDICES = INTERACTION_INDICES
@@ -89,9 +90,13 @@ def _features(masks):
 
 
 @functools.partial(jax.jit, static_argnames="fsii")
-def _chunk(images, masks, null, value_fn, table, *, fsii: bool = False):
-    """This chunk's `sum_T w_k(|T|) v'(T) x(T)` `[B, K, p, C]` and, for FSII, `sum_T w(|T|) x x^T`."""
-    values = value_fn(images, masks) - null[:, None]  # [B, M, C]
+def _chunk(images, half, null, value_fn, table, *, fsii: bool = False):
+    """This chunk's `sum_T w_k(|T|) v'(T) x(T)` `[B, K, p, C]` and, for FSII, `sum_T w(|T|) x x^T`, over
+    the coalitions `half [B, M, n]` and their complements (evaluated as pairs: `game.value_pairs`, one
+    n + 2 token pass each for an attention-masked surrogate)."""
+    inside, outside = value_pairs(value_fn, images, half)
+    masks = jnp.concatenate([half, ~half], axis=1)
+    values = jnp.concatenate([inside, outside], axis=1) - null[:, None]  # [B, 2M, C]
     x = _features(masks)
     w = table[:, masks.sum(-1)]  # [K, B, M]
     xv = jnp.einsum("kbm,bmp,bmc->bkpc", w, x, values)
@@ -147,7 +152,7 @@ def interactions(
     table = _size_weights(n)
     xv = xx = None
     if exact:
-        evals, count = 2**n, 2**n
+        evals, count = 2**n, 2 ** (n - 1)  # the coalitions without the last player, and complements
         for start in range(0, count, chunk):
             masks = jnp.asarray(all_coalitions(n, start, min(chunk, count - start)))
             part = _chunk(
@@ -169,7 +174,7 @@ def interactions(
         while drawn < budget:
             size = 2 * min(pairs_per_chunk, max(1, (budget - drawn) // 2))
             masks = shapley_kernel_coalitions(jax.random.fold_in(key, drawn), (b,), n, size, paired=True)
-            xv, xx = _add((xv, xx), _chunk(images, masks, null, game, sampled, fsii=fsii))
+            xv, xx = _add((xv, xx), _chunk(images, masks[:, : size // 2], null, game, sampled, fsii=fsii))
             drawn += size
         xv, xx = xv / drawn, xx / drawn
         # The full coalition (never sampled) with its exact weight; the empty one has v' = 0.
