@@ -225,6 +225,8 @@ def base_config(stage: str, opts: config_dict.ConfigDict) -> config_dict.ConfigD
     c.model.masking = "attention"  # how held-out patches are removed: "attention" or "zero"
     c.model.dtype = "auto"  # compute dtype: "float32", "bfloat16", or "auto" (bfloat16 on GPU/TPU, else
     # float32); parameters, logits and losses stay float32
+    # Recompute each block's activations in the backward pass (less memory, more compute; same results)
+    c.model.remat = False
     # Pretrained weights: a .npz (big_vision / vision_transformer), a timm .safetensors, or a Hugging
     # Face save_pretrained directory. The architecture fields above and below are then read from it.
     c.model.pretrained = config_dict.placeholder(str)

@@ -232,3 +232,26 @@ def test_architecture_options_create_their_parameters():
     assert "Transformer/norm_pre/scale" in names(**ARCHITECTURES["clip"])
     with pytest.raises(ValueError, match="class token"):
         names(class_token=False)
+
+
+def test_remat_gives_the_same_values_and_gradients():
+    """`remat=True` recomputes each block in the backward pass: same outputs and gradients (with a patch
+    mask and dropout), same parameter tree."""
+    kw = dict(num_classes=3, patch_size=2, hidden_size=16, depth=3, num_heads=2, mlp_dim=32, dropout_rate=0.1)
+    plain, remat = ViT(**kw), ViT(**kw, remat=True)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    mask = jax.random.bernoulli(jax.random.key(1), 0.5, (2, 16))
+    params = plain.init(jax.random.key(2), x)["params"]
+    assert jax.tree.structure(remat.init(jax.random.key(2), x)["params"]) == jax.tree.structure(params)
+
+    def loss(model):
+        def f(p):
+            out = model.apply({"params": p}, x, mask, train=True, rngs={"dropout": jax.random.key(3)})
+            return (out**2).sum()
+
+        return jax.jit(jax.value_and_grad(f))(params)
+
+    (a, ga), (b, gb) = loss(plain), loss(remat)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)

@@ -61,6 +61,7 @@ def build_model(config, *, masking: str | None = None) -> ViT:
         dropout_rate=m.dropout_rate,
         masking=masking or m.masking,
         dtype=compute_dtype(m.dtype),
+        remat=m.get("remat", False),
         **{k: m.get(k, default) for k, default in ARCHITECTURE_OPTIONS.items()},
     )
 

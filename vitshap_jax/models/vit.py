@@ -144,7 +144,7 @@ class Encoder1DBlock(nn.Module):
     layer_scale: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, *, deterministic: bool):
+    def __call__(self, x, mask, deterministic: bool = True):
         def scaled(name, y):
             if not self.layer_scale:
                 return y
@@ -205,6 +205,7 @@ class Encoder(nn.Module):
     pre_norm: bool = False
     final_norm: bool = True
     num_pos_prefix: int = 1
+    remat: bool = False
 
     @nn.compact
     def __call__(
@@ -217,11 +218,17 @@ class Encoder(nn.Module):
         if self.pre_norm:
             x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm_pre")(x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        # Rematerialization: a block's activations are recomputed in the backward pass instead of kept.
+        block = (
+            nn.remat(Encoder1DBlock, static_argnums=(3,))
+            if self.remat and not self.inspect
+            else Encoder1DBlock
+        )
         for i in range(self.depth):
             if self.inspect and i == self.depth - 1:  # tokens entering the last block, for GradCAM
                 self.sow("intermediates", "last_block_input", x)
                 x = self.perturb("last_block_input", x)
-            x = Encoder1DBlock(
+            x = block(
                 self.num_heads,
                 self.mlp_dim,
                 self.dropout_rate,
@@ -231,7 +238,7 @@ class Encoder(nn.Module):
                 ln_eps=self.ln_eps,
                 layer_scale=self.layer_scale,
                 name=f"encoderblock_{i}",
-            )(x, mask, deterministic=deterministic)
+            )(x, mask, deterministic)
         if not self.final_norm:
             return x
         return nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="encoder_norm")(x)
@@ -262,6 +269,9 @@ class ViT(nn.Module):
       layer_scale: per-channel scales on both residual branches of every block (DINOv2).
       act: the MLP activation, a key of `ACTIVATIONS`.
       ln_eps: epsilon of every LayerNorm (1e-6 google/timm, 1e-12 Hugging Face ViT, 1e-5 CLIP).
+      remat: recompute each block's activations in the backward pass instead of keeping them
+        (`nn.remat`): the same values and gradients with less memory and more compute. Not an
+        architecture option: the parameters are the same.
     """
 
     num_classes: int
@@ -285,6 +295,7 @@ class ViT(nn.Module):
     layer_scale: bool = False
     act: str = "gelu"
     ln_eps: float = _LN_EPS
+    remat: bool = False
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -336,6 +347,7 @@ class ViT(nn.Module):
             pre_norm=self.pre_norm,
             final_norm=not self.fc_norm,
             num_pos_prefix=pos_prefix,
+            remat=self.remat,
         )
         if self.fc_norm:
             self.norm_pooled = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype)

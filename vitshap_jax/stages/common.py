@@ -269,6 +269,7 @@ FREE_FIELDS = (
     "dataset.workers",
     "dataset.read_threads",
     "dataset.prefetch",
+    "model.remat",
     "dataset.data_dir",
     "dataset.manual_dir",
     "model.pretrained",

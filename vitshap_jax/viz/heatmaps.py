@@ -23,6 +23,21 @@ def figure_size(num_classes: int, columns: int | None = None) -> tuple[int, int]
     return round(PANEL_INCHES * cols * DPI), round(PANEL_INCHES * 1.15 * rows * DPI)
 
 
+def overlay(ax, values, scale: float, size: tuple[int, int]):
+    """Draws patch values `[grid, grid]` (NaN: not drawn) over an image of `size` (h, w) on `ax`, red
+    positive and blue negative on the symmetric scale [-scale, scale]; returns the image artist."""
+    h, w = size
+    return ax.imshow(
+        np.ma.masked_invalid(values),
+        cmap="bwr",
+        vmin=-scale,
+        vmax=scale,
+        alpha=0.75,
+        extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+        interpolation="nearest",
+    )
+
+
 def save_explanation(
     image, phi, class_names, path: str, *, titles=None, columns: int | None = None
 ) -> tuple[float, float]:
@@ -50,15 +65,7 @@ def save_explanation(
     for j in range(c):
         ax = axes[1 + j]
         ax.imshow(image.mean(-1), cmap="gray", interpolation="nearest", alpha=0.5)
-        im = ax.imshow(
-            phi[:, j].reshape(grid, grid),
-            cmap="bwr",
-            vmin=-scale,
-            vmax=scale,
-            alpha=0.75,
-            extent=(-0.5, w - 0.5, h - 0.5, -0.5),
-            interpolation="nearest",
-        )
+        im = overlay(ax, phi[:, j].reshape(grid, grid), scale, (h, w))
         for k in range(1, grid):  # the patch grid
             ax.axhline(k * h / grid - 0.5, color="k", lw=0.3, alpha=0.4)
             ax.axvline(k * w / grid - 0.5, color="k", lw=0.3, alpha=0.4)

@@ -9,7 +9,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vitshap_jax.viz.heatmaps import DPI, PANEL_INCHES  # noqa: E402
+from vitshap_jax.viz.heatmaps import DPI, PANEL_INCHES, overlay  # noqa: E402
 
 
 def strongest_pairs(pairs, top: int) -> list[tuple[int, int, float]]:
@@ -42,15 +42,7 @@ def save_interactions(
         ax.imshow(image.mean(-1), cmap="gray", interpolation="nearest", alpha=0.6)
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[0].imshow(
-        np.ma.masked_invalid(heat.reshape(grid, grid)),
-        cmap="bwr",
-        vmin=-scale,
-        vmax=scale,
-        alpha=0.75,
-        extent=(-0.5, w - 0.5, h - 0.5, -0.5),
-        interpolation="nearest",
-    )
+    overlay(axes[0], heat.reshape(grid, grid), scale, (h, w))
     axes[0].set_title(f"{title}\nplayers (order 1)".strip(), fontsize=7)
     centres = [((p % grid + 0.5) * cell_w - 0.5, (p // grid + 0.5) * cell_h - 0.5) for p in players]
     biggest = max((abs(v) for _, _, v in drawn), default=1.0) or 1.0
