@@ -44,12 +44,9 @@ def matmul_peak(dtype, size: int = 4096, reps: int = 10) -> float:
     return 2 * size**3 * reps / (time.perf_counter() - start)
 
 
-def step_setup(
-    variant: str, batch: int, coalitions: int, dtype: str, packed: bool, mesh, size: int, remat: bool = False
-):
+def step_setup(variant: str, batch: int, coalitions: int, dtype: str, packed: bool, mesh, size: int):
     config = explainer_config.get_config(f"imagenette,model={variant}")
     config.model.dtype = dtype
-    config.model.remat = remat
     config.explainer.num_coalitions = coalitions
     surrogate = build_model(config)
     explainer = build_explainer(config)
