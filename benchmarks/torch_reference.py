@@ -1,7 +1,15 @@
-"""The masked ViT forward against the PyTorch reference (timm), side by side in one run.
+"""The hot paths against the PyTorch reference (timm), side by side in one run.
 
     . .venv-bench/bin/activate   # torch + timm (requirements-bench.txt), never the core install
-    python benchmarks/torch_reference.py --models=tiny,small --batch=64
+    python benchmarks/torch_reference.py --models=tiny,small --batch=64 --step_batch=2
+
+1. The masked surrogate forward (below).
+2. The explainer's train step, `--step_batch` images with 32 paired coalitions each: in PyTorch, as the
+   reference trains it (the frozen surrogate under `no_grad` on every coalition, v(all) and v(empty),
+   the explainer = timm ViT backbone + our head's shape (one block, LayerNorm, a 3-layer MLP of width
+   4D, tanh), the additive efficient normalization, the Shapley WLS loss, backward, AdamW); ours, the
+   explainer stage's real jitted step (`benchmarks/explainer_step.py`), plain masked passes and packed
+   pairs. Weights are random for both (speed does not depend on them).
 
 For each ViT variant at 224 px (patch 16, 196 patches), float32, random weights: a batch of images, each
 with its own random coalition (half the patches), through
@@ -24,6 +32,7 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
@@ -84,11 +93,83 @@ def compare(variant: str, images: np.ndarray, keep: np.ndarray, repeats: int) ->
     )
 
 
+class TorchExplainer(torch.nn.Module):
+    """timm ViT backbone + the shape of our explainer head, on the patch tokens."""
+
+    def __init__(self, variant: str, classes: int):
+        super().__init__()
+        from timm.models.vision_transformer import Block
+
+        self.backbone = timm.create_model(f"vit_{variant}_patch16_224", pretrained=False, num_classes=0)
+        d = self.backbone.embed_dim
+        self.block = Block(d, self.backbone.blocks[0].attn.num_heads, mlp_ratio=4.0, qkv_bias=True)
+        self.norm = torch.nn.LayerNorm(d, eps=1e-6)
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(d, 4 * d),
+            torch.nn.GELU(),
+            torch.nn.Linear(4 * d, 4 * d),
+            torch.nn.GELU(),
+            torch.nn.Linear(4 * d, classes),
+        )
+
+    def forward(self, x):
+        tokens = self.block(self.backbone.forward_features(x))
+        return torch.tanh(self.mlp(self.norm(tokens[:, 1:])))
+
+
+def torch_step_time(variant: str, batch: int, coalitions: int, repeats: int) -> float:
+    """Seconds per explainer train step in PyTorch (median of `repeats` after a warm-up)."""
+    classes, n = 10, 196
+    surrogate = timm.create_model(f"vit_{variant}_patch16_224", pretrained=False, num_classes=classes).eval()
+    explainer = TorchExplainer(variant, classes)
+    opt = torch.optim.AdamW(explainer.parameters(), lr=1e-5)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 224, 224, generator=gen)
+
+    def values(images, keep):  # softmax outputs of the surrogate with `keep [M, n]` visible
+        visible = torch.cat([torch.ones(len(keep), 1, dtype=torch.bool), keep], 1)
+        bias = torch.zeros(len(keep), 1, n + 1, n + 1).masked_fill(~visible[:, None, None, :], float("-inf"))
+        return surrogate.forward_head(surrogate.forward_features(images, attn_mask=bias)).softmax(-1)
+
+    def step():
+        half = torch.rand(batch, coalitions // 2, n, generator=gen) < 0.5
+        masks = torch.cat([half, ~half], 1)  # paired (sizes uniform here: the cost is the same)
+        with torch.no_grad():
+            ends = torch.stack([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
+            grand_null = torch.stack([values(x[i : i + 1].expand(2, -1, -1, -1), ends) for i in range(batch)])
+            v = torch.stack(
+                [values(x[i : i + 1].expand(coalitions, -1, -1, -1), masks[i]) for i in range(batch)]
+            )
+        grand, null = grand_null[:, 0], grand_null[:, 1]
+        raw = explainer(x)
+        phi = raw + ((grand - null) - raw.sum(1))[:, None] / n
+        pred = null[:, None] + torch.einsum("bmn,bnc->bmc", masks.float(), phi)
+        loss = n * ((pred - v) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return timed(step, repeats)
+
+
+def jax_step_time(variant: str, batch: int, coalitions: int, packed: bool, repeats: int) -> float:
+    from explainer_step import measure
+
+    from vitshap_jax import parallel
+
+    _, seconds, _ = measure(
+        variant, batch, coalitions, "float32", packed, repeats, parallel.make_mesh(), False, 224
+    )
+    return seconds
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="tiny,small")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--step_batch", type=int, default=2, help="images per explainer step (0: skip)")
+    p.add_argument("--coalitions", type=int, default=32)
     args = p.parse_args()
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__} ({threads} threads), timm {timm.__version__}; jax {jax.__version__}")
@@ -97,6 +178,17 @@ def main():
     keep = rng.random((args.batch, 196)) < 0.5
     for variant in args.models.split(","):
         print(compare(variant, images, keep, args.repeats), flush=True)
+    for variant in args.models.split(",") if args.step_batch else []:
+        b, m = args.step_batch, args.coalitions
+        t_torch = torch_step_time(variant, b, m, args.repeats)
+        t_plain = jax_step_time(variant, b, m, False, args.repeats)
+        t_packed = jax_step_time(variant, b, m, True, args.repeats)
+        head = f"ViT-{variant} explainer step, batch {b} x {m} coalitions"
+        print(
+            f"{head}: PyTorch+timm {b / t_torch:.2f} images/s, vitshap_jax {b / t_plain:.2f} plain masked "
+            f"({t_torch / t_plain:.2f}x), {b / t_packed:.2f} packed ({t_torch / t_packed:.2f}x PyTorch)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
