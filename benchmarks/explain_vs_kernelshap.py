@@ -11,10 +11,12 @@ coalitions in n + 2 tokens) then runs with doubling budgets until its error is a
 and bisection finds the smallest budget (to one step of `--pairs_per_step` pairs) that reaches it. That
 budget is then timed again with the search's step and with steps of up to `--timing_pairs` pairs (the
 faster counts); the seconds per image of both (compilation excluded, all images in one batch) and their
-ratio are printed, measured side by side in one run. The same key is used at every budget (for the
-unbiased variant a smaller budget's coalitions are a prefix of a larger one's; the standard one
-enumerates more coalition sizes as the budget grows, and below about 5n evaluations its error is not
-monotone in the budget: see docs/ground_truth.md).
+ratio are printed, measured side by side in one run. With `--seeds`, each budget's error is the mean
+over that many KernelSHAP runs (keys 1..seeds), and per image the smallest budget tried whose error is at
+most the explainer's on that image is reported (median and range). The same keys are used at every
+budget (for the unbiased variant a smaller budget's coalitions are a prefix of a larger one's; the
+standard one enumerates more coalition sizes as the budget grows, and below about 5n evaluations its
+error is not monotone in the budget: see docs/ground_truth.md).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def main():
     p.add_argument("--truth_evals", type=int, default=1 << 18, help="KernelSHAP ground truth budget (n > 20)")
     p.add_argument("--max_budget", type=int, default=1 << 17, help="largest KernelSHAP budget tried")
     p.add_argument("--pairs_per_step", type=int, default=64)
+    p.add_argument("--seeds", type=int, default=1, help="KernelSHAP runs per budget (errors averaged)")
     p.add_argument("--estimator", default="standard", choices=["standard", "unbiased"])
     p.add_argument("--timing_pairs", type=int, default=1024, help="pairs per step when timing the result")
     p.add_argument(
@@ -95,26 +98,31 @@ def main():
 
     out, explainer_seconds = timed(loaded, images, repeats=5)
     explainer_seconds /= b
-    explainer_error = float(((np.asarray(out["phi"]) - truth) ** 2).mean())
+    per_image_error = ((np.asarray(out["phi"]) - truth) ** 2).mean((1, 2))  # [B]
+    explainer_error = float(per_image_error.mean())
     print(f"explainer: MSE {explainer_error:.3e}, {explainer_seconds * 1e3:.3f} ms per image")
+    tried = {}  # evaluations -> per-image MSE [B] (mean over seeds)
 
     pairs = args.pairs_per_step
 
     def run(steps):  # KernelSHAP with `steps` steps of `pairs` pairs: (evaluations, MSE, s per image)
-        start = time.perf_counter()
-        phi, info = kernelshap(
-            game,
-            images,
-            n,
-            key=jax.random.key(1),
-            threshold=None,
-            max_evals=2 * pairs * steps + 2,
-            pairs_per_step=pairs,
-            estimator=args.estimator,
-        )
-        phi = np.asarray(jax.block_until_ready(phi))
-        seconds = (time.perf_counter() - start) / b
-        error = float(((phi - truth) ** 2).mean())
+        errors, start = [], time.perf_counter()
+        for seed in range(args.seeds):
+            phi, info = kernelshap(
+                game,
+                images,
+                n,
+                key=jax.random.key(1 + seed),
+                threshold=None,
+                max_evals=2 * pairs * steps + 2,
+                pairs_per_step=pairs,
+                estimator=args.estimator,
+            )
+            phi = np.asarray(jax.block_until_ready(phi))
+            errors.append(((phi - truth) ** 2).mean((1, 2)))
+        seconds = (time.perf_counter() - start) / b / args.seeds
+        tried[info["evals"]] = np.mean(errors, axis=0)
+        error = float(tried[info["evals"]].mean())
         print(
             f"KernelSHAP ({args.estimator}) {info['evals']:>8,} evaluations: MSE {error:.3e}, "
             f"{seconds:.4f} s per image",
@@ -171,6 +179,19 @@ def main():
     seconds = min(
         timed(once, step_pairs, repeats=3)[1] / b
         for step_pairs in sorted({pairs, min(args.timing_pairs, (evals - 2) // 2)})
+    )
+    # Per image: the smallest budget tried whose error (mean over seeds) is at most the explainer's.
+    per_image = np.full(b, np.nan)
+    for budget in sorted(tried, reverse=True):
+        per_image[tried[budget] <= per_image_error] = budget
+    reached = per_image[np.isfinite(per_image)]
+    print(
+        f"per image ({args.seeds} seed(s)): KernelSHAP needs a median of {np.median(reached):,.0f} "
+        "evaluations "
+        f"(range {reached.min():,.0f}-{reached.max():,.0f}) to match the explainer on {len(reached)} of {b} "
+        "images within the budgets tried"
+        if len(reached)
+        else "per image: no tried budget matched the explainer on any image"
     )
     print(
         f"KernelSHAP reaches the explainer's error with {evals:,} evaluations per image (smallest budget, to "
