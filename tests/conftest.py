@@ -19,7 +19,13 @@ import pytest  # noqa: E402
 
 # Under pytest-xdist (`-n 2 --dist loadfile`, pyproject.toml) the two workers take whole test files in
 # collection order: the longest go first, so that none is left running alone at the end.
-SLOW_FIRST = ("test_learning.py", "test_stages.py", "test_evaluate.py", "test_failsafe.py")
+SLOW_FIRST = (
+    "test_learning.py",
+    "test_stages.py",
+    "test_evaluate.py",
+    "test_failsafe.py",
+    "test_interactions.py",
+)
 
 
 def pytest_collection_modifyitems(items):

@@ -51,6 +51,7 @@ EVALUATION_METHODS = (
     "random",
 )
 INTERACTION_INDICES = ("k-SII", "FSII")  # see vitshap_jax/shapley/interactions.py
+FSII_MAX_PLAYERS = 64  # FSII solves a dense system of n + n(n-1)/2 + 1 unknowns
 EXPORTS = ("", "shapiq")  # extra file formats of the explain command
 GROUND_TRUTH = ("auto", "exact", "kernelshap", "permutation")
 KERNELSHAP_ESTIMATORS = ("standard", "unbiased")  # see vitshap_jax/shapley/kernelshap.py
@@ -185,6 +186,8 @@ def validate(config) -> None:
         _one_of(config, "interactions", ("", *INTERACTION_INDICES))
         p, b = config.interaction_players, config.interaction_budget
         _require(p >= 2, "interaction_players", p, "must be at least 2 (pairs of patches)")
+        fsii_ok = config.interactions != "FSII" or p <= FSII_MAX_PLAYERS
+        _require(fsii_ok, "interaction_players", p, f"FSII takes at most {FSII_MAX_PLAYERS} players")
         _require(b >= 4, "interaction_budget", b, "must be at least 4 coalitions")
         return
     if config.stage == "pipeline":

@@ -92,6 +92,7 @@ def pair_interactions(config, trained, images, out: dict, start: int) -> dict:
         players=players,
         budget=config.interaction_budget,
         key=jax.random.fold_in(jax.random.key(0), start),
+        chunk=max(8, 1024 // len(images)),  # about 2,048 model passes per call, whatever the batch
     )
     rows = np.arange(len(images))
     return {
@@ -158,6 +159,7 @@ def run(config, workdir: str, mesh) -> dict:
                         f"{target}.class{c}.json",
                         out["phi"][i][:, c],
                         float(out["v_empty"][i][c]),
+                        estimated=True,  # a learned (amortized) estimate
                         description="vitshap_jax explainer (one forward pass)",
                         **image_parameters(class_name=trained.class_names[c], class_index=c, **about),
                     )

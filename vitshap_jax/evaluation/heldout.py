@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from vitshap_jax import checkpoints as ckpt_lib
 from vitshap_jax import losses, parallel, shapley
-from vitshap_jax.config import split_list
+from vitshap_jax.config import MASKING_STRATEGIES, split_list
 from vitshap_jax.data import open_split
 from vitshap_jax.data.loader import per_example
 from vitshap_jax.errors import StageError
@@ -80,7 +80,7 @@ def surrogate_curves(config, run, classifier, classifier_params, mesh) -> dict:
         acc[name] = [test[metric_name("accuracy", f)] for f in HELD_OUT_FRACTIONS]
     source = open_split(run.config, config.split)
     c_params = jax.device_put(classifier_params, parallel.replicated(mesh))
-    for masking in ("attention", "zero"):
+    for masking in MASKING_STRATEGIES:
         model = build_model(run.config, masking=masking)
         step = jax.jit(
             functools.partial(

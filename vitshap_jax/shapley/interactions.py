@@ -12,7 +12,8 @@ Both describe a game by one value per player and one per pair, summing (with v(e
 Every quantity is a weighted sum over coalitions T of `v'(T) x(T)`, with v' = v - v(empty) and
 `x(T) = [1, a_i, a_i a_j (i < j)]` (a = membership), with weights that depend on |T| only (FSII adds
 `sum w x x^T`). So one jitted pass over coalitions serves both, each coalition evaluated with its
-complement (`game.value_pairs`: one n + 2 token pass for an attention-masked surrogate):
+complement (`game.value_pairs`: one n + 2 token pass for an attention-masked surrogate's own game; a
+game restricted to some players evaluates the two separately):
 
 * **exact**: all 2^n coalitions (up to about 20 players), in chunks, each chunk's sums added in float64
   on the host;
@@ -35,14 +36,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitshap_jax.config import INTERACTION_INDICES
+from vitshap_jax.config import FSII_MAX_PLAYERS, INTERACTION_INDICES
 from vitshap_jax.shapley.exact import all_coalitions, shapley_weights
 from vitshap_jax.shapley.game import as_game, value_pairs
 from vitshap_jax.shapley.sampling import shapley_kernel_coalitions, shapley_kernel_size_probs
 
 INDICES = INTERACTION_INDICES
 MAX_EXACT_PLAYERS = 22
-MAX_FSII_PLAYERS = 64  # FSII solves a system of 1 + n + n(n-1)/2 unknowns per image and class
+MAX_FSII_PLAYERS = FSII_MAX_PLAYERS  # FSII solves a system of n + n(n-1)/2 + 1 unknowns per image
 
 
 def _restricted(game, players, patches, images, masks):
@@ -126,9 +127,11 @@ def interactions(
 
     `index`: "k-SII" or "FSII". `players [B, k]`: restrict to these patches of each image (`restrict`).
     `budget`: coalitions to evaluate; exact (all 2^k) when None or when 2^k fits in it, else sampled
-    (paired, from the Shapley kernel; `key` required). Returns numpy arrays: "values" `[B, k, C]` (order
-    1), "pairs" `[B, k, k, C]` (symmetric, zero diagonal), "baseline" v(empty) and "total"
-    v(all) - v(empty) `[B, C]` of the (restricted) game, "players" (or None), "exact", "evals" per image.
+    (`budget` rounded down to even: pairs from the Shapley kernel; `key` required). `chunk`: coalition
+    pairs per jitted call and image (memory: 2 x chunk x B model passes at once). Returns numpy arrays:
+    "values" `[B, k, C]` (order 1), "pairs" `[B, k, k, C]` (symmetric, zero diagonal), "baseline"
+    v(empty) and "total" v(all) - v(empty) `[B, C]` of the (restricted) game, "players" (or None),
+    "exact", "evals" per image (coalitions evaluated, v(empty) and v(all) included).
     Efficiency: `values.sum(1) + pairs.sum((1, 2)) / 2 == total`.
     """
     if index not in INDICES:
@@ -152,7 +155,7 @@ def interactions(
     table = _size_weights(n)
     xv = xx = None
     if exact:
-        evals, count = 2**n, 2 ** (n - 1)  # the coalitions without the last player, and complements
+        evals, count = 2**n + 2, 2 ** (n - 1)  # the coalitions without the last player, and complements
         for start in range(0, count, chunk):
             masks = jnp.asarray(all_coalitions(n, start, min(chunk, count - start)))
             part = _chunk(
@@ -169,10 +172,11 @@ def interactions(
         q = shapley_kernel_size_probs(n)
         ratio = np.array([math.comb(n, s) / q[s] if 0 < s < n else 0.0 for s in range(n + 1)])
         sampled = jnp.asarray(table * ratio, jnp.float32)
-        pairs_per_chunk = max(1, min(chunk, budget) // 2)
+        budget = max(2, budget - budget % 2)
+        pairs_per_chunk = max(1, min(chunk, budget // 2))
         drawn = 0
         while drawn < budget:
-            size = 2 * min(pairs_per_chunk, max(1, (budget - drawn) // 2))
+            size = 2 * min(pairs_per_chunk, (budget - drawn) // 2)
             masks = shapley_kernel_coalitions(jax.random.fold_in(key, drawn), (b,), n, size, paired=True)
             xv, xx = _add((xv, xx), _chunk(images, masks[:, : size // 2], null, game, sampled, fsii=fsii))
             drawn += size
@@ -220,10 +224,8 @@ def _fsii(xv, xx, total, n: int) -> dict:
     g, rhs = xx[:, 1:, 1:], xv[:, 5, 1:]  # drop the constant feature: v(empty) is fixed
     p = g.shape[-1]
     phi = np.zeros((g.shape[0], p, rhs.shape[-1]))
-    for k in range(g.shape[0]):
+    for k in range(g.shape[0]):  # one KKT matrix per image, every class at once
         kkt = np.zeros((p + 1, p + 1))
         kkt[:p, :p], kkt[:p, p], kkt[p, :p] = g[k], 1.0, 1.0
-        for c in range(rhs.shape[-1]):
-            sol = np.linalg.lstsq(kkt, np.append(rhs[k, :, c], total[k, c]), rcond=None)[0]
-            phi[k, :, c] = sol[:p]
+        phi[k] = np.linalg.lstsq(kkt, np.concatenate([rhs[k], total[k][None]]), rcond=None)[0][:p]
     return {"values": phi[:, :n], "pairs": _square(phi[:, n:], n)}
