@@ -1,7 +1,7 @@
 """The hot paths against the PyTorch reference (timm), side by side in one run.
 
     . .venv-bench/bin/activate   # torch + timm (requirements-bench.txt), never the core install
-    python benchmarks/torch_reference.py --models=tiny,small --batch=64 --step_batch=2
+    python benchmarks/torch_reference.py --models=tiny,small --batch=64 --step_batch=2 --classifier_batch=32
 
 1. The masked surrogate forward (below).
 2. The explainer's train step, `--step_batch` images with 32 paired coalitions each: in PyTorch, as the
@@ -10,6 +10,9 @@
    4D, tanh), the additive efficient normalization, the Shapley WLS loss, backward, AdamW); ours, the
    explainer stage's real jitted step (`benchmarks/explainer_step.py`), plain masked passes and packed
    pairs. Weights are random for both (speed does not depend on them).
+3. The classifier's train step, `--classifier_batch` full images: timm forward, cross-entropy,
+   backward, AdamW in PyTorch; the classifier stage's jitted `train_step` (same loss, AdamW with
+   clipping, no masking) in ours.
 
 For each ViT variant at 224 px (patch 16, 196 patches), float32, random weights: a batch of images, each
 with its own random coalition (half the patches), through
@@ -152,6 +155,51 @@ def torch_step_time(variant: str, batch: int, coalitions: int, repeats: int) -> 
     return timed(step, repeats)
 
 
+def torch_classifier_time(variant: str, batch: int, repeats: int) -> float:
+    model = timm.create_model(f"vit_{variant}_patch16_224", pretrained=False, num_classes=10).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, 3, 224, 224, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return timed(step, repeats)
+
+
+def jax_classifier_time(variant: str, batch: int, repeats: int) -> float:
+    import functools
+
+    from configs import classifier as classifier_config
+    from vitshap_jax import parallel
+    from vitshap_jax.models import build_model
+    from vitshap_jax.stages import classifier, common
+
+    config = classifier_config.get_config(f"imagenette,model={variant}")
+    config.model.dtype = "float32"
+    mesh = parallel.make_mesh()
+    model = build_model(config)
+    images = np.random.default_rng(0).standard_normal((batch, 224, 224, 3)).astype(np.float32)
+    params = model.init(jax.random.key(0), images[:1])["params"]
+    tx = common.make_optimizer(config, 1000)
+    state = common.create_state(params, tx, mesh)
+    fn = functools.partial(
+        classifier.train_step, model=model, tx=tx, target="multiclass", seed=0, mask_patches=False
+    )
+    step = common.jit_train_step(fn, mesh)
+    data = parallel.global_batch({"image": images, "label": np.zeros(batch, np.int32)}, mesh)
+    holder = {"state": state}
+
+    def run():
+        holder["state"], m = step(holder["state"], data)
+        jax.block_until_ready(m)
+
+    return timed(run, repeats)
+
+
 def jax_step_time(variant: str, batch: int, coalitions: int, packed: bool, repeats: int) -> float:
     from explainer_step import measure
 
@@ -170,6 +218,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--step_batch", type=int, default=2, help="images per explainer step (0: skip)")
     p.add_argument("--coalitions", type=int, default=32)
+    p.add_argument("--classifier_batch", type=int, default=32, help="images per classifier step (0: skip)")
     args = p.parse_args()
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__} ({threads} threads), timm {timm.__version__}; jax {jax.__version__}")
@@ -187,6 +236,17 @@ def main():
         print(
             f"{head}: PyTorch+timm {b / t_torch:.2f} images/s, vitshap_jax {b / t_plain:.2f} plain masked "
             f"({t_torch / t_plain:.2f}x), {b / t_packed:.2f} packed ({t_torch / t_packed:.2f}x PyTorch)",
+            flush=True,
+        )
+    for variant in args.models.split(",") if args.classifier_batch else []:
+        b = args.classifier_batch
+        t_torch, t_jax = (
+            torch_classifier_time(variant, b, args.repeats),
+            jax_classifier_time(variant, b, args.repeats),
+        )
+        print(
+            f"ViT-{variant} classifier step, batch {b}: PyTorch+timm {b / t_torch:.1f} images/s, "
+            f"vitshap_jax {b / t_jax:.1f} images/s ({t_torch / t_jax:.2f}x PyTorch)",
             flush=True,
         )
 
