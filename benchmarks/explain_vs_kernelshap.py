@@ -64,7 +64,7 @@ def main():
     args = p.parse_args()
     loaded = load_explainer(args.workdir)
     game = loaded.game()
-    _, images, _ = loaded.examples("test", args.images)
+    _, images, _ = loaded.examples("test", args.images, views=False)
     images = jnp.asarray(images)
     b, n = len(images), num_patches(loaded.image_size, loaded.patch_size)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")

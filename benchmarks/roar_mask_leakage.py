@@ -39,7 +39,7 @@ def main():
     n = loaded.num_players
     k = round(args.fraction * n)
     fns = methods.method_functions(config, loaded, classifier, params, n)
-    splits = {split: loaded.examples(split)[1:] for split in ("train", "test")}
+    splits = {split: loaded.examples(split, views=False)[1:] for split in ("train", "test")}
     print(f"run: {args.workdir}; {k} of {n} patches removed; chance: {1 / len(loaded.class_names):.3f}")
     for name, fn in fns.items():
         masks = {}

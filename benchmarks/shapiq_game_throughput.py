@@ -43,7 +43,7 @@ def run_game(workdir: str):
     from vitshap_jax.runs import TrainedRun
 
     run = TrainedRun.load(workdir)
-    _, images, labels = run.examples("test", 1)
+    _, images, labels = run.examples("test", 1, views=False)
     return (
         run.game(),
         images[0],

@@ -68,7 +68,7 @@ def digits_table(workdir: str) -> np.ndarray:
     from vitshap_jax.runs import load_explainer
 
     loaded = load_explainer(workdir)
-    _, images, labels = loaded.examples("test", 1)
+    _, images, labels = loaded.examples("test", 1, views=False)
     game = loaded.game()
     return surrogate_table(game, jnp.asarray(images), int(labels[0]))
 

@@ -183,15 +183,15 @@ class TrainedRun:
             image, size=d.image_size, resize_size=d.resize_size, norm=transforms.normalization_of(self.config)
         )
 
-    def examples(self, split: str, count: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def examples(self, split: str, count: int | None = None, *, views: bool = True):
         """The first `count` images of a split of the run's dataset (all with None): (uint8 views
-        `[N, S, S, 3]`, model inputs `[N, S, S, 3]`, labels `[N]`)."""
+        `[N, S, S, 3]` (None with `views=False`), model inputs `[N, S, S, 3]`, labels `[N]`)."""
         source = data.open_split(self.config, split)
         count = len(source) if count is None else min(count, len(source))
         examples = [source[i] for i in range(count)]
-        views = np.stack([self.crop(np.asarray(e["image"])) for e in examples])
+        crops = np.stack([self.crop(np.asarray(e["image"])) for e in examples]) if views else None
         inputs = np.stack([self.preprocess(np.asarray(e["image"])) for e in examples])
-        return views, inputs, np.asarray([int(e["label"]) for e in examples], np.int32)
+        return crops, inputs, np.asarray([int(e["label"]) for e in examples], np.int32)
 
 
 def load_explainer(workdir: str, *, dtype: str | None = None) -> TrainedRun:

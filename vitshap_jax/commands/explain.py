@@ -15,6 +15,7 @@ from vitshap_jax.errors import StageError
 from vitshap_jax.files import absolute
 from vitshap_jax.runs import TrainedRun
 from vitshap_jax.shapiq_interop import image_parameters, write_interaction_values
+from vitshap_jax.shapley.game import select_class
 from vitshap_jax.shapley.interactions import interactions
 from vitshap_jax.viz.heatmaps import save_explanation
 from vitshap_jax.viz.interactions import save_interactions
@@ -82,7 +83,7 @@ def pair_interactions(config, trained, images, out: dict, start: int) -> dict:
     phi = out["phi"]  # [B, n, C]
     k = min(config.interaction_players, phi.shape[1])
     classes = np.argmax(out["v_all"], axis=-1)
-    top = np.take_along_axis(np.abs(phi), classes[:, None, None], axis=2)[..., 0]
+    top = select_class(np.abs(phi), classes)
     players = np.sort(np.argsort(-top, axis=1, kind="stable")[:, :k], axis=1)
     result = interactions(
         trained.game(),

@@ -63,7 +63,7 @@ def run(config, workdir: str, mesh) -> dict:
     def save():
         write_json(results_file, results)  # after every cell; never a half-written file
 
-    train, test = trained.examples("train")[1:], trained.examples("test")[1:]
+    train, test = (trained.examples(split, views=False)[1:] for split in ("train", "test"))
     kw = dict(epochs=config.epochs, batch_size=config.batch_size, seed=config.seed, mesh=mesh)
     if "reference" not in results["accuracy"]:
         logging.info("roar: reference (nothing removed)")
@@ -106,7 +106,6 @@ def run(config, workdir: str, mesh) -> dict:
         results["fractions"], lines, os.path.join(out_dir, "roar.png"), ylabel="test accuracy (retrained)"
     )
     text = reports.roar_table(results["fractions"], lines)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(text + "\n")
+    reports.write_table(out_dir, text)
     print(text)
     return results

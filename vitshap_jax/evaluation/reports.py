@@ -47,10 +47,15 @@ def roar_table(fractions, lines: dict) -> str:
     return "\n".join(rows)
 
 
-def write_report(out_dir: str, results: dict, text: str, **arrays) -> None:
-    """`{out_dir}/results.json`, `table.md` (`text`) and, given `arrays`, `values.npz`."""
+def write_table(out_dir: str, text: str) -> None:
+    """`{out_dir}/table.md`: a markdown table (`text`)."""
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(text + "\n")
+
+
+def write_report(out_dir: str, results: dict, text: str, **arrays) -> None:
+    """`{out_dir}/results.json`, `table.md` (`text`) and, given `arrays`, `values.npz`."""
+    write_table(out_dir, text)
     write_json(os.path.join(out_dir, "results.json"), results)
     if arrays:
         np.savez(os.path.join(out_dir, "values.npz"), **arrays)

@@ -39,6 +39,7 @@ import numpy as np
 from vitshap_jax.config import FSII_MAX_PLAYERS, INTERACTION_INDICES
 from vitshap_jax.shapley.exact import all_coalitions, shapley_weights
 from vitshap_jax.shapley.game import as_game, value_pairs
+from vitshap_jax.shapley.kernelshap import null_and_total
 from vitshap_jax.shapley.sampling import shapley_kernel_coalitions, shapley_kernel_size_probs
 
 INDICES = INTERACTION_INDICES
@@ -105,13 +106,6 @@ def _chunk(images, half, null, value_fn, table, *, fsii: bool = False):
     return xv, xx
 
 
-def _null_and_full(game, images, n: int):
-    b = images.shape[0]
-    ends = jnp.stack([jnp.zeros((b, n), bool), jnp.ones((b, n), bool)], axis=1)
-    values = game(images, ends)
-    return values[:, 0], values[:, 1]
-
-
 def interactions(
     value_fn,
     images,
@@ -150,8 +144,8 @@ def interactions(
         raise ValueError("sampled interactions need a key")
     images = jnp.asarray(images)
     b = images.shape[0]
-    null, full = _null_and_full(game, images, n)
-    total = np.asarray(full - null, np.float64)
+    null, total = null_and_total(images, game, n=n)
+    total = np.asarray(total, np.float64)
     table = _size_weights(n)
     xv = xx = None
     if exact:
