@@ -6,11 +6,13 @@ Run by hand in the bench venv (torch, timm, transformers; see requirements-bench
 
 For each family it builds a small randomly initialized model with the library (transformers
 `ViTForImageClassification`, `ViTModel`, `DeiTForImageClassificationWithTeacher`, `Dinov2Model`,
-`Dinov2WithRegistersModel`, `CLIPVisionModel`; timm `vit_*` models with registers, layer scale,
-pre-norm + quick GELU, average pooling without class token, a distillation head, patch 14), writes it
-the way users get it (`save_pretrained`; timm: `model.safetensors` + the Hub's `config.json`), reads the
-architecture and loads it with vitshap_jax, and prints the largest difference between the library's
-outputs (logits, or the pooled feature of a backbone) and ours on the same random images, float32.
+`Dinov2WithRegistersModel`, `CLIPVisionModel`, `ViTMAEModel`, `ViTMAEForPreTraining`; timm `vit_*` models
+with registers, layer scale, pre-norm + quick GELU, average pooling without class token, a distillation
+head, patch 14, an MAE encoder), writes it the way users get it (`save_pretrained`; timm:
+`model.safetensors` + the Hub's `config.json`), reads the architecture and loads it with vitshap_jax,
+and prints the largest difference between the library's outputs (logits, or the pooled feature of a
+backbone; for ViT-MAE every token of `last_hidden_state`, with `mask_ratio=0` and the identity patch
+order) and ours on the same random images, float32.
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ SMALL = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, interme
 
 def _transformers_cases():
     vit = dict(SMALL, image_size=32, patch_size=8)
+    # Nothing masked; the decoder small and random (it is dropped).
+    mae = dict(
+        vit,
+        mask_ratio=0.0,
+        decoder_hidden_size=32,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=64,
+    )
     return {
         "transformers ViTForImageClassification": (
             T.ViTForImageClassification(T.ViTConfig(**vit, num_labels=5)),
@@ -55,6 +66,11 @@ def _transformers_cases():
             "cls",
         ),
         "transformers CLIPVisionModel": (T.CLIPVisionModel(T.CLIPVisionConfig(**vit)), "pooler"),
+        "transformers ViTMAEModel": (T.ViTMAEModel(T.ViTMAEConfig(**mae)), "tokens"),
+        "transformers ViTMAEForPreTraining (decoder dropped)": (
+            T.ViTMAEForPreTraining(T.ViTMAEConfig(**mae)),
+            "tokens",
+        ),
     }
 
 
@@ -75,7 +91,33 @@ def _timm_cases():
             dict(kw, patch_size=8, class_token=False, global_pool="avg", reg_tokens=2, no_embed_class=True),
         ),
         "timm deit distilled": ("deit_tiny_distilled_patch16_224", dict(kw, patch_size=8)),
+        "timm MAE encoder (vit_*.mae: no head, pooled feature)": (
+            "vit_base_patch16_224.mae",
+            dict(kw, patch_size=8, num_classes=0),
+        ),
+        "timm MAE + decoder arrays (MAE pretraining layout)": (
+            "vit_base_patch16_224.mae",
+            dict(kw, patch_size=8, num_classes=0),
+        ),
     }
+
+
+# The arrays an MAE pretraining state dict adds to the encoder (facebookresearch/mae `MaskedAutoencoderViT`,
+# decoder width 32, one block), random: vitshap_jax must drop them.
+def _mae_decoder(dim=64, width=32, tokens=17, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {
+        "mask_token": (1, 1, width),
+        "decoder_embed.weight": (width, dim),
+        "decoder_embed.bias": (width,),
+        "decoder_pos_embed": (1, tokens, width),
+        "decoder_blocks.0.norm1.weight": (width,),
+        "decoder_blocks.0.attn.qkv.weight": (3 * width, width),
+        "decoder_blocks.0.mlp.fc1.weight": (2 * width, width),
+        "decoder_norm.weight": (width,),
+        "decoder_pred.weight": (8 * 8 * 3, width),
+    }
+    return {k: torch.randn(shape, generator=g) for k, shape in shapes.items()}
 
 
 def _randomize(model, seed):
@@ -107,16 +149,27 @@ def check_transformers(tmp) -> dict:
         model.save_pretrained(folder)
         image = model.config.image_size
         x = np.random.default_rng(1).standard_normal((3, image, image, 3)).astype(np.float32)
+        pixels = torch.from_numpy(x.transpose(0, 3, 1, 2))
         with torch.no_grad():
-            out = model(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2)))
+            if output == "tokens":  # ViT-MAE: ascending noise keeps the patches in their own order
+                n = (image // model.config.patch_size) ** 2
+                noise = torch.arange(n, dtype=torch.float32).expand(len(x), n)
+                encoder = getattr(model, "vit", model)  # ViTMAEForPreTraining's encoder
+                out = encoder(pixel_values=pixels, noise=noise)
+                assert (out.ids_restore == torch.arange(n)).all() and not out.mask.any()
+            else:
+                out = model(pixel_values=pixels)
             ref = {
                 "logits": lambda o: o.logits,
                 "cls": lambda o: o.last_hidden_state[:, 0],
                 "pooler": lambda o: o.pooler_output,
+                "tokens": lambda o: o.last_hidden_state,
             }[output](out).numpy()
         ours_model, params, arch = _ours(folder, image)
         if output == "logits":
             ours = ours_model.apply({"params": params}, jnp.asarray(x))
+        elif output == "tokens":
+            ours = ours_model.apply({"params": params}, jnp.asarray(x), method=ours_model.encode)
         else:
             ours = ours_model.apply(
                 {"params": params}, jnp.asarray(x), method=lambda m, im: m.pooled(m.encode(im))
@@ -131,12 +184,12 @@ def check_timm(tmp) -> dict:
         model = _randomize(timm.create_model(arch_name, pretrained=False, **kw), 0)
         folder = os.path.join(tmp, name.split(" (")[0].replace(" ", "_").replace(",", ""))
         os.makedirs(folder)
-        save_file(
-            {k: v.contiguous() for k, v in model.state_dict().items()},
-            os.path.join(folder, "model.safetensors"),
-        )
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if "+ decoder" in name:
+            state |= _mae_decoder(dim=kw["embed_dim"], tokens=1 + (kw["img_size"] // kw["patch_size"]) ** 2)
+        save_file(state, os.path.join(folder, "model.safetensors"))
         cfg = {
-            "architecture": arch_name,
+            "architecture": arch_name.split(".")[0],
             "num_classes": kw["num_classes"],
             "global_pool": model.global_pool,
             "model_args": {k: v for k, v in kw.items() if k in ("num_heads", "no_embed_class")},
@@ -149,7 +202,13 @@ def check_timm(tmp) -> dict:
         with torch.no_grad():
             ref = model(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
         ours_model, params, _ = _ours(os.path.join(folder, "model.safetensors"), image)
-        results[name] = _compare(ref, np.asarray(ours_model.apply({"params": params}, jnp.asarray(x))))
+        if kw["num_classes"]:
+            ours = ours_model.apply({"params": params}, jnp.asarray(x))
+        else:  # a backbone without head (MAE): timm returns the pooled feature
+            ours = ours_model.apply(
+                {"params": params}, jnp.asarray(x), method=lambda m, im: m.pooled(m.encode(im))
+            )
+        results[name] = _compare(ref, np.asarray(ours))
     return results
 
 

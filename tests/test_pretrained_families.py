@@ -362,3 +362,148 @@ def test_timm_heads_come_from_model_args_then_the_name_then_64_channels(tmp_path
         json.dumps({"architecture": "vit_huge_patch4_224", "model_args": {"num_heads": 8}})
     )
     assert read_architecture(path)["model"]["num_heads"] == 8
+
+
+# ----------------------------------------------------------------------------------------------- MAE
+
+
+def _mae_decoder(r, names: str):
+    """A few arrays of an MAE decoder (width 16) in `names`: "transformers" (ViTMAEForPreTraining's
+    `decoder.*`) or "mae" (the MAE repository's, timm-style, top-level `decoder_*` and `mask_token`)."""
+    if names == "transformers":
+        return {
+            "decoder.decoder_embed.weight": r(16, D),
+            "decoder.decoder_embed.bias": r(16),
+            "decoder.decoder_pos_embed": r(1, 17, 16),
+            "decoder.mask_token": r(1, 1, 16),
+            "decoder.decoder_layers.0.layernorm_before.weight": r(16),
+            "decoder.decoder_norm.weight": r(16),
+            "decoder.decoder_pred.weight": r(48, 16),
+        }
+    return {
+        "mask_token": r(1, 1, 16),
+        "decoder_embed.weight": r(16, D),
+        "decoder_pos_embed": r(1, 17, 16),
+        "decoder_blocks.0.norm1.weight": r(16),
+        "decoder_blocks.0.attn.qkv.weight": r(48, 16),
+        "decoder_norm.weight": r(16),
+        "decoder_pred.weight": r(48, 16),
+    }
+
+
+@pytest.mark.parametrize("architecture", ["ViTMAEModel", "ViTMAEForPreTraining"])
+def test_transformers_vit_mae_loads_its_encoder_and_drops_the_decoder(tmp_path, architecture, caplog):
+    from tests.helpers import _hf_state, _rng
+
+    # ViTMAE saves ViT's names; no pooler; the fixed sin-cos position embedding is in the file, with a
+    # zero row for the class token.
+    sd = {k: v for k, v in _hf_state("vit", 0).items() if not k.startswith("pooler.")}
+    sd["embeddings.position_embeddings"][:, 0] = 0
+    if architecture == "ViTMAEForPreTraining":
+        sd = {f"vit.{k}": v for k, v in sd.items()} | _mae_decoder(_rng(1), "transformers")
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    cfg = dict(
+        model_type="vit_mae",
+        architectures=[architecture],
+        hidden_size=D,
+        num_hidden_layers=DEPTH,
+        num_attention_heads=HEADS,
+        intermediate_size=MLP,
+        patch_size=4,
+        image_size=16,
+        hidden_act="gelu",
+        layer_norm_eps=1e-12,
+        qkv_bias=True,
+        mask_ratio=0.75,
+        decoder_hidden_size=16,
+        decoder_num_hidden_layers=1,
+    )
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    arch = read_architecture(tmp_path)
+    m = arch["model"]
+    assert (m["hidden_size"], m["depth"], m["num_heads"], m["mlp_dim"], m["patch_size"]) == (
+        D,
+        DEPTH,
+        HEADS,
+        MLP,
+        4,
+    )
+    assert (m["pool"], m["class_token"], m["ln_eps"]) == ("token", True, 1e-12)
+    assert arch["normalization"] == "imagenet" and arch["num_classes"] is None
+    caplog.set_level("INFO", logger="absl")
+    model, params = _load(tmp_path, arch)
+    decoder = sorted(k for k in sd if k.startswith("decoder."))
+    assert bool(decoder) == (architecture == "ViTMAEForPreTraining")
+    assert all(k in caplog.text for k in decoder) and "head is re-initialized" in caplog.text
+    np.testing.assert_array_equal(params["head"]["kernel"], 0)  # MAE has no head: a new one
+    plain = {k.removeprefix("vit."): v for k, v in sd.items() if not k.startswith("decoder.")}
+    np.testing.assert_allclose(
+        np.asarray(_features(model, params, jnp.asarray(IMAGES))),
+        _hf_forward("vit", plain, IMAGES, eps=1e-12, act="gelu"),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("layout", ["timm hub", "mae pretraining"])
+def test_timm_mae_loads_its_encoder_and_drops_the_decoder(tmp_path, layout, caplog):
+    from tests.helpers import _rng
+
+    # timm's vit_*_224.mae: a plain VisionTransformer without head (num_classes=0), class-token pooling
+    # after the final norm. The MAE repository's pretraining state dict adds the decoder and mask token.
+    sd = {k: v for k, v in _timm_state(2).items() if not k.startswith("head.")}
+    sd["pos_embed"][:, 0] = 0
+    if layout == "timm hub":
+        (tmp_path / "config.json").write_text(
+            json.dumps(
+                {
+                    "architecture": "vit_base_patch16_224",
+                    "num_classes": 0,
+                    "global_pool": "token",
+                    "model_args": {"num_heads": HEADS},
+                    "pretrained_cfg": {
+                        "tag": "mae",
+                        "mean": [0.485, 0.456, 0.406],
+                        "std": [0.229, 0.224, 0.225],
+                        "num_classes": 0,
+                        "input_size": [3, 16, 16],
+                    },
+                }
+            )
+        )
+        extra = {}
+    else:  # no statement of the normalization; the heads as the config a user adds would give them
+        (tmp_path / "config.json").write_text(json.dumps({"model_args": {"num_heads": HEADS}}))
+        extra = _mae_decoder(_rng(3), "mae")
+    save_file(sd | extra, str(tmp_path / "model.safetensors"))
+    arch = read_architecture(tmp_path / "model.safetensors")
+    m = arch["model"]
+    assert (m["pool"], m["fc_norm"], m["class_token"], m["pos_prefix"], m["depth"]) == (
+        "token",
+        False,
+        True,
+        1,
+        DEPTH,
+    )
+    assert arch["normalization"] == "imagenet" and arch["num_classes"] is None
+    caplog.set_level("INFO", logger="absl")
+    model, params = _load(tmp_path / "model.safetensors", arch)
+    assert all(k in caplog.text for k in extra) and "head is re-initialized" in caplog.text
+    # timm's forward with an identity head gives the pooled feature.
+    identity = {"head.weight": np.eye(D, dtype=np.float32), "head.bias": np.zeros(D, np.float32)}
+    np.testing.assert_allclose(
+        np.asarray(_features(model, params, jnp.asarray(IMAGES))),
+        _timm_forward(sd | identity, IMAGES, patch=4, eps=1e-6, act="gelu"),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_a_1280_wide_timm_state_dict_without_config_gets_vit_h_heads(tmp_path):
+    # MAE's ViT-H/14 pretraining state dict comes without config.json: 16 heads of 80, not 20 of 64.
+    z = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+    arrays = {"patch_embed.proj.weight": z(1280, 3, 2, 2), "blocks.0.mlp.fc1.weight": z(8, 1280)}
+    save_file(
+        arrays | {"cls_token": z(1, 1, 1280), "pos_embed": z(1, 5, 1280)}, str(tmp_path / "m.safetensors")
+    )
+    assert read_architecture(tmp_path / "m.safetensors")["model"]["num_heads"] == 16

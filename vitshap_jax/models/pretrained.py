@@ -11,13 +11,16 @@ Formats (detected from the file):
 * `.safetensors` timm ViT state dict (`patch_embed.proj.weight`, `blocks.{i}.attn.qkv.weight`, ...),
   as published on the Hugging Face Hub in the `timm/vit_*` repositories (file `model.safetensors`),
   with the options of the DeiT, DINOv2, CLIP and register families (`dist_token`/`head_dist`,
-  `reg_token`, `blocks.{i}.ls1.gamma`, `norm_pre`, `fc_norm`, no `cls_token`). A timm `config.json`
+  `reg_token`, `blocks.{i}.ls1.gamma`, `norm_pre`, `fc_norm`, no `cls_token`), and MAE encoders
+  (`vit_*_224.mae`: no head; a full MAE pretraining state dict's decoder is dropped). A timm `config.json`
   beside the file (the Hub's: `architecture`, `global_pool`, `model_args`, `pretrained_cfg`) refines
   what the state dict cannot say (heads, activation, pooling, normalization).
 * A Hugging Face `transformers` directory written by `save_pretrained` (`config.json` +
   `model.safetensors`, or a sharded `model.safetensors.index.json`): `ViTModel`,
   `ViTForImageClassification`, `DeiTModel`, `DeiTForImageClassification(WithTeacher)`, `Dinov2Model`,
-  `Dinov2WithRegistersModel`, `CLIPVisionModel` and the vision tower of a `CLIPModel`.
+  `Dinov2WithRegistersModel`, `CLIPVisionModel` and the vision tower of a `CLIPModel`, and the MAE
+  encoder of `ViTMAEModel` / `ViTMAEForPreTraining` (ViT's names; its fixed sin-cos position embedding,
+  class-token row included, is in the file and loads like a learned one).
 
 `read_architecture(path)` gives the model fields (`configs/common.py`'s `config.model`) a checkpoint
 needs, read from its `config.json` and its arrays' shapes: the stages apply them, so nobody types shapes.
@@ -27,7 +30,8 @@ these exceptions: the classification head is re-initialized when the class count
 has none; a `pre_logits` layer is then dropped with it), the position embedding is resized (bilinear)
 when the patch grid differs, a patch embedding without bias (CLIP) gets a zero bias, and arrays that
 inference never reads are dropped and logged by name (Hugging Face `pooler.*` and DINOv2's
-`embeddings.mask_token`; a CLIPModel's text tower and projections). Anything else is a
+`embeddings.mask_token`; a CLIPModel's text tower and projections; an MAE's decoder, `decoder.*` in
+transformers, `decoder_*` and `mask_token` in the MAE/timm naming). Anything else is a
 `PretrainedMismatchError` that lists every missing, unexpected and wrongly shaped key at once.
 """
 
@@ -234,6 +238,13 @@ _HF_UNUSED = re.compile(
     r"text_projection\.|logit_scale$)"
 )
 _HF_PREFIXES = ("vit.", "deit.", "dinov2.", "vision_model.")
+# The decoder of masked-autoencoder pretraining (MAE): transformers' ViTMAEForPreTraining `decoder.*`; the
+# MAE repository's (and timm-named) `decoder_embed`, `decoder_blocks.*`, `decoder_pos_embed`, ...,
+# `mask_token`.
+_HF_MAE_DECODER = re.compile(r"^decoder\.")
+_TIMM_MAE_DECODER = re.compile(r"^decoder[._]")
+MAE_DECODER = "the MAE decoder (pretraining only)"
+MASK_TOKEN = "the mask token of masked-image pretraining (MAE, DINOv2)"
 
 
 def _hf_rule(family: str, deit_teacher: bool) -> Callable[[str], Rule]:
@@ -311,7 +322,7 @@ def _json(path: str) -> dict:
         raise PretrainedMismatchError(f"{path}: not valid JSON ({e})") from None
 
 
-HF_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "clip_vision_model", "clip")
+HF_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "clip_vision_model", "clip", "vit_mae")
 
 
 def _hf_family(path: str, cfg: dict) -> str:
@@ -319,9 +330,12 @@ def _hf_family(path: str, cfg: dict) -> str:
     if model_type not in HF_MODEL_TYPES:
         raise PretrainedMismatchError(
             f"{path}/config.json: model_type {model_type!r} is not supported; supported Hugging Face "
-            f"models: {', '.join(HF_MODEL_TYPES)} (ViT, DeiT, DINOv2 with or without registers, CLIP vision)"
+            f"models: {', '.join(HF_MODEL_TYPES)} (ViT, DeiT, DINOv2 with or without registers, CLIP vision, "
+            "ViT-MAE)"
         )
-    return {"dinov2_with_registers": "dinov2", "clip_vision_model": "clip"}.get(model_type, model_type)
+    # ViT-MAE's encoder is a ViT with ViT's names (its position embedding is fixed, but saved).
+    aliases = {"dinov2_with_registers": "dinov2", "clip_vision_model": "clip", "vit_mae": "vit"}
+    return aliases.get(model_type, model_type)
 
 
 def _read_hf_dir(path: str) -> Checkpoint:
@@ -346,6 +360,8 @@ def _read_hf_dir(path: str) -> Checkpoint:
         )
     arrays = {_strip_hf_prefix(k): v for k, v in arrays.items()}
     unused = {k: "never read for classification" for k in arrays if _HF_UNUSED.match(k)}
+    if cfg.get("model_type") == "vit_mae":
+        unused |= {k: MAE_DECODER for k in arrays if _HF_MAE_DECODER.match(k)}
     architectures = cfg.get("architectures") or []
     teacher = any(a.endswith("WithTeacher") for a in architectures)
     optional = ("embedding/bias",) if family == "clip" else ()
@@ -383,7 +399,9 @@ def _read(path: str) -> Checkpoint:
         if cfg.get("model_type") in HF_MODEL_TYPES:  # a transformers file: read it with its directory
             return _read_hf_dir(os.path.dirname(path) or ".")
         optional = ("embedding/bias",) if "patch_embed.proj.bias" not in arrays else ()
-        return Checkpoint("timm", arrays, _timm_rule, cfg, optional=optional)
+        unused = {k: MAE_DECODER for k in arrays if _TIMM_MAE_DECODER.match(k)}
+        unused |= {"mask_token": MASK_TOKEN} if "mask_token" in arrays else {}
+        return Checkpoint("timm", arrays, _timm_rule, cfg, unused, optional=optional)
     if path.endswith(".npz"):
         try:
             with np.load(path, allow_pickle=False) as f:
@@ -513,7 +531,14 @@ _HF_ACTIVATIONS = {
     "gelu_pytorch_tanh": "gelu_tanh",
     "quick_gelu": "quick_gelu",
 }
-_HF_DEFAULT_NORMALIZATION = {"vit": "inception", "deit": "imagenet", "dinov2": "imagenet", "clip": "clip"}
+# By model_type, else by family. MAE pretrains on ImageNet-normalized pixels (its image processor's too).
+_HF_DEFAULT_NORMALIZATION = {
+    "vit": "inception",
+    "deit": "imagenet",
+    "dinov2": "imagenet",
+    "clip": "clip",
+    "vit_mae": "imagenet",
+}
 # timm model names -> heads where the head width is not 64 (ViT-H/14, ViT-g/14 and ViT-G/14).
 _TIMM_HEADS = (("gigantic", 16), ("huge", 16), ("giant", 16))
 
@@ -647,7 +672,7 @@ def _hf_architecture(path: str, ckpt: Checkpoint) -> dict:
         "pos_prefix": 1 if family == "dinov2" else -1,
         "pre_norm": family == "clip",
     }
-    normalization = _HF_DEFAULT_NORMALIZATION[family]
+    normalization = _HF_DEFAULT_NORMALIZATION.get(model_type) or _HF_DEFAULT_NORMALIZATION[family]
     pre = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "preprocessor_config.json")
     if os.path.isfile(pre):
         p = _json(pre)
@@ -703,6 +728,8 @@ def _timm_architecture(path: str, ckpt: Checkpoint) -> dict:
     if heads is None:
         heads = next((h for word, h in _TIMM_HEADS if word in name), None)
         how = f"the timm name {name!r}"
+    if heads is None and hidden == 1280:  # ViT-H (e.g. MAE's ViT-H/14 state dict, which has no config)
+        heads, how = 16, "its width 1280 (ViT-H: 16 heads of 80 channels)"
     if heads is None:
         heads, how = max(hidden // 64, 1), "64 channels per head (no config.json says otherwise)"
     logging.info("%s: %d heads, from %s", path, heads, how)
@@ -732,6 +759,9 @@ def _timm_architecture(path: str, ckpt: Checkpoint) -> dict:
     normalization = None
     if "mean" in pcfg and "std" in pcfg:
         normalization = normalization_name(pcfg["mean"], pcfg["std"])
+    elif any(reason == MAE_DECODER for reason in ckpt.unused.values()):
+        normalization = "imagenet"  # an MAE pretraining state dict: ImageNet statistics, as MAE trains
+        logging.info("%s: an MAE checkpoint without config.json: imagenet pixel normalization", path)
     size = (pcfg.get("input_size") or [None])[-1]
     classes = int(a["head.weight"].shape[0]) if "head.weight" in a else None
     return {
