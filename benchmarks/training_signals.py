@@ -93,14 +93,15 @@ def evals_per_image(c, n: int) -> int:
     return c.train.epochs * (per_step + 2)
 
 
-def matching_budget(error, curve):
-    """KernelSHAP evaluations at which its MSE equals `error` (log-log interpolation; None outside)."""
+def matching_budget(error, curve) -> str:
+    """KernelSHAP evaluations at which its MSE equals `error` (log-log interpolation), or the side of
+    the budgets tried it lies on."""
     points = sorted(curve.items())
     for (b0, e0), (b1, e1) in zip(points, points[1:], strict=False):
         if e0 >= error >= e1:
             t = np.log(e0 / error) / np.log(e0 / e1)
-            return float(np.exp(np.log(b0) + t * np.log(b1 / b0)))
-    return None
+            return f"{np.exp(np.log(b0) + t * np.log(b1 / b0)):.0f}"
+    return f"<{points[0][0]}" if error > points[0][1] else f">{points[-1][0]}"
 
 
 def main():
@@ -182,22 +183,22 @@ def main():
 
     print(
         "\n| configuration | signal | sampler | coalitions | epochs | evaluations / image | seconds | "
-        "val. WLS loss | MSE vs exact (x1e-3) | KernelSHAP evals to match |"
+        "val. WLS loss | MSE vs exact (x1e-3) | mean MSE (x1e-3) | KernelSHAP evals to match |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in dict.fromkeys(r["name"] for r in rows):
         group = [r for r in rows if r["name"] == name]
         first = group[0]
 
         def spread(key, fmt, scale=1.0, group=group):
-            values = [r[key] * scale for r in group if r[key] is not None]
-            return " / ".join(format(v, fmt) for v in values) if values else "-"
+            return " / ".join(format(r[key] * scale, fmt) for r in group)
 
         print(
             f"| {name} | {first['signal']} | {first['sampler']} | {first['coalitions']} | "
             f"{first['epochs']} | {first['evals']:,} | {spread('seconds', '.0f')} | "
             f"{spread('val_wls', '.4f')} | {spread('mse', '.3f', 1e3)} | "
-            f"{spread('kernelshap_evals', '.0f')} |"
+            f"{np.mean([r['mse'] for r in group]) * 1e3:.3f} | "
+            f"{' / '.join(r['kernelshap_evals'] for r in group)} |"
         )
 
 
