@@ -19,8 +19,13 @@ def get_config(arg=None):
     c.train.epochs = 100  # reference: 100 epochs, best checkpoint by validation loss
 
     c.explainer = config_dict.ConfigDict()
-    c.explainer.num_coalitions = 32  # coalitions per image drawn from the Shapley kernel
+    c.explainer.num_coalitions = 32  # surrogate evaluations per image per step (coalitions)
     c.explainer.paired = True  # each coalition comes with its complement (num_coalitions must be even)
+    # Training signal (docs/explainer_training.md): "wls" (the Shapley weighted-least-squares loss),
+    # "kernelshap" or "permutation" (regression on an unbiased estimate from num_coalitions evaluations).
+    c.explainer.signal = "wls"
+    # Coalition sampler of wls and kernelshap: "shapley" (exact kernel) or "reference_compat" (wls only).
+    c.explainer.sampler = "shapley"
     c.explainer.packed = True  # run each coalition pair as one n + 2 token sequence (attention masking)
     c.explainer.head_blocks = 1  # extra transformer blocks in the head, over all tokens
     c.explainer.mlp_layers = 3  # Dense layers of the head MLP (the last one outputs the classes)

@@ -55,6 +55,8 @@ FSII_MAX_PLAYERS = 64  # FSII solves a dense system of n + n(n-1)/2 + 1 unknowns
 EXPORTS = ("", "shapiq")  # extra file formats of the explain command
 GROUND_TRUTH = ("auto", "exact", "kernelshap", "permutation")
 KERNELSHAP_ESTIMATORS = ("standard", "unbiased")  # see vitshap_jax/shapley/kernelshap.py
+EXPLAINER_SIGNALS = ("wls", "kernelshap", "permutation")  # see vitshap_jax/stages/explainer.py
+EXPLAINER_SAMPLERS = ("shapley", "reference_compat")  # see vitshap_jax/shapley/sampling.py
 
 
 class ConfigError(UserError, ValueError):
@@ -286,6 +288,22 @@ def validate(config) -> None:
                 "explainer.num_coalitions",
                 e.num_coalitions,
                 "must be even with config.explainer.paired=True (each coalition comes with its complement)",
+            )
+        _one_of(config, "explainer.signal", EXPLAINER_SIGNALS)
+        _one_of(config, "explainer.sampler", EXPLAINER_SAMPLERS)
+        _require(
+            e.sampler == "shapley" or e.signal == "wls",
+            "explainer.sampler",
+            e.sampler,
+            f"applies to signal=wls only (signal={e.signal} needs the exact Shapley kernel)",
+        )
+        if e.signal == "permutation" and not m.pretrained:  # a checkpoint may set another patch size
+            n = (d.image_size // m.patch_size) ** 2
+            _require(
+                e.num_coalitions >= 2 * (n - 1),
+                "explainer.num_coalitions",
+                e.num_coalitions,
+                f"signal=permutation needs at least {2 * (n - 1)} (two orders of {n} players, one reversed)",
             )
         _require(e.head_blocks >= 0, "explainer.head_blocks", e.head_blocks, "must be >= 0")
         _require(e.mlp_layers >= 1, "explainer.mlp_layers", e.mlp_layers, "must be positive")

@@ -55,3 +55,10 @@ def shapley_loss(null, phi, masks, values):
     n = phi.shape[1]
     approx = null[:, None, :] + jnp.einsum("bmn,bnc->bmc", masks.astype(phi.dtype), phi)
     return n * jnp.mean((approx - values) ** 2, axis=(1, 2))
+
+
+def regression_loss(phi, target):
+    """Stochastic amortization's loss per example `[B]`: `mean over n and C of (phi - target)^2`, with
+    `phi [B, n, C]` the explainer's values and `target [B, n, C]` an unbiased estimate of the Shapley
+    values (`shapley.amortized`); no gradient flows into the target."""
+    return jnp.mean((phi - jax.lax.stop_gradient(target)) ** 2, axis=(1, 2))

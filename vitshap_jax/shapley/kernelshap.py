@@ -75,12 +75,13 @@ def kernel_moments(n: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def _projection(n: int):
-    """(P, r): phi = P b + r D, the constrained solution's linear map for the closed-form A."""
+    """(P, r): phi = P b + r D, the constrained solution's linear map for the closed-form A (float32
+    numpy: cached, so it must not be a jax value, which inside a trace would be a tracer)."""
     a_inv = np.linalg.inv(kernel_moments(n))
     ones = np.ones(n)
     a1 = a_inv @ ones
     denom = ones @ a1
-    return jnp.asarray(a_inv - np.outer(a1, a1) / denom, jnp.float32), jnp.asarray(a1 / denom, jnp.float32)
+    return (a_inv - np.outer(a1, a1) / denom).astype(np.float32), (a1 / denom).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=16)
@@ -216,18 +217,35 @@ def _estimate(a_groups, b_groups, counts, total, a_fixed, b_fixed, sampled_mass)
     return phi, jnp.where(sampled_mass > 0, std, 0.0)
 
 
+def unbiased_terms(masks, values, null):
+    """Each coalition's term `P z (v(z) - v(0))` of the unbiased estimator: `[B, M, n, C]`.
+
+    `masks [B, M, n]` drawn from the Shapley kernel (paired or not: a complement is kernel-distributed
+    too), `values [B, M, C]` = v(z), `null [B, C]` = v(0). The estimate is the terms' mean plus `r D`
+    (`unbiased_estimate`); its expectation is `P b + r D`, the Shapley values. `1^T P = 0` and `1^T r = 1`,
+    so every estimate is efficient."""
+    proj, _ = _projection(masks.shape[-1])
+    z = masks.astype(values.dtype)
+    contrib = z[..., None] * (values - null[:, None])[:, :, None, :]  # z (v(z) - v(0)): [B, M, n, C]
+    return jnp.einsum("ij,bmjc->bmic", jnp.asarray(proj, values.dtype), contrib)
+
+
+def unbiased_estimate(masks, values, null, total):
+    """The unbiased KernelSHAP estimate `[B, n, C]` from the coalitions `masks [B, M, n]` (Shapley kernel)
+    with `values [B, M, C]`, `null [B, C]` = v(0) and `total [B, C]` = v(1) - v(0)."""
+    _, r = _projection(masks.shape[-1])
+    offset = jnp.asarray(r, values.dtype)[:, None] * total[:, None, :]
+    return unbiased_terms(masks, values, null).mean(1) + offset
+
+
 @functools.partial(jax.jit, static_argnames=("pairs", "n"))
-def _unbiased_step(key, images, null, proj, value_fn, *, pairs: int, n: int):
+def _unbiased_step(key, images, null, value_fn, *, pairs: int, n: int):
     """Sums over `pairs` coalition pairs of each pair's contribution to phi (minus r D), and of its
     square: `[B, n, C]` each."""
     masks = shapley_kernel_coalitions(key, (images.shape[0],), n, 2 * pairs, paired=True)  # [B, 2P, n]
-    values = (
-        jnp.concatenate(value_pairs(value_fn, images, masks[:, :pairs]), axis=1) - null[:, None]
-    )  # [B, 2P, C]
-    z = masks.astype(values.dtype)
-    contrib = z[..., None] * values[:, :, None, :]  # z (v(z) - v(0)): [B, 2P, n, C]
-    pair = 0.5 * (contrib[:, :pairs] + contrib[:, pairs:])  # paired average
-    u = jnp.einsum("ij,bpjc->bpic", proj, pair)
+    values = jnp.concatenate(value_pairs(value_fn, images, masks[:, :pairs]), axis=1)  # [B, 2P, C]
+    terms = unbiased_terms(masks, values, null)
+    u = 0.5 * (terms[:, :pairs] + terms[:, pairs:])  # paired average
     return u.sum(1), (u**2).sum(1)
 
 
@@ -329,11 +347,11 @@ def _standard(value_fn, images, n, null, total, key, threshold, pairs_per_step, 
 
 
 def _unbiased(value_fn, images, n, null, total, key, threshold, pairs_per_step, max_evals):
-    proj, r = _projection(n)
+    _, r = _projection(n)
     count, s1, s2 = 0, 0.0, 0.0
     for pairs in step_sizes(pairs_per_step, max_evals):
         key, sub = jax.random.split(key)
-        a, a2 = _unbiased_step(sub, images, null, proj, value_fn, pairs=pairs, n=n)
+        a, a2 = _unbiased_step(sub, images, null, value_fn, pairs=pairs, n=n)
         s1, s2, count = s1 + a, s2 + a2, count + pairs
         mean = s1 / count
         phi = mean + r[None, :, None] * total[:, None, :]

@@ -29,9 +29,9 @@ def evals_per_pair(n: int) -> int:
     return 2 * (n - 1)
 
 
-@functools.partial(jax.jit, static_argnames=("perms", "n"))
-def _step(key, images, null, full, value_fn, *, perms: int, n: int):
-    """Sums over `perms` antithetic pairs of each pair's estimate, and of its square: `[B, n, C]` each."""
+def antithetic_estimates(key, images, null, full, value_fn, *, perms: int, n: int):
+    """Each of `perms` antithetic pairs' estimate of phi, `[B, P, n, C]` (unbiased and efficient each),
+    from `null`, `full` = v(empty), v(all) `[B, C]`; 2 (n - 1) evaluations of `value_fn` per pair."""
     b = images.shape[0]
     ranks = jnp.argsort(jnp.argsort(jax.random.uniform(key, (b, perms, n)), axis=-1), axis=-1)  # position
     prefixes = ranks[:, :, None, :] < jnp.arange(1, n)[:, None]  # prefixes of size 1..n-1: [B, P, n-1, n]
@@ -45,7 +45,13 @@ def _step(key, images, null, full, value_fn, *, perms: int, n: int):
     forward_gain = jnp.take_along_axis(chain[:, :, 1:] - chain[:, :, :-1], at, axis=2)
     # In reverse, the players before i are those after it forward: the complement of prefix ranks[i] + 1.
     reverse_gain = jnp.take_along_axis(chain_c[:, :, :-1] - chain_c[:, :, 1:], at, axis=2)
-    estimate = 0.5 * (forward_gain + reverse_gain)  # [B, P, n, C]
+    return 0.5 * (forward_gain + reverse_gain)
+
+
+@functools.partial(jax.jit, static_argnames=("perms", "n"))
+def _step(key, images, null, full, value_fn, *, perms: int, n: int):
+    """Sums over `perms` antithetic pairs of each pair's estimate, and of its square: `[B, n, C]` each."""
+    estimate = antithetic_estimates(key, images, null, full, value_fn, perms=perms, n=n)
     return estimate.sum(1), (estimate**2).sum(1)
 
 

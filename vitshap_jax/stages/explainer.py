@@ -1,4 +1,5 @@
-"""Stage 3: train the explainer against the frozen surrogate with the Shapley weighted-least-squares loss.
+"""Stage 3: train the explainer against the frozen surrogate with the Shapley weighted-least-squares loss
+(or, as an option, by stochastic amortization).
 
 The backbone starts from the surrogate's best parameters (its classification head dropped) and the
 explainer head from scratch (`models/explainer_head.py`). For each image: phi_raw = explainer(x); v(all)
@@ -10,7 +11,17 @@ vectorized (`vmap`) batch inside the jitted step, and the loss is
 sampling and attention masking, each coalition and its complement (and v(all) with v(empty)) run as one
 sequence of n + 2 tokens (`explainer.packed`, `models/vit.py`): the same values at about half the cost.
 
-Validation reports that loss with coalitions fixed per image, and the efficiency gap
+`explainer.sampler="reference_compat"` draws the coalitions as the reference implementation does
+(`shapley/sampling.py`: not exactly the Shapley kernel). `explainer.signal` picks the training signal:
+"wls" (the loss above, the default), or stochastic amortization (Covert et al., 2024;
+`shapley/amortized.py`): regress phi on a noisy unbiased estimate of the Shapley values computed in the
+step from the same surrogate evaluations, `mean((phi - t)^2)`, with t the unbiased KernelSHAP estimate
+from the step's kernel coalitions ("kernelshap") or antithetic permutation sampling with as many
+permutation pairs as `num_coalitions` evaluations pay for ("permutation", 2 (n - 1) each). See
+docs/explainer_training.md for the comparison at equal compute.
+
+Validation reports the WLS loss with Shapley-kernel coalitions fixed per image, whatever the signal and
+sampler (so it is comparable across them), and the efficiency gap
 `max |sum_i phi_i - (v(all) - v(empty))|`. The best checkpoint has the lowest loss.
 """
 
@@ -22,31 +33,59 @@ import jax
 import jax.numpy as jnp
 
 from vitshap_jax import losses, shapley
+from vitshap_jax.config import ConfigError
 from vitshap_jax.data.loader import per_example
 from vitshap_jax.models import build_explainer, build_model, num_patches
-from vitshap_jax.shapley.game import coalition_values, grand_and_null
-from vitshap_jax.shapley.sampling import eval_keys
+from vitshap_jax.shapley import amortized
+from vitshap_jax.shapley.game import coalition_values, grand_and_null, surrogate_game
+from vitshap_jax.shapley.sampling import SAMPLERS, eval_keys
 from vitshap_jax.stages import common
 from vitshap_jax.train.loop import Task
 
 
 def train_step(
-    state, batch, surrogate_params, *, explainer, surrogate, tx, target, seed, num_coalitions, paired, packed
+    state,
+    batch,
+    surrogate_params,
+    *,
+    explainer,
+    surrogate,
+    tx,
+    target,
+    seed,
+    num_coalitions,
+    paired,
+    packed,
+    signal="wls",
+    sampler="shapley",
 ):
     rng = jax.random.fold_in(jax.random.key(seed), state["step"])
     k_dropout, k_mask = jax.random.split(rng)
     images = batch["image"]
-    grand, null = grand_and_null(surrogate, surrogate_params, images, target, packed=packed)
     n = num_patches(images.shape[1], surrogate.patch_size)
-    masks = shapley.shapley_kernel_coalitions(k_mask, (images.shape[0],), n, num_coalitions, paired)
-    values = coalition_values(
-        surrogate, surrogate_params, images, masks, target, paired=paired, packed=packed
-    )
+    if signal == "permutation" and amortized.permutations_for(num_coalitions, n) < 1:
+        raise ConfigError(
+            f"config.explainer.num_coalitions={num_coalitions}: signal=permutation needs at least "
+            f"{2 * (n - 1)} (one antithetic pair of permutations of {n} players)"
+        )
+    grand, null = grand_and_null(surrogate, surrogate_params, images, target, packed=packed)
+    if signal == "permutation":  # as many antithetic pairs of orders as num_coalitions evaluations pay for
+        game = surrogate_game(surrogate, surrogate_params, target, packed=packed)
+        goal = amortized.permutation_target(k_mask, images, null, grand, game, budget=num_coalitions, n=n)
+    else:
+        masks = SAMPLERS[sampler](k_mask, (images.shape[0],), n, num_coalitions, paired)
+        values = coalition_values(
+            surrogate, surrogate_params, images, masks, target, paired=paired, packed=packed
+        )
+        if signal == "kernelshap":
+            goal = amortized.kernelshap_target(masks, values, null, grand - null)
 
     def loss_fn(params):
         phi_raw = explainer.apply({"params": params}, images, train=True, rngs={"dropout": k_dropout})
         phi = shapley.additive_efficient_normalization(phi_raw, grand - null)
-        return jnp.mean(losses.shapley_loss(null, phi, masks, values))
+        if signal == "wls":
+            return jnp.mean(losses.shapley_loss(null, phi, masks, values))
+        return jnp.mean(losses.regression_loss(phi, goal))
 
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
     new_state = common.apply_gradients(state, grads, tx)
@@ -89,7 +128,8 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     state = common.create_state(jax.tree.map(jnp.copy, params), tx, mesh)
     kw = dict(explainer=explainer, surrogate=surrogate, target=target, seed=config.seed)
     kw |= dict(num_coalitions=e.num_coalitions, paired=e.paired, packed=e.packed)
-    step = common.jit_train_step(functools.partial(train_step, tx=tx, **kw), mesh, num_frozen=1)
+    signal = dict(signal=e.signal, sampler=e.sampler)  # training only: validation is always the WLS loss
+    step = common.jit_train_step(functools.partial(train_step, tx=tx, **signal, **kw), mesh, num_frozen=1)
     ev = common.jit_eval_step(functools.partial(eval_step, **kw), mesh, 2)
 
     def evaluate(state, split):
