@@ -172,7 +172,7 @@ def main(argv):
         # processes. The coordination service's barriers need no collectives.
         flags.FLAGS.experimental_orbax_use_distributed_barrier = True
     mesh = parallel.make_mesh()
-    if config.stage == stages.PIPELINE:
+    if config.stage in stages.JOBS:
         sub_configs = [config[s] for s in STAGES]
     else:  # the commands use the settings of the run they read
         sub_configs = [] if config.stage in COMMANDS else [config]

@@ -10,16 +10,11 @@ from __future__ import annotations
 
 from ml_collections import config_dict
 
-# Public ViT shapes (Dosovitskiy et al. 2021; Touvron et al. 2021 for tiny/small), plus two small
-# shapes for CPU runs and tests. The patch size comes from the dataset preset.
-MODEL_VARIANTS = {
-    "tiny": dict(hidden_size=192, depth=12, num_heads=3, mlp_dim=768),
-    "small": dict(hidden_size=384, depth=12, num_heads=6, mlp_dim=1536),
-    "base": dict(hidden_size=768, depth=12, num_heads=12, mlp_dim=3072),
-    "large": dict(hidden_size=1024, depth=24, num_heads=16, mlp_dim=4096),
-    "mini": dict(hidden_size=128, depth=6, num_heads=4, mlp_dim=512),
-    "micro": dict(hidden_size=64, depth=4, num_heads=4, mlp_dim=256),
-}
+from vitshap_jax.config import RESNET_VARIANTS, VIT_VARIANTS, default_masking, variant_fields
+
+# The model variants (a `model=` option): ViT shapes and ResNet depths, defined in vitshap_jax/config.py.
+MODEL_VARIANTS = VIT_VARIANTS
+ALL_VARIANTS = (*VIT_VARIANTS, *RESNET_VARIANTS)
 
 _CIFAR_PRESET = dict(
     target="multiclass",
@@ -171,18 +166,18 @@ def _convert(key, value, default):
         raise ValueError(f"option {key}={value!r}: expected {type(default).__name__}") from None
 
 
-def base_config(stage: str, opts: config_dict.ConfigDict) -> config_dict.ConfigDict:
+def base_config(stage: str, opts: config_dict.ConfigDict, *, inherit: bool = False) -> config_dict.ConfigDict:
     """The fields every stage shares, filled from the dataset preset and the model variant.
 
-    `opts` must hold `dataset` and `model` ("" = the preset's default model).
+    `opts` must hold `dataset` and `model` ("" = the preset's default model). With `inherit` (the
+    surrogate and explainer stages), `model=""` leaves `config.model.variant` empty: the stage then takes
+    its upstream run's architecture when it starts (`vitshap_jax/stages/common.resolve`).
     """
     if opts.dataset not in DATASET_PRESETS:
         raise ValueError(f"unknown dataset {opts.dataset!r}; known datasets: {', '.join(DATASET_PRESETS)}")
     preset = DATASET_PRESETS[opts.dataset]
     variant = opts.model or preset["model"]
-    if variant not in MODEL_VARIANTS:
-        raise ValueError(f"unknown model {variant!r}; known models: {', '.join(MODEL_VARIANTS)}")
-    shape = MODEL_VARIANTS[variant]
+    shape = variant_fields(variant)  # a ValueError naming the known models
     c = config_dict.ConfigDict()
     c.stage = stage  # which stage launch.py runs
     c.seed = 0  # seeds parameter init, data order and coalition sampling
@@ -215,14 +210,23 @@ def base_config(stage: str, opts: config_dict.ConfigDict) -> config_dict.ConfigD
     c.dataset.prefetch = 4  # batches grain prepares ahead
 
     c.model = config_dict.ConfigDict()
-    c.model.variant = variant  # a key of MODEL_VARIANTS (informational once the shape is set)
+    # A key of MODEL_VARIANTS or RESNET_VARIANTS (informational once the shape is set); "" in a surrogate or
+    # explainer config: the upstream run's architecture (the surrogate also starts from its weights).
+    c.model.variant = "" if inherit and not opts.model else variant
+    c.model.architecture = shape["architecture"]  # "vit" or "resnet" (set by the variant)
     c.model.patch_size = preset["patch_size"]  # side of a square patch (one player) in pixels
-    c.model.hidden_size = shape["hidden_size"]  # token width D
-    c.model.depth = shape["depth"]  # transformer blocks
-    c.model.num_heads = shape["num_heads"]  # attention heads (must divide hidden_size)
-    c.model.mlp_dim = shape["mlp_dim"]  # hidden width of each block's MLP
+    c.model.hidden_size = shape["hidden_size"]  # token width D (ResNet: the stem's width)
+    c.model.depth = shape["depth"]  # transformer blocks (ResNet: 18, 34 or 50)
+    c.model.num_heads = shape["num_heads"]  # attention heads (must divide hidden_size; ResNet: 0)
+    c.model.mlp_dim = shape["mlp_dim"]  # hidden width of each block's MLP (ResNet: 0)
     c.model.dropout_rate = 0.0  # dropout after attention and MLP while training
-    c.model.masking = "attention"  # how held-out patches are removed: "attention" or "zero"
+    # How held-out patches are removed: ViT "attention" or "zero"; ResNet "input" (a mask value outside
+    # the data) or "zero"; "auto": the first of the architecture's.
+    c.model.masking = default_masking(shape["architecture"])
+    c.model.mask_value = -3.0  # ResNet input masking: the held-out pixels' value (normalized units)
+    c.model.mask_channel = False  # ResNet: the patch mask as a 4th input channel
+    c.model.stem = "auto"  # ResNet: "imagenet" (7x7/2 + max pool), "cifar" (3x3/1), auto: cifar below 64 px
+    c.model.norm = "group"  # ResNet: "group" (GroupNorm) or "affine" (frozen BatchNorm; imported weights)
     c.model.dtype = "auto"  # compute dtype: "float32", "bfloat16", or "auto" (bfloat16 on GPU/TPU, else
     # float32); parameters, logits and losses stay float32
     # Recompute each block's activations in the backward pass (less memory, more compute; same results)

@@ -3,7 +3,9 @@
     python launch.py --config=configs/explainer.py:mura --workdir=runs/mura --config.optim.lr=3e-5
 
 Reads the surrogate from `{workdir}/surrogate/` unless `--config.upstream=PATH` is given.
-Argument: `<dataset>[,model=<variant>]`.
+Argument: `<dataset>[,model=<variant>]`. Without `model`, a ViT explainer's backbone has the surrogate's
+architecture and starts from its weights (a ResNet surrogate: the dataset's default ViT, from scratch or
+`config.model.pretrained`). `--config.explainer.architecture=unet` trains FastSHAP's UNet instead.
 """
 
 from ml_collections import config_dict
@@ -13,12 +15,16 @@ from configs import common
 
 def get_config(arg=None):
     opts = common.parse_arg(arg, dataset="digits", model="")
-    c = common.base_config("explainer", opts)
+    c = common.base_config("explainer", opts, inherit=True)
     c.upstream = config_dict.placeholder(str)  # surrogate run directory (None: {workdir}/surrogate)
     c.optim.lr = 1e-4  # reference explainer learning rate
     c.train.epochs = 100  # reference: 100 epochs, best checkpoint by validation loss
 
     c.explainer = config_dict.ConfigDict()
+    # "vit" (a ViT backbone + the explainer head) or "unet" (FastSHAP's image explainer)
+    c.explainer.architecture = "vit"
+    c.explainer.unet_width = 32  # unet: channels of the first level (doubling per level)
+    c.explainer.unet_levels = 3  # unet: down-sampling steps (fewer where the image is too small)
     c.explainer.num_coalitions = 32  # surrogate evaluations per image per step (coalitions)
     c.explainer.paired = True  # each coalition comes with its complement (num_coalitions must be even)
     # Training signal (docs/explainer_training.md): "wls" (the Shapley weighted-least-squares loss),

@@ -9,7 +9,9 @@ stages, and `config.model` holds the architecture the three share (`pretrained` 
 classifier; the other stages take the architecture from it), so `--config.dataset.image_size=...` or
 `--config.model.patch_size=...` applies everywhere. Override anything else per stage with
 `--config.<stage>.<group>.<field>=value`, e.g. `--config.explainer.train.epochs=10`.
-Argument: `<dataset>[,model=<variant>][,masking=attention|zero]`.
+Argument: `<dataset>[,model=<variant>][,masking=<masking>]`. The three stages share one architecture
+here; for a surrogate of another architecture run the stages one by one (configs/surrogate.py) or
+compare several with configs/compare.py.
 """
 
 from ml_collections import config_dict
@@ -19,6 +21,10 @@ from configs import classifier, common, explainer, surrogate
 # The model fields the three stages share (linked: setting config.model.X sets every stage's).
 SHARED_MODEL_FIELDS = (
     "variant",
+    "architecture",
+    "stem",
+    "norm",
+    "mask_channel",
     "patch_size",
     "hidden_size",
     "depth",
@@ -43,7 +49,7 @@ SHARED_MODEL_FIELDS = (
 
 
 def get_config(arg=None):
-    opts = common.parse_arg(arg, dataset="digits", model="", masking="attention")
+    opts = common.parse_arg(arg, dataset="digits", model="", masking="auto")
     base = f"{opts.dataset},model={opts.model}"
     c = config_dict.ConfigDict()
     c.stage = "pipeline"  # runs the three stages below in order

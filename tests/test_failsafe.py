@@ -133,7 +133,7 @@ def test_unusable_workdirs_and_upstreams_are_one_line(tmp_path):
     surrogate = load("surrogate", "digits")
     surrogate.upstream = str(tmp_path / "explainer")
     with pytest.raises(common.StageError, match="holds a explainer run, not a classifier run"):
-        common.upstream_params(surrogate, str(tmp_path), "classifier", None, None)
+        common.upstream_params(surrogate, str(tmp_path), "classifier", None)
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_without_duplicate_metrics(tmp_path):

@@ -5,7 +5,7 @@ import importlib
 
 from configs import common
 from vitshap_jax import config, data
-from vitshap_jax.models import explainer_head, vit
+from vitshap_jax.models import explainer_head, resnet, vit
 
 
 def test_registries_cover_exactly_the_names_a_config_accepts():
@@ -15,10 +15,18 @@ def test_registries_cover_exactly_the_names_a_config_accepts():
     assert set(explainer_head.ACTIVATIONS) == set(config.ACTIVATIONS)
     assert config.NORMALIZATIONS == ("auto", *config.NORMALIZATION_STATS)
     assert data.SPLITS is config.SPLITS
+    assert set(resnet.MASKINGS) == set(config.MASKINGS["resnet"])
+    assert set(vit.MASKING_STRATEGIES) == set(config.MASKINGS["vit"])
+    assert set(config.RESNET_VARIANTS) | set(common.MODEL_VARIANTS) == set(common.ALL_VARIANTS)
+    assert {config.variant_fields(v)["architecture"] for v in common.ALL_VARIANTS} == set(
+        config.ARCHITECTURES
+    )
 
 
 def test_every_stage_and_command_has_its_module_and_config():
-    for name in (*config.STAGES, "pipeline"):
+    from vitshap_jax import stages
+
+    for name in (*config.STAGES, *stages.JOBS):
         assert callable(importlib.import_module(f"vitshap_jax.stages.{name}").run)
         assert callable(importlib.import_module(f"configs.{name}").get_config)
     for name in config.COMMANDS:

@@ -334,3 +334,37 @@ def test_read_architecture(tmp_path):
         read_resnet_architecture(
             _write(tmp_path, {"patch_embed.proj.weight": np.zeros(1, np.float32)}, "vit.safetensors")
         )
+
+
+def test_a_stage_config_reads_a_timm_resnet_file_and_loads_it(tmp_path):
+    """`--config.model.pretrained=<timm resnet>.safetensors` on a ViT preset: the stage's resolve makes
+    the model that ResNet (architecture, depth, width, stem, folded norm), the ViT import is not tried,
+    and `load_pretrained_into` fills it (the head kept for the dataset's classes)."""
+    from tests.helpers import load
+    from vitshap_jax.models import build_model, load_pretrained_into
+    from vitshap_jax.stages import common
+
+    sd = _timm_state_dict(18, "cifar")
+    path = _write(
+        tmp_path, sd, config={"pretrained_cfg": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}
+    )
+    c = load("classifier", "digits")
+    c.model.pretrained = path
+    with c.unlocked():
+        del c.dataset["class_names"]  # no data needed: resolve reads only the checkpoint here
+    common.resolve(c)
+    m = c.model
+    assert (m.architecture, m.depth, m.hidden_size, m.stem, m.norm) == (
+        "resnet",
+        18,
+        WIDTH,
+        "cifar",
+        "affine",
+    )
+    assert m.masking == "input"  # the ViT preset's default masking became the ResNet's
+    assert c.dataset.normalization == "imagenet"
+    model = build_model(c)
+    params = load_pretrained_into(c, _init(model, 8))
+    flat, stem_kernel = _flat(params), np.transpose(sd["conv1.weight"], (2, 3, 1, 0))
+    np.testing.assert_allclose(flat["conv1/kernel"], stem_kernel, rtol=1e-6)
+    assert flat["fc/kernel"].shape == (8 * WIDTH, 10)

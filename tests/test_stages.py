@@ -156,10 +156,10 @@ def test_upstream_is_checked_before_training(tmp_path, imagenette_dir):
         surrogate.run(tiny("surrogate", "imagenette", imagenette_dir), str(tmp_path), mesh)
     assert not os.path.exists(tmp_path / "surrogate")  # a refused start writes nothing
     classifier.run(tiny("classifier", "imagenette", imagenette_dir), str(tmp_path), mesh)
-    wide = tiny("surrogate", "imagenette", imagenette_dir)
-    wide.model.hidden_size = 48
-    with pytest.raises(common.StageError, match=r"config.model.hidden_size=48, the classifier has 32"):
-        surrogate.run(wide, str(tmp_path), mesh)
+    other_size = tiny("surrogate", "imagenette", imagenette_dir)
+    other_size.dataset.image_size = other_size.dataset.resize_size = 32
+    with pytest.raises(common.StageError, match=r"config.dataset.image_size=32, the classifier has 16"):
+        surrogate.run(other_size, str(tmp_path), mesh)
     # A different model into the same stage directory is refused: its checkpoints could not resume.
     other = tiny("classifier", "imagenette", imagenette_dir)
     other.model.depth = 2

@@ -14,7 +14,50 @@ from vitshap_jax.errors import UserError
 # The training stages, in the order the pipeline runs them, and the commands that read a finished run.
 STAGES = ("classifier", "surrogate", "explainer")
 COMMANDS = ("explain", "evaluate", "roar")
-MASKING_STRATEGIES = ("attention", "zero")  # see vitshap_jax/models/vit.py
+MASKING_STRATEGIES = ("attention", "zero")  # how a ViT holds patches out (vitshap_jax/models/vit.py)
+# The model families (`config.model.architecture`) and how each holds a patch out (`config.model.masking`;
+# "auto" is the first, resolved when the stage starts). A ResNet masks its input (models/resnet.py).
+ARCHITECTURES = ("vit", "resnet")
+MASKINGS = {"vit": MASKING_STRATEGIES, "resnet": ("input", "zero")}
+RESNET_STEMS = ("auto", "imagenet", "cifar")  # auto: cifar below 64 px, else imagenet
+RESNET_NORMS = ("group", "affine")  # affine: a BatchNorm with frozen statistics (imported timm weights)
+EXPLAINER_ARCHITECTURES = ("vit", "unet")  # see vitshap_jax/models/explainer_head.py and unet.py
+# Public ViT shapes (Dosovitskiy et al. 2021; Touvron et al. 2021 for tiny/small), plus two small shapes for
+# CPU runs and tests; the patch size comes from the dataset preset.
+VIT_VARIANTS = {
+    "tiny": dict(hidden_size=192, depth=12, num_heads=3, mlp_dim=768),
+    "small": dict(hidden_size=384, depth=12, num_heads=6, mlp_dim=1536),
+    "base": dict(hidden_size=768, depth=12, num_heads=12, mlp_dim=3072),
+    "large": dict(hidden_size=1024, depth=24, num_heads=16, mlp_dim=4096),
+    "mini": dict(hidden_size=128, depth=6, num_heads=4, mlp_dim=512),
+    "micro": dict(hidden_size=64, depth=4, num_heads=4, mlp_dim=256),
+}
+# ResNets (He et al. 2016): `depth` picks the blocks, `hidden_size` is the stem's width (stages 1x-8x it).
+RESNET_VARIANTS = {f"resnet{d}": dict(depth=d, hidden_size=64, num_heads=0, mlp_dim=0) for d in (18, 34, 50)}
+
+
+def apply_variant(config, name: str, *, masking: str = "auto") -> None:
+    """Makes `config.model` the model variant `name` (its architecture and shape) with `masking`."""
+    config.model.variant = name
+    for key, value in variant_fields(name).items():
+        config.model[key] = value
+    config.model.masking = masking
+
+
+def variant_fields(name: str) -> dict:
+    """The `config.model` fields a model variant fixes: its architecture and shape."""
+    if name in VIT_VARIANTS:
+        return {"architecture": "vit", **VIT_VARIANTS[name]}
+    if name in RESNET_VARIANTS:
+        return {"architecture": "resnet", **RESNET_VARIANTS[name]}
+    raise ValueError(f"unknown model {name!r}; known models: {', '.join([*VIT_VARIANTS, *RESNET_VARIANTS])}")
+
+
+def default_masking(architecture: str) -> str:
+    """How a model of `architecture` holds patches out unless told otherwise."""
+    return MASKINGS[architecture][0]
+
+
 DATASETS = ("digits", "imagenette", "pet", "mura", "cifar10", "cifar100", "folder")
 TARGETS = ("multiclass", "binary")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -192,7 +235,15 @@ def validate(config) -> None:
         _require(fsii_ok, "interaction_players", p, f"FSII takes at most {FSII_MAX_PLAYERS} players")
         _require(b >= 4, "interaction_budget", b, "must be at least 4 coalitions")
         return
-    if config.stage == "pipeline":
+    if config.stage == "compare":
+        for key in ("classifiers", "surrogates"):
+            names = split_list(config[key])
+            known = [*VIT_VARIANTS, *RESNET_VARIANTS]
+            _require(bool(names), key, config[key], "name at least one model variant")
+            unknown = [v for v in names if v not in known]
+            _require(not unknown, key, config[key], f"unknown {unknown}; known: {', '.join(known)}")
+        _require(config.num_images >= 1, "num_images", config.num_images, "must be positive")
+    if config.stage in ("pipeline", "compare"):
         for stage in STAGES:
             try:
                 validate(config[stage])
@@ -238,16 +289,34 @@ def validate(config) -> None:
         f"must be a positive multiple of config.model.patch_size={m.patch_size}",
     )
 
-    for key in ("hidden_size", "depth", "num_heads", "mlp_dim"):
-        _require(m[key] >= 1, f"model.{key}", m[key], "must be positive")
-    _require(
-        m.hidden_size % m.num_heads == 0,
-        "model.num_heads",
-        m.num_heads,
-        f"must divide config.model.hidden_size={m.hidden_size}",
-    )
+    architecture = m.get("architecture", "vit")
+    if "architecture" in m:
+        _one_of(config, "model.architecture", ARCHITECTURES)
+    if m.get("variant"):
+        _one_of(config, "model.variant", [*VIT_VARIANTS, *RESNET_VARIANTS])
+        _require(
+            variant_fields(m.variant)["architecture"] == architecture,
+            "model.variant",
+            m.variant,
+            f"is not a {architecture} (config.model.architecture): choose the model with the config "
+            f"argument, e.g. configs/{config.stage}.py:{config.dataset.name},model={m.variant}",
+        )
+    if architecture == "resnet":
+        _require(m.depth in (18, 34, 50), "model.depth", m.depth, "a ResNet has depth 18, 34 or 50")
+        _require(m.hidden_size >= 1, "model.hidden_size", m.hidden_size, "must be positive (the stem width)")
+        _one_of(config, "model.stem", RESNET_STEMS)
+        _one_of(config, "model.norm", RESNET_NORMS)
+    else:
+        for key in ("hidden_size", "depth", "num_heads", "mlp_dim"):
+            _require(m[key] >= 1, f"model.{key}", m[key], "must be positive")
+        _require(
+            m.hidden_size % m.num_heads == 0,
+            "model.num_heads",
+            m.num_heads,
+            f"must divide config.model.hidden_size={m.hidden_size}",
+        )
     _require(0.0 <= m.dropout_rate < 1.0, "model.dropout_rate", m.dropout_rate, "must be in [0, 1)")
-    _one_of(config, "model.masking", MASKING_STRATEGIES)
+    _one_of(config, "model.masking", ("auto", *MASKINGS[architecture]))
     _one_of(config, "model.dtype", DTYPES)
     if m.pretrained is not None:
         m.pretrained = os.path.expanduser(m.pretrained)
@@ -309,3 +378,20 @@ def validate(config) -> None:
         _require(e.mlp_layers >= 1, "explainer.mlp_layers", e.mlp_layers, "must be positive")
         _require(e.mlp_ratio >= 1, "explainer.mlp_ratio", e.mlp_ratio, "must be positive")
         _one_of(config, "explainer.activation", ACTIVATIONS)
+        if "architecture" in e:
+            _one_of(config, "explainer.architecture", EXPLAINER_ARCHITECTURES)
+            _require(
+                e.architecture != "vit" or architecture == "vit",
+                "explainer.architecture",
+                e.architecture,
+                "a ViT explainer needs a ViT backbone (config.model is a ResNet): use "
+                "explainer.architecture=unet, or a ViT with the config argument model=<variant>",
+            )
+            _require(
+                not e.freeze_backbone or e.architecture == "vit",
+                "explainer.freeze_backbone",
+                e.freeze_backbone,
+                "a UNet explainer has no backbone to freeze",
+            )
+            _require(e.unet_width >= 1, "explainer.unet_width", e.unet_width, "must be positive")
+            _require(e.unet_levels >= 0, "explainer.unet_levels", e.unet_levels, "must be >= 0")

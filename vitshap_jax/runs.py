@@ -54,6 +54,7 @@ class TrainedRun:
     params: dict  # {"explainer": ..., "surrogate": ...}, the best checkpoints
     explainer_dir: str
     surrogate_dir: str
+    surrogate_config: dict  # the surrogate run's config (its architecture may differ from the explainer's)
     fn: Callable  # jitted (params, images) -> {"phi", "v_all", "v_empty"}
 
     @classmethod
@@ -84,10 +85,12 @@ class TrainedRun:
             config.model.dtype = dtype
         surrogate_dir = _upstream_dir(explainer_dir, config.to_dict(), "surrogate")
         surrogate_config = ckpt_lib.read_config(surrogate_dir)
+        if dtype is not None:
+            surrogate_config["model"]["dtype"] = dtype
         if surrogate_config.get("stage") not in ("surrogate", "classifier"):  # a masked classifier serves
             stage = surrogate_config.get("stage")
             raise StageError(f"{surrogate_dir} holds a {stage} run, not a surrogate run")
-        surrogate = build_model(config, masking=surrogate_config["model"]["masking"])
+        surrogate = build_model(surrogate_config)  # its own architecture and masking
         explainer = build_explainer(config)
         size = config.dataset.image_size
         params = {
@@ -109,7 +112,17 @@ class TrainedRun:
         names = list(config.dataset.get("class_names") or data.class_names(config.dataset.name))
         if num_outputs(config) == 1:
             names = names[1:]  # a binary target explains the positive class
-        return cls(config, names, explainer, surrogate, params, explainer_dir, surrogate_dir, explain)
+        return cls(
+            config,
+            names,
+            explainer,
+            surrogate,
+            params,
+            explainer_dir,
+            surrogate_dir,
+            surrogate_config,
+            explain,
+        )
 
     def __call__(self, images) -> dict:
         return self.fn(self.params, jnp.asarray(images, jnp.float32))
@@ -147,14 +160,17 @@ class TrainedRun:
     def game(self, *, model: str = "surrogate", masking: str | None = None, packed: bool = True):
         """The game `value_fn(images, masks) -> [B, M, C]` (`shapley.game.surrogate_game`) of the surrogate
         (with its own masking unless `masking` is given) or, with `model="classifier"`, of the
-        classifier with `masking` (default attention) and no fine-tuning."""
+        classifier with `masking` (default: its architecture's first, attention for a ViT) and no
+        fine-tuning."""
         if model == "surrogate":
-            module = self.surrogate if masking is None else build_model(self.config, masking=masking)
+            module = (
+                self.surrogate if masking is None else build_model(self.surrogate_config, masking=masking)
+            )
             return surrogate_game(module, self.surrogate_params, self.target, packed=packed)
         if model != "classifier":
             raise ValueError(f"model={model!r}: must be surrogate or classifier")
         _, params = self.classifier()
-        module = build_model(self.config, masking=masking or "attention")
+        module = build_model(self.classifier_config, masking=masking or "auto")
         return surrogate_game(module, params, self.target, packed=packed)
 
     # -- the classifier behind the surrogate ------------------------------------------------------------
@@ -163,10 +179,14 @@ class TrainedRun:
         """The classifier the surrogate was distilled from (a masked classifier is its own)."""
         return _upstream_dir(self.surrogate_dir, ckpt_lib.read_config(self.surrogate_dir), "classifier")
 
+    @property
+    def classifier_config(self) -> dict:
+        return ckpt_lib.read_config(self.classifier_dir)
+
     def classifier(self, sharding=None) -> tuple[Any, dict]:
         """(model, best parameters) of the classifier, the parameters placed with `sharding` if given.
-        The model sees full images (attention masking, no mask given)."""
-        model = build_model(self.config, masking="attention")
+        The model is built from the classifier run's config (its architecture; its default masking)."""
+        model = build_model(self.classifier_config, masking="auto")
         target = abstract_params(model, self.image_size, sharding)
         return model, ckpt_lib.load_best_params(self.classifier_dir, target)
 

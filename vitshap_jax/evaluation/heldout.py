@@ -18,12 +18,12 @@ import jax.numpy as jnp
 
 from vitshap_jax import checkpoints as ckpt_lib
 from vitshap_jax import losses, parallel, shapley
-from vitshap_jax.config import MASKING_STRATEGIES, split_list
+from vitshap_jax.config import MASKINGS, split_list
 from vitshap_jax.data import open_split
 from vitshap_jax.data.loader import per_example
 from vitshap_jax.errors import StageError
 from vitshap_jax.files import absolute, read_json
-from vitshap_jax.models import build_model
+from vitshap_jax.models import architecture, build_model
 from vitshap_jax.shapley.sampling import eval_keys
 
 HELD_OUT_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.9)
@@ -80,8 +80,9 @@ def surrogate_curves(config, run, classifier, classifier_params, mesh) -> dict:
         acc[name] = [test[metric_name("accuracy", f)] for f in HELD_OUT_FRACTIONS]
     source = open_split(run.config, config.split)
     c_params = jax.device_put(classifier_params, parallel.replicated(mesh))
-    for masking in MASKING_STRATEGIES:
-        model = build_model(run.config, masking=masking)
+    classifier_config = run.classifier_config
+    for masking in MASKINGS[architecture(classifier_config)]:
+        model = build_model(classifier_config, masking=masking)
         step = jax.jit(
             functools.partial(
                 heldout_step, model=model, classifier=classifier, target=run.target, seed=config.seed

@@ -18,11 +18,14 @@ import numpy as np
 from vitshap_jax.config import budgets, split_list
 from vitshap_jax.errors import StageError
 from vitshap_jax.evaluation import baselines
+from vitshap_jax.models import ViT
 from vitshap_jax.shapley.game import select_class, surrogate_game
 from vitshap_jax.shapley.permutation import evals_per_pair
 
 # Methods whose values are in the game's units (comparable to Shapley values by squared error).
 VALUE_SCALE = ("explainer", "kernelshap", "permutation", "leave_one_out")
+# Methods that read a transformer's tokens or attention maps: they need a ViT classifier.
+VIT_ONLY = ("gradcam", "transformer_attribution", "generic_attention", "attention_rollout", "attention_last")
 
 
 def in_game_units(name: str) -> bool:
@@ -72,6 +75,11 @@ def method_functions(config, run, classifier, classifier_params, n: int) -> dict
 
     out = {}
     for name in split_list(config.methods):
+        if name in VIT_ONLY and not isinstance(classifier, ViT):
+            raise StageError(
+                f"config.methods: {name} reads a ViT's tokens or attention; the classifier of this run is "
+                f"a {type(classifier).__name__}: leave {name} out for it"
+            )
         if name == "explainer":
             out[name] = explainer
         elif name == "kernelshap":  # a loop of jitted steps; the game carries the parameters

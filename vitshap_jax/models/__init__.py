@@ -1,10 +1,12 @@
-"""Models: the patch-maskable ViT, the explainer (ViT backbone + explainer head), and loading of public
-pretrained weights. `build_model` / `build_explainer` make them from a stage config."""
+"""Models: the patch-maskable ViT and ResNet, the explainers (ViT backbone + explainer head, or a UNet),
+and loading of public pretrained weights. `build_model` / `build_explainer` make them from a stage config
+(a ConfigDict, or a run's recorded config as a dict)."""
 
 import jax
 import jax.numpy as jnp
+from ml_collections import config_dict
 
-from vitshap_jax.config import num_outputs
+from vitshap_jax.config import default_masking, num_outputs
 from vitshap_jax.models.explainer_head import Explainer, ExplainerHead
 from vitshap_jax.models.pretrained import PretrainedMismatchError, load_pretrained, read_architecture
 from vitshap_jax.models.vit import MASKING_STRATEGIES, ViT, num_patches
@@ -16,8 +18,12 @@ __all__ = [
     "PretrainedMismatchError",
     "ViT",
     "abstract_params",
+    "architecture",
+    "masking_of",
+    "transfer_params",
     "build_explainer",
     "build_model",
+    "checkpoint_architecture",
     "compute_dtype",
     "load_pretrained",
     "load_pretrained_into",
@@ -48,9 +54,48 @@ def compute_dtype(name: str):
     return jnp.dtype(name)
 
 
-def build_model(config, *, masking: str | None = None) -> ViT:
-    """The ViT a stage config describes (`config.model`, `config.dataset`); `masking` overrides it."""
+def _as_config(config):
+    return config_dict.ConfigDict(config) if isinstance(config, dict) else config
+
+
+def architecture(config) -> str:
+    """ "vit" or "resnet": the model family of a stage config (runs recorded before ResNets: "vit")."""
+    return _as_config(config).model.get("architecture", "vit")
+
+
+def masking_of(config, masking: str | None = None) -> str:
+    """The masking strategy `build_model` uses: `masking`, else the config's ("auto": the family's first)."""
+    chosen = masking or _as_config(config).model.masking
+    return default_masking(architecture(config)) if chosen == "auto" else chosen
+
+
+def resnet_stem(config) -> str:
+    """`config.model.stem` with "auto" resolved: the CIFAR stem below 64 px, else the ImageNet one."""
+    config = _as_config(config)
+    stem = config.model.get("stem", "auto")
+    return stem if stem != "auto" else ("cifar" if config.dataset.image_size < 64 else "imagenet")
+
+
+def build_model(config, *, masking: str | None = None):
+    """The classifier or surrogate a stage config describes (`config.model`, `config.dataset`): a `ViT`
+    or a `ResNet` (`config.model.architecture`). `masking` overrides the config's strategy."""
+    config = _as_config(config)
     m = config.model
+    if architecture(config) == "resnet":
+        from vitshap_jax.models.resnet import ResNet
+
+        return ResNet(
+            num_classes=num_outputs(config),
+            depth=m.depth,
+            width=m.hidden_size,
+            stem=resnet_stem(config),
+            patch_size=m.patch_size,
+            masking=masking_of(config, masking),
+            mask_value=m.mask_value,
+            mask_channel=m.mask_channel,
+            norm=m.norm,
+            dtype=compute_dtype(m.dtype),
+        )
     return ViT(
         num_classes=num_outputs(config),
         patch_size=m.patch_size,
@@ -59,17 +104,29 @@ def build_model(config, *, masking: str | None = None) -> ViT:
         num_heads=m.num_heads,
         mlp_dim=m.mlp_dim,
         dropout_rate=m.dropout_rate,
-        masking=masking or m.masking,
+        masking=masking_of(config, masking),
         dtype=compute_dtype(m.dtype),
         remat=m.get("remat", False),
         **{k: m.get(k, default) for k, default in ARCHITECTURE_OPTIONS.items()},
     )
 
 
-def build_explainer(config) -> Explainer:
-    """The explainer a stage config describes: the ViT of `build_model` as backbone and an
-    `ExplainerHead` (`config.explainer`) giving raw values `[B, n, C]`."""
+def build_explainer(config):
+    """The explainer a stage config describes, giving raw values `[B, n, C]`: with
+    `config.explainer.architecture="vit"` the ViT of `build_model` as backbone and an `ExplainerHead`
+    (`config.explainer`), with "unet" a `UNetExplainer` (FastSHAP's)."""
+    config = _as_config(config)
     m, e = config.model, config.explainer
+    if e.get("architecture", "vit") == "unet":
+        from vitshap_jax.models.unet import UNetExplainer
+
+        return UNetExplainer(
+            num_classes=num_outputs(config),
+            patch_size=m.patch_size,
+            width=e.unet_width,
+            levels=e.unet_levels,
+            dtype=compute_dtype(m.dtype),
+        )
     backbone = build_model(config)
     head = ExplainerHead(
         num_classes=num_outputs(config),
@@ -103,5 +160,63 @@ def num_pos_prefix(config) -> int:
 
 
 def load_pretrained_into(config, params: dict) -> dict:
-    """`load_pretrained(config.model.pretrained, params)` for the model `config` describes."""
+    """`config.model.pretrained` loaded into `params` of the model `config` describes (a ViT:
+    `load_pretrained`; a ResNet: `resnet_pretrained.load_resnet_pretrained`)."""
+    if architecture(config) == "resnet":
+        from vitshap_jax.models.resnet_pretrained import load_resnet_pretrained
+
+        return load_resnet_pretrained(config.model.pretrained, params)
     return load_pretrained(config.model.pretrained, params, pos_prefix=num_pos_prefix(config))
+
+
+def checkpoint_architecture(path: str) -> dict:
+    """`{"model": config.model fields, "normalization": name or None}` of a pretrained file: a timm
+    ResNet state dict (`resnet_pretrained.read_resnet_architecture`) or any ViT format
+    (`pretrained.read_architecture`)."""
+    if str(path).endswith(".safetensors") and _is_resnet_file(path):
+        from vitshap_jax.models.resnet_pretrained import read_resnet_architecture
+
+        arch = read_resnet_architecture(path)
+        m = arch["model"]
+        model = {"architecture": "resnet", "depth": m["depth"], "hidden_size": m["width"]}
+        model |= {"num_heads": 0, "mlp_dim": 0, "stem": m["stem"], "norm": m["norm"]}
+        return {"model": model, "normalization": arch["normalization"]}
+    arch = read_architecture(path)
+    return {**arch, "model": {"architecture": "vit", **arch["model"]}}
+
+
+def _is_resnet_file(path: str) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            keys = set(f.keys())
+    except Exception:  # not readable as safetensors: the ViT reader names the problem
+        return False
+    return any(k.endswith("layer1.0.conv1.weight") for k in keys)
+
+
+def transfer_params(source: dict, target: dict) -> tuple[dict, list[str]]:
+    """`target` (freshly initialized parameters) with every leaf that `source` has at the same path
+    copied from it. A leaf whose shape differs in one axis only, where the target is larger (a stem that
+    gains an input channel for the mask), takes the source in its leading part and zeros after it, so the
+    model starts out computing what the source computed. Returns (parameters, paths not copied)."""
+    from flax import traverse_util
+
+    src, out = traverse_util.flatten_dict(source, sep="/"), traverse_util.flatten_dict(target, sep="/")
+    missing = []
+    for path, leaf in out.items():
+        if path not in src:
+            missing.append(path)
+            continue
+        a, shape = src[path], leaf.shape
+        if a.shape == shape:  # a copy: the train state that holds it is donated to the step
+            out[path] = jnp.array(a, leaf.dtype)
+            continue
+        differ = [i for i, (x, y) in enumerate(zip(a.shape, shape, strict=False)) if x != y]
+        if a.ndim == leaf.ndim and len(differ) == 1 and a.shape[differ[0]] < shape[differ[0]]:
+            leading = tuple(slice(0, s) for s in a.shape)
+            out[path] = jnp.zeros(shape, leaf.dtype).at[leading].set(jnp.asarray(a, leaf.dtype))
+        else:
+            missing.append(path)
+    return traverse_util.unflatten_dict(out, sep="/"), missing

@@ -32,11 +32,12 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vitshap_jax import config
 from vitshap_jax.models.vit import patch_mask_to_pixels
 
-MASKINGS = ("input", "zero")
-STEMS = ("imagenet", "cifar")
-NORMS = ("group", "affine")
+MASKINGS = config.MASKINGS["resnet"]  # ("input", "zero")
+STEMS = tuple(s for s in config.RESNET_STEMS if s != "auto")  # "auto" is resolved by models.build_model
+NORMS = config.RESNET_NORMS
 # depth -> (bottleneck blocks?, blocks per stage), the torchvision / timm ResNets.
 DEPTHS = {18: (False, (2, 2, 2, 2)), 34: (False, (3, 4, 6, 3)), 50: (True, (3, 4, 6, 3))}
 EXPANSION = 4  # output channels of a bottleneck block / its inner width

@@ -11,30 +11,45 @@ from absl import logging
 
 from vitshap_jax import checkpoints as ckpt_lib
 from vitshap_jax import data, parallel
+from vitshap_jax.config import MASKINGS, default_masking
 from vitshap_jax.errors import StageError
 from vitshap_jax.files import absolute, write_json
 from vitshap_jax.models import ARCHITECTURE_OPTIONS, abstract_params
 
-# The model's architecture: what a pretrained checkpoint fixes, and what a stage's upstream run fixes.
+# The model's architecture: what a pretrained checkpoint fixes, and what a stage that inherits its
+# upstream run's architecture copies (`resolve`).
 ARCHITECTURE_FIELDS = (
+    "model.architecture",
     "model.patch_size",
     "model.hidden_size",
     "model.depth",
     "model.num_heads",
     "model.mlp_dim",
     *(f"model.{k}" for k in ARCHITECTURE_OPTIONS),
+    "model.stem",
+    "model.norm",
+    "model.mask_channel",
 )
-# Fields that must agree between a stage and the upstream run it builds on.
+# Fields that must agree between a stage and the upstream run it builds on: the data and the players (a
+# patch is the same player for the classifier, the surrogate and the explainer). The architectures may
+# differ (a ResNet surrogate of a ViT classifier).
 UPSTREAM_FIELDS = (
     "dataset.name",
     "dataset.num_classes",
     "dataset.target",
     "dataset.image_size",
-    *ARCHITECTURE_FIELDS,
+    "dataset.normalization",
+    "model.patch_size",
 )
 # Values of fields that configs written before the field existed lack.
 _DEFAULTS = {f"model.{k}": v for k, v in ARCHITECTURE_OPTIONS.items()} | {
     "model.from_checkpoint": "",
+    "model.architecture": "vit",
+    "model.variant": "",
+    "model.stem": "auto",
+    "model.norm": "group",
+    "model.mask_channel": False,
+    "model.mask_value": -3.0,
     "dataset.normalization": "inception",
 }
 
@@ -53,6 +68,24 @@ def _set(config, key: str, value) -> None:
     config[group][name] = type(current)(value) if isinstance(current, (int, float)) else value
 
 
+def inherits(config, upstream: dict | None) -> bool:
+    """Whether a surrogate or explainer stage takes its upstream run's architecture (`resolve`): its
+    `config.model.variant` is empty or the upstream's, and (a ViT explainer) the upstream is a ViT."""
+    if upstream is None:
+        return False
+    variant = config.model.get("variant", "")
+    if variant and variant != _field(upstream, "model.variant"):
+        return False
+    vit_backbone = config.stage == "explainer" and config.explainer.get("architecture", "vit") == "vit"
+    return not (vit_backbone and _field(upstream, "model.architecture") != "vit")
+
+
+def same_architecture(a: dict, b: dict) -> bool:
+    """Whether two stage configs (as dicts) describe the same model shape (`ARCHITECTURE_FIELDS`; a mask
+    channel aside), so that one's parameters start the other."""
+    return all(_field(a, k) == _field(b, k) for k in ARCHITECTURE_FIELDS if k != "model.mask_channel")
+
+
 def resolve(config, upstream: dict | None = None) -> None:
     """Fills in place what a run reads from elsewhere than its config file, before anything is built:
 
@@ -61,11 +94,13 @@ def resolve(config, upstream: dict | None = None) -> None:
     * with `config.model.pretrained`, the architecture (`ARCHITECTURE_FIELDS`) the checkpoint needs
       (`models.read_architecture`; a value set in the config that differs is logged and replaced) and,
       with `dataset.normalization="auto"`, the normalization it states;
-    * downstream of a run whose architecture came from a checkpoint (`upstream`, its config as a dict),
-      that run's architecture and normalization;
-    * `dataset.normalization="auto"` without either: "inception".
+    * otherwise, for a stage that `inherits` its upstream run's architecture (`upstream`, that run's
+      config as a dict), that architecture and its variant name;
+    * `dataset.normalization`: "auto" becomes the checkpoint's, else the upstream's, else "inception"; a
+      stage must use its upstream's (the surrogate's teacher sees the same images), checked here;
+    * `config.model.masking="auto"`: the architecture's first strategy (attention for a ViT).
     """
-    from vitshap_jax.models import read_architecture
+    from vitshap_jax.models import checkpoint_architecture, masking_of
 
     m, d = config.model, config.dataset
     if "class_names" in d:
@@ -76,9 +111,10 @@ def resolve(config, upstream: dict | None = None) -> None:
             if d.target == "auto":
                 d.target = "binary" if len(names) == 2 else "multiclass"
             logging.info("folder: %d classes (%s), %s target", len(names), ", ".join(names[:10]), d.target)
+    stated = None  # the normalization a checkpoint states
     if m.get("pretrained"):
         m.pretrained = os.path.expanduser(m.pretrained)
-        arch = read_architecture(m.pretrained)
+        arch = checkpoint_architecture(m.pretrained)
         overrides = checkpoint_overrides(m.get("checkpoint_overrides", ""))
         for name, value in (arch["model"] | overrides).items():
             if m[name] != value:
@@ -86,21 +122,43 @@ def resolve(config, upstream: dict | None = None) -> None:
                 logging.info("config.model.%s=%r -> %r (%s %s)", name, m[name], value, how, m.pretrained)
             _set(config, f"model.{name}", value)
         m.from_checkpoint = os.path.abspath(m.pretrained)
-        if d.normalization == "auto":
-            d.normalization = arch["normalization"] or "inception"
-            logging.info("config.dataset.normalization=%s (from %s)", d.normalization, m.pretrained)
-    elif upstream is not None and _field(upstream, "model.from_checkpoint"):
-        for key in ARCHITECTURE_FIELDS + ("model.from_checkpoint",):
-            _set(config, key, _field(upstream, key))
-        if d.normalization in ("auto", _field(upstream, "dataset.normalization")):
-            d.normalization = _field(upstream, "dataset.normalization")
-        else:
+        stated = arch["normalization"] or ("inception" if upstream is None else None)
+    elif inherits(config, upstream):
+        present = _flat(config.to_dict())
+        for key in ARCHITECTURE_FIELDS + ("model.from_checkpoint", "model.variant"):
+            if key in present:
+                _set(config, key, _field(upstream, key))
+    if upstream is not None:
+        theirs = _field(upstream, "dataset.normalization")
+        if d.normalization == "auto" and stated not in (None, theirs):
             raise StageError(
-                f"config.dataset.normalization={d.normalization!r}, but the upstream run (from "
-                f"{m.from_checkpoint}) used {_field(upstream, 'dataset.normalization')!r}: leave it at auto"
+                f"{m.pretrained} states {stated!r} normalization, but the upstream run used {theirs!r}: both "
+                f"models see the same images; set config.dataset.normalization={theirs} to use it anyway"
             )
-    if d.normalization == "auto":
-        d.normalization = _field(upstream, "dataset.normalization") if upstream else "inception"
+        if d.normalization not in ("auto", theirs):
+            raise StageError(
+                f"config.dataset.normalization={d.normalization!r}, but the upstream run used {theirs!r}: "
+                "leave it at auto (a stage sees the images its upstream saw)"
+            )
+        d.normalization = theirs
+    elif d.normalization == "auto":
+        d.normalization = stated or "inception"
+        if stated and m.get("pretrained"):
+            logging.info("config.dataset.normalization=%s (from %s)", d.normalization, m.pretrained)
+    if m.get("masking") == "auto":
+        m.masking = masking_of(config)
+    kind = m.get("architecture", "vit")
+    if "masking" in m and m.masking not in MASKINGS[kind]:
+        if m.masking not in [default_masking(a) for a in MASKINGS]:
+            source = m.get("pretrained") or "the upstream run"
+            raise StageError(
+                f"config.model.masking={m.masking!r}: the model is a {kind} (from {source}), which masks "
+                f"by {' or '.join(MASKINGS[kind])}"
+            )
+        logging.info(
+            "config.model.masking=%s -> %s (the model is a %s)", m.masking, default_masking(kind), kind
+        )
+        m.masking = default_masking(kind)
 
 
 def checkpoint_overrides(text: str) -> dict:
@@ -327,7 +385,8 @@ def stage_dir(workdir: str, stage: str, config, upstream: dict | None = None) ->
     if os.path.exists(os.path.join(path, ckpt_lib.CONFIG_FILE)):
         old = ckpt_lib.read_config(path)
         new = config.to_dict()
-        setup = [k for k in UPSTREAM_FIELDS + ("model.masking",) if _field(old, k) != _field(new, k)]
+        fixed = UPSTREAM_FIELDS + ARCHITECTURE_FIELDS + ("model.masking",)
+        setup = [k for k in dict.fromkeys(fixed) if _field(old, k) != _field(new, k)]
         diffs = settings_diff(old, new)
         recorded = old.get("upstream_run_id", "")
         other_upstream = bool(recorded and upstream_id and recorded != upstream_id)
@@ -386,10 +445,13 @@ def _barrier(name: str) -> None:
 UPSTREAM = {"surrogate": "classifier", "explainer": "surrogate"}
 
 
-def upstream_params(config, workdir: str, upstream_stage: str, model, mesh):
-    """The best parameters of the upstream stage, replicated on `mesh`, after checking that the run
-    matches `config` (dataset, classes, model shape). Looks in `upstream_dir`. Returns (params, the
-    upstream's config as a dict)."""
+def upstream_params(config, workdir: str, upstream_stage: str, mesh):
+    """The upstream stage's model (built from its own recorded config, with its masking strategy) and
+    best parameters, replicated on `mesh`, after checking that the run matches `config` (dataset,
+    classes, normalization, patches: `UPSTREAM_FIELDS`). Looks in `upstream_dir`. Returns (params, the
+    upstream's config as a dict, model)."""
+    from vitshap_jax.models import build_model
+
     path = upstream_dir(config, workdir, upstream_stage)
     if not os.path.exists(os.path.join(path, ckpt_lib.CONFIG_FILE)):
         raise StageError(
@@ -411,8 +473,9 @@ def upstream_params(config, workdir: str, upstream_stage: str, model, mesh):
             f"config.{k}={_field(new, k)!r}, the {upstream_stage} has {_field(up, k)!r}" for k in changed
         )
         raise StageError(f"{path}: the {upstream_stage} run does not match this config: {diffs}")
+    model = build_model(up)
     target = abstract_params(model, config.dataset.image_size, parallel.replicated(mesh))
-    return ckpt_lib.load_best_params(path, target), up
+    return ckpt_lib.load_best_params(path, target), up, model
 
 
 def write_results(stage_path: str, results: dict) -> None:

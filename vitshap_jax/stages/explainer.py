@@ -1,8 +1,11 @@
 """Stage 3: train the explainer against the frozen surrogate with the Shapley weighted-least-squares loss
 (or, as an option, by stochastic amortization).
 
-The backbone starts from the surrogate's best parameters (its classification head dropped) and the
-explainer head from scratch (`models/explainer_head.py`). For each image: phi_raw = explainer(x); v(all)
+The explainer is a ViT backbone with an explainer head (`models/explainer_head.py`), or with
+`explainer.architecture=unet` FastSHAP's UNet (`models/unet.py`). The backbone starts from the
+surrogate's best parameters (its classification head dropped) when they share the architecture (else
+from `config.model.pretrained` or fresh), the head from scratch. The surrogate may be any model a
+surrogate stage trains (a ViT, a ResNet). For each image: phi_raw = explainer(x); v(all)
 and v(empty) come from the surrogate (same masking strategy as the surrogate run); phi is made
 efficient (`sum_i phi_i = v(all) - v(empty)`); `num_coalitions` coalitions are drawn from the Shapley
 kernel (paired: each with its complement), the surrogate is evaluated on all of them as one
@@ -31,11 +34,18 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from vitshap_jax import losses, shapley
 from vitshap_jax.config import ConfigError
 from vitshap_jax.data.loader import per_example
-from vitshap_jax.models import build_explainer, build_model, num_patches
+from vitshap_jax.models import (
+    build_explainer,
+    build_model,
+    load_pretrained_into,
+    num_patches,
+    transfer_params,
+)
 from vitshap_jax.shapley import amortized
 from vitshap_jax.shapley.game import coalition_values, grand_and_null, surrogate_game
 from vitshap_jax.shapley.sampling import SAMPLERS, eval_keys
@@ -108,24 +118,43 @@ def eval_step(
     return {"loss": losses.shapley_loss(null, phi, masks, values), "efficiency_gap": gap}
 
 
+def initial_params(config, explainer, surrogate_config: dict, surrogate_params):
+    """The explainer's starting point. A ViT explainer's backbone starts as the surrogate's encoder when
+    the architectures agree (its heads and pooled-feature norm are not used), else from
+    `config.model.pretrained`, else fresh; the head (and a UNet) start fresh."""
+    size = config.dataset.image_size
+    sample = jnp.zeros((1, size, size, 3))
+    params = explainer.init(jax.random.key(config.seed), sample)["params"]
+    if config.explainer.get("architecture", "vit") != "vit":
+        return params
+    if common.same_architecture(config.to_dict(), surrogate_config):
+        source = surrogate_params
+    elif config.model.pretrained:
+        vit = build_model(config)
+        source = load_pretrained_into(config, vit.init(jax.random.key(config.seed), sample)["params"])
+    else:
+        logging.info("explainer: the surrogate is not a ViT like the backbone; backbone from scratch")
+        return params
+    backbone, missing = transfer_params(source, params["backbone"])
+    if missing:
+        raise common.StageError(f"the explainer's backbone lacks {', '.join(missing)} in its source")
+    return {**params, "backbone": backbone}
+
+
 def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     common.resolve(config, common.upstream_config(config, workdir, "surrogate"))
     target, e = config.dataset.target, config.explainer
-    sample = jnp.zeros((1, config.dataset.image_size, config.dataset.image_size, 3))
-    probe = build_model(config)
-    surrogate_params, up = common.upstream_params(config, workdir, "surrogate", probe, mesh)
+    # The surrogate as it was trained: its own architecture and masking (the game it learned).
+    surrogate_params, up, surrogate = common.upstream_params(config, workdir, "surrogate", mesh)
     splits = common.open_splits(config, mesh)  # every check before anything is written
     path = common.stage_dir(workdir, "explainer", config, up)  # after every check: nothing written on failure
-    surrogate = build_model(config, masking=up["model"]["masking"])  # evaluate the game the surrogate learned
     explainer = build_explainer(config)
-    params = explainer.init(jax.random.key(config.seed), sample)["params"]
-    # The backbone's encoder is the surrogate's (its heads and pooled-feature norm are not used).
-    params = {**params, "backbone": {k: v for k, v in surrogate_params.items() if k in params["backbone"]}}
+    params = initial_params(config, explainer, up, surrogate_params)
     trainable = None
     if e.freeze_backbone:
         trainable = {k: jax.tree.map(lambda _, keep=(k != "backbone"): keep, v) for k, v in params.items()}
     tx = common.make_optimizer(config, common.total_steps(config, len(splits["train"])), trainable)
-    state = common.create_state(jax.tree.map(jnp.copy, params), tx, mesh)
+    state = common.create_state(params, tx, mesh)
     kw = dict(explainer=explainer, surrogate=surrogate, target=target, seed=config.seed)
     kw |= dict(num_coalitions=e.num_coalitions, paired=e.paired, packed=e.packed)
     signal = dict(signal=e.signal, sampler=e.sampler)  # training only: validation is always the WLS loss

@@ -26,30 +26,34 @@ ORDER = STAGES
 
 def run(config, workdir: str, mesh) -> dict:
     results = {}
-    root = absolute(workdir)
     for i, stage in enumerate(ORDER):
-        c, stage_path = config[stage], os.path.join(root, stage)
-        results_file = os.path.join(stage_path, "results.json")
-        upstream = common.upstream_config(c, workdir, ORDER[i - 1]) if i else None
-        recorded = (
-            ckpt_lib.read_config(stage_path)
-            if os.path.exists(os.path.join(stage_path, ckpt_lib.CONFIG_FILE))
-            else None
-        )
-        if recorded and upstream and recorded.get("upstream_run_id", "") not in ("", upstream.get("run_id")):
-            logging.info("%s: trained from an earlier %s run; training it again", stage, ORDER[i - 1])
-            c.restart = True  # the old run is moved aside, not deleted
-        if recorded and not c.restart and is_complete(stage_path) and os.path.exists(results_file):
-            common.resolve(c, upstream)
-            if not common.settings_diff(recorded, c.to_dict()):
-                logging.info("%s: finished earlier in %s, skipped", stage, stage_path)
-                with open(results_file) as f:
-                    results[stage] = json.load(f)
-                continue  # with other settings, the stage itself refuses (or restarts) below
-        results[stage] = get_stage(stage)(c, workdir, mesh)
+        results[stage] = run_stage(stage, config[stage], workdir, mesh, ORDER[i - 1] if i else None)
     if jax.process_index() == 0:
         print(summary(results))
     return results
+
+
+def run_stage(stage: str, c, workdir: str, mesh, upstream_stage: str | None = None) -> dict:
+    """Runs one stage into `{workdir}/{stage}` under the rules above (skipped when finished with the same
+    settings from the current upstream run) and returns its results."""
+    stage_path = os.path.join(absolute(workdir), stage)
+    results_file = os.path.join(stage_path, "results.json")
+    upstream = common.upstream_config(c, workdir, upstream_stage) if upstream_stage else None
+    recorded = (
+        ckpt_lib.read_config(stage_path)
+        if os.path.exists(os.path.join(stage_path, ckpt_lib.CONFIG_FILE))
+        else None
+    )
+    if recorded and upstream and recorded.get("upstream_run_id", "") not in ("", upstream.get("run_id")):
+        logging.info("%s: trained from an earlier %s run; training it again", stage, upstream_stage)
+        c.restart = True  # the old run is moved aside, not deleted
+    if recorded and not c.restart and is_complete(stage_path) and os.path.exists(results_file):
+        common.resolve(c, upstream)
+        if not common.settings_diff(recorded, c.to_dict()):
+            logging.info("%s: finished earlier in %s, skipped", stage, stage_path)
+            with open(results_file) as f:
+                return json.load(f)
+    return get_stage(stage)(c, workdir, mesh)  # with other settings, the stage refuses (or restarts)
 
 
 def summary(results: dict) -> str:

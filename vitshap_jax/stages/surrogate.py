@@ -1,6 +1,10 @@
 """Stage 2: fine-tune the classifier into a surrogate g(x, S) that predicts well with patches held out.
 
-Initialized from the classifier's best checkpoint. Each training image gets one coalition (a size
+The surrogate has the classifier's architecture and starts from its best checkpoint, unless
+`config.model.variant` names another model (`configs/surrogate.py:<dataset>,model=resnet18`): then it
+starts from `config.model.pretrained` or from scratch, and is distilled from the classifier all the same
+(FastSHAP's finding: another architecture can approximate a classifier better). A ResNet surrogate
+holds patches out by input masking (`models/resnet.py`). Each training image gets one coalition (a size
 uniform in 0..n, then a uniform coalition of that size); the loss is KL(f(x) || g(x, S)) with f the
 frozen classifier on the full image, evaluated in the same jitted step (Bernoulli KL for binary
 targets). `config.model.masking` picks attention or zero masking.
@@ -17,11 +21,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from vitshap_jax import losses, shapley
 from vitshap_jax.data.loader import per_example
 from vitshap_jax.evaluation import heldout
-from vitshap_jax.models import build_model, num_patches
+from vitshap_jax.models import build_model, load_pretrained_into, num_patches, transfer_params
 from vitshap_jax.shapley.sampling import eval_keys
 from vitshap_jax.stages import common
 from vitshap_jax.train.loop import Task
@@ -59,15 +64,36 @@ def eval_step(params, classifier_params, batch, *, model, classifier, target: st
     return out | heldout.heldout_metrics(model, params, teacher, images, labels, keys, target)
 
 
+def initial_params(config, model, classifier_config: dict, classifier_params):
+    """The surrogate's starting point: the classifier's parameters when the architectures agree (a mask
+    channel the classifier lacks starts at zero), else `config.model.pretrained`, else a fresh init."""
+    size = config.dataset.image_size
+    params = model.init(jax.random.key(config.seed), jnp.zeros((1, size, size, 3)))["params"]
+    if common.same_architecture(config.to_dict(), classifier_config):
+        params, missing = transfer_params(classifier_params, params)
+        if missing:
+            raise common.StageError(f"the classifier's checkpoint lacks {', '.join(missing)}")
+        return params
+    if config.model.pretrained:
+        logging.info(
+            "surrogate: another architecture than the classifier's, from %s", config.model.pretrained
+        )
+        return load_pretrained_into(config, params)
+    logging.info(
+        "surrogate: another architecture than the classifier's (%s), from scratch", config.model.variant
+    )
+    return params
+
+
 def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     common.resolve(config, common.upstream_config(config, workdir, "classifier"))
     target = config.dataset.target
     model = build_model(config)
-    classifier = build_model(config, masking="attention")  # always evaluated on full images
-    classifier_params, up = common.upstream_params(config, workdir, "classifier", classifier, mesh)
+    # The classifier as it was trained, always evaluated on full images.
+    classifier_params, up, classifier = common.upstream_params(config, workdir, "classifier", mesh)
     splits = common.open_splits(config, mesh)  # every check before anything is written
     path = common.stage_dir(workdir, "surrogate", config, up)  # after every check: nothing written on failure
-    params = jax.tree.map(jnp.copy, classifier_params)  # the surrogate starts as the classifier
+    params = initial_params(config, model, up, classifier_params)
     tx = common.make_optimizer(config, common.total_steps(config, len(splits["train"])))
     state = common.create_state(params, tx, mesh)
     step = common.jit_train_step(

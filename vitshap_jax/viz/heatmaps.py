@@ -79,3 +79,32 @@ def save_explanation(
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return limits
+
+
+def save_grid(images, phi, class_names, path: str) -> None:
+    """Writes a PNG grid: a row per image (uint8 `images [N, H, W, 3]`), its image and then its values
+    `phi [N, n_patches, C]` for every class, on one symmetric color scale for the whole grid (rows and
+    columns compare)."""
+    phi = np.asarray(phi, np.float64)
+    count, n, c = phi.shape
+    grid = math.isqrt(n)
+    if grid * grid != n:
+        raise ValueError(f"{n} patches do not form a square grid")
+    h, w = images.shape[1:3]
+    scale = float(np.abs(phi).max()) or 1e-12
+    size = PANEL_INCHES * 0.6
+    fig, axes = plt.subplots(count, 1 + c, figsize=(size * (1 + c), size * count), dpi=DPI, squeeze=False)
+    for i in range(count):
+        axes[i, 0].imshow(images[i], interpolation="nearest")
+        for j in range(c):
+            axes[i, 1 + j].imshow(images[i].mean(-1), cmap="gray", interpolation="nearest", alpha=0.5)
+            im = overlay(axes[i, 1 + j], phi[i, :, j].reshape(grid, grid), scale, (h, w))
+            if i == 0:
+                axes[0, 1 + j].set_title(str(class_names[j]), fontsize=7)
+    axes[0, 0].set_title("image", fontsize=7)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
