@@ -56,6 +56,8 @@ def get_config(arg=None):
     c.classifier = classifier.get_config(base)  # stage 1, see configs/classifier.py
     c.surrogate = surrogate.get_config(f"{base},masking={opts.masking}")  # stage 2, see configs/surrogate.py
     c.explainer = explainer.get_config(base)  # stage 3, see configs/explainer.py
+    if c.classifier.model.architecture == "resnet":  # a ViT explainer needs a ViT backbone
+        c.explainer.explainer.architecture = "unet"
     c.dataset = c.classifier.dataset  # the dataset of every stage (one group, shared)
     c.model = config_dict.ConfigDict()  # the architecture of every stage (fields linked into each)
     for field in SHARED_MODEL_FIELDS:

@@ -75,7 +75,11 @@ def test_parse_arg_rules():
     "field, value, message",
     [
         ("model.num_heads", 5, r"config.model.num_heads=5: must divide config.model.hidden_size=768"),
-        ("model.masking", "pixel", r"config.model.masking='pixel': must be one of auto, attention, zero"),
+        (
+            "model.masking",
+            "pixel",
+            r"config.model.masking='pixel': must be one of auto, attention, input, zero",
+        ),
         ("dataset.num_classes", 3, r"config.dataset.num_classes=3: a binary target has 2 classes"),
         ("dataset.image_size", 200, r"config.dataset.image_size=200: must be a positive multiple"),
         ("optim.lr", 0.0, r"config.optim.lr=0.0: must be positive"),

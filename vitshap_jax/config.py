@@ -316,7 +316,10 @@ def validate(config) -> None:
             f"must divide config.model.hidden_size={m.hidden_size}",
         )
     _require(0.0 <= m.dropout_rate < 1.0, "model.dropout_rate", m.dropout_rate, "must be in [0, 1)")
-    _one_of(config, "model.masking", ("auto", *MASKINGS[architecture]))
+    # A stage that takes its upstream's architecture (variant "") learns it only when it starts.
+    inheriting = config.stage in ("surrogate", "explainer") and not m.get("variant")
+    maskings = {k for ms in MASKINGS.values() for k in ms} if inheriting else MASKINGS[architecture]
+    _one_of(config, "model.masking", ("auto", *sorted(maskings, key=lambda k: (k != "attention", k))))
     _one_of(config, "model.dtype", DTYPES)
     if m.pretrained is not None:
         m.pretrained = os.path.expanduser(m.pretrained)

@@ -49,13 +49,14 @@ class TrainedRun:
 
     config: config_dict.ConfigDict  # the explainer stage's config
     class_names: list[str]  # of the explained outputs (a binary target: the positive class only)
-    explainer: Any  # models.Explainer
-    surrogate: Any  # the surrogate ViT (its masking strategy is the surrogate run's)
+    explainer: Any  # models.Explainer (a ViT backbone + head) or models.unet.UNetExplainer
+    surrogate: Any  # the surrogate (a ViT or ResNet, with the surrogate run's masking strategy)
     params: dict  # {"explainer": ..., "surrogate": ...}, the best checkpoints
     explainer_dir: str
     surrogate_dir: str
     surrogate_config: dict  # the surrogate run's config (its architecture may differ from the explainer's)
     fn: Callable  # jitted (params, images) -> {"phi", "v_all", "v_empty"}
+    dtype: str | None = None  # the compute dtype override of `load`, for the classifier too
 
     @classmethod
     def load(
@@ -112,17 +113,8 @@ class TrainedRun:
         names = list(config.dataset.get("class_names") or data.class_names(config.dataset.name))
         if num_outputs(config) == 1:
             names = names[1:]  # a binary target explains the positive class
-        return cls(
-            config,
-            names,
-            explainer,
-            surrogate,
-            params,
-            explainer_dir,
-            surrogate_dir,
-            surrogate_config,
-            explain,
-        )
+        parts = (explainer_dir, surrogate_dir, surrogate_config, explain, dtype)
+        return cls(config, names, explainer, surrogate, params, *parts)
 
     def __call__(self, images) -> dict:
         return self.fn(self.params, jnp.asarray(images, jnp.float32))
@@ -181,7 +173,11 @@ class TrainedRun:
 
     @property
     def classifier_config(self) -> dict:
-        return ckpt_lib.read_config(self.classifier_dir)
+        """The classifier run's config (with `load`'s dtype override)."""
+        config = ckpt_lib.read_config(self.classifier_dir)
+        if self.dtype is not None:
+            config["model"]["dtype"] = self.dtype
+        return config
 
     def classifier(self, sharding=None) -> tuple[Any, dict]:
         """(model, best parameters) of the classifier, the parameters placed with `sharding` if given.

@@ -14,6 +14,7 @@ import time
 
 import jax
 import numpy as np
+from absl import logging
 
 from vitshap_jax.config import budgets, split_list
 from vitshap_jax.errors import StageError
@@ -76,10 +77,13 @@ def method_functions(config, run, classifier, classifier_params, n: int) -> dict
     out = {}
     for name in split_list(config.methods):
         if name in VIT_ONLY and not isinstance(classifier, ViT):
-            raise StageError(
-                f"config.methods: {name} reads a ViT's tokens or attention; the classifier of this run is "
-                f"a {type(classifier).__name__}: leave {name} out for it"
+            logging.warning(
+                "config.methods: %s skipped: it reads a ViT's tokens or attention; this run's classifier is "
+                "a %s",
+                name,
+                type(classifier).__name__,
             )
+            continue
         if name == "explainer":
             out[name] = explainer
         elif name == "kernelshap":  # a loop of jitted steps; the game carries the parameters

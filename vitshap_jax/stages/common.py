@@ -51,7 +51,10 @@ _DEFAULTS = {f"model.{k}": v for k, v in ARCHITECTURE_OPTIONS.items()} | {
     "model.mask_channel": False,
     "model.mask_value": -3.0,
     "dataset.normalization": "inception",
+    "explainer.architecture": "vit",
 }
+# Fields a stage chooses itself, even when it takes its upstream run's architecture (`resolve`).
+OWN_FIELDS = ("model.mask_channel",)
 
 
 def _field(tree, key):
@@ -122,11 +125,15 @@ def resolve(config, upstream: dict | None = None) -> None:
                 logging.info("config.model.%s=%r -> %r (%s %s)", name, m[name], value, how, m.pretrained)
             _set(config, f"model.{name}", value)
         m.from_checkpoint = os.path.abspath(m.pretrained)
+        m.variant = ""  # the shape is the checkpoint's, whatever variant the config started from
         stated = arch["normalization"] or ("inception" if upstream is None else None)
     elif inherits(config, upstream):
         present = _flat(config.to_dict())
         for key in ARCHITECTURE_FIELDS + ("model.from_checkpoint", "model.variant"):
-            if key in present:
+            if key in present and key not in OWN_FIELDS and present[key] != _field(upstream, key):
+                logging.info(
+                    "config.%s=%r -> %r (the upstream run's)", key, present[key], _field(upstream, key)
+                )
                 _set(config, key, _field(upstream, key))
     if upstream is not None:
         theirs = _field(upstream, "dataset.normalization")
@@ -149,7 +156,8 @@ def resolve(config, upstream: dict | None = None) -> None:
         m.masking = masking_of(config)
     kind = m.get("architecture", "vit")
     if "masking" in m and m.masking not in MASKINGS[kind]:
-        if m.masking not in [default_masking(a) for a in MASKINGS]:
+        # The defaults a config starts with follow the architecture; a surrogate's masking is a choice.
+        if config.stage == "surrogate" or m.masking not in [default_masking(a) for a in MASKINGS]:
             source = m.get("pretrained") or "the upstream run"
             raise StageError(
                 f"config.model.masking={m.masking!r}: the model is a {kind} (from {source}), which masks "
@@ -164,7 +172,10 @@ def resolve(config, upstream: dict | None = None) -> None:
 def checkpoint_overrides(text: str) -> dict:
     """`config.model.checkpoint_overrides` ("num_heads=16,act=gelu_tanh") as {field: value}: what a
     checkpoint cannot tell (a timm file without its config.json), stated by hand; typed like the field."""
-    defaults = {k.split(".")[1]: v for k, v in _DEFAULTS.items() if k.startswith("model.")}
+    chosen = ("model.architecture", "model.variant", "model.mask_value", "model.mask_channel")
+    defaults = {
+        k.split(".")[1]: v for k, v in _DEFAULTS.items() if k.startswith("model.") and k not in chosen
+    }
     defaults |= {k: 0 for k in ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim")}
     result = {}
     for item in filter(None, (part.strip() for part in (text or "").split(","))):
@@ -328,6 +339,7 @@ FREE_FIELDS = (
     "dataset.read_threads",
     "dataset.prefetch",
     "model.remat",
+    "model.variant",  # a name; the shape fields it stands for are compared
     "dataset.data_dir",
     "dataset.manual_dir",
     "model.pretrained",
@@ -385,7 +397,7 @@ def stage_dir(workdir: str, stage: str, config, upstream: dict | None = None) ->
     if os.path.exists(os.path.join(path, ckpt_lib.CONFIG_FILE)):
         old = ckpt_lib.read_config(path)
         new = config.to_dict()
-        fixed = UPSTREAM_FIELDS + ARCHITECTURE_FIELDS + ("model.masking",)
+        fixed = UPSTREAM_FIELDS + ARCHITECTURE_FIELDS + ("model.masking", "explainer.architecture")
         setup = [k for k in dict.fromkeys(fixed) if _field(old, k) != _field(new, k)]
         diffs = settings_diff(old, new)
         recorded = old.get("upstream_run_id", "")

@@ -144,6 +144,12 @@ def initial_params(config, explainer, surrogate_config: dict, surrogate_params):
 def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     common.resolve(config, common.upstream_config(config, workdir, "surrogate"))
     target, e = config.dataset.target, config.explainer
+    if e.get("architecture", "vit") == "vit" and config.model.get("architecture", "vit") != "vit":
+        raise common.StageError(
+            f"a ViT explainer needs a ViT backbone, and config.model is a {config.model.architecture} (from "
+            f"{config.model.pretrained or 'the upstream run'}): use --config.explainer.architecture=unet, or "
+            "a ViT with model=<variant> (and no ResNet in config.model.pretrained)"
+        )
     # The surrogate as it was trained: its own architecture and masking (the game it learned).
     surrogate_params, up, surrogate = common.upstream_params(config, workdir, "surrogate", mesh)
     splits = common.open_splits(config, mesh)  # every check before anything is written

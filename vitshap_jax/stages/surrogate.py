@@ -73,6 +73,8 @@ def initial_params(config, model, classifier_config: dict, classifier_params):
         params, missing = transfer_params(classifier_params, params)
         if missing:
             raise common.StageError(f"the classifier's checkpoint lacks {', '.join(missing)}")
+        if config.model.pretrained:
+            logging.info("surrogate: starts from the classifier (same architecture); model.pretrained unused")
         return params
     if config.model.pretrained:
         logging.info(
