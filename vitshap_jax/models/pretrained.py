@@ -439,6 +439,19 @@ def resize_pos_embedding(pos: np.ndarray, num_tokens: int, prefix: int = 1) -> n
     return np.concatenate([pos[:, :prefix], np.asarray(grid).reshape(1, new * new, -1)], axis=1)
 
 
+def check_fit(path: str, fmt: str, missing, unexpected, mismatched) -> None:
+    """Raises PretrainedMismatchError listing every missing, unexpected and mismatched key at once."""
+    if missing or unexpected or mismatched:
+        lines = [
+            f"{path} ({fmt} format) does not fit the model: {len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(mismatched)} mismatched"
+        ]
+        lines += [f"  missing: {k}" for k in missing]
+        lines += [f"  unexpected: {k}" for k in unexpected]
+        lines += [f"  mismatched: {k}" for k in mismatched]
+        raise PretrainedMismatchError("\n".join(lines))
+
+
 def load_pretrained(path: str, params: dict, *, pos_prefix: int = 1) -> dict:
     """Loads a pretrained ViT checkpoint into `params` (the model's freshly initialized "params" dict).
 
@@ -499,15 +512,7 @@ def load_pretrained(path: str, params: dict, *, pos_prefix: int = 1) -> dict:
             f"the file has a pre_logits layer ({', '.join(sorted(pre_logits))}) that this ViT lacks, and its "
             "head was trained on top of it: use the checkpoint with a new head (a different class count)"
         )
-    if missing or unexpected or mismatched:
-        lines = [
-            f"{path} ({ckpt.format} format) does not fit the model: {len(missing)} missing, "
-            f"{len(unexpected)} unexpected, {len(mismatched)} mismatched"
-        ]
-        lines += [f"  missing: {k}" for k in missing]
-        lines += [f"  unexpected: {k}" for k in unexpected]
-        lines += [f"  mismatched: {k}" for k in mismatched]
-        raise PretrainedMismatchError("\n".join(lines))
+    check_fit(path, ckpt.format, missing, unexpected, mismatched)
     if head_reinit is not None:
         logging.info("%s: the head is re-initialized (%s)", path, head_reinit)
         loaded.update({k: v for k, v in ours.items() if k.startswith(("head/", "head_dist/"))})

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from vitshap_jax.models.pretrained import PretrainedMismatchError, _json, normalization_name
+from vitshap_jax.models.pretrained import PretrainedMismatchError, _json, check_fit, normalization_name
 from vitshap_jax.models.resnet import DEPTHS, EXPANSION
 
 WHERE_TO_GET = (
@@ -234,15 +234,7 @@ def load_resnet_pretrained(path: str, params: dict, *, eps: float = BN_EPS) -> d
         loaded[key] = jnp.asarray(value, dtype=init.dtype)
 
     unexpected = sorted(k for k in set(a) - used if not k.endswith(".num_batches_tracked"))
-    if missing or unexpected or mismatched:
-        lines = [
-            f"{path} (timm resnet format) does not fit the model: {len(missing)} missing, "
-            f"{len(unexpected)} unexpected, {len(mismatched)} mismatched"
-        ]
-        lines += [f"  missing: {k}" for k in missing]
-        lines += [f"  unexpected: {k}" for k in unexpected]
-        lines += [f"  mismatched: {k}" for k in mismatched]
-        raise PretrainedMismatchError("\n".join(lines))
+    check_fit(path, "timm resnet", missing, unexpected, mismatched)
     if head_reinit is not None:
         logging.info("%s: the head fc is re-initialized (%s)", path, head_reinit)
         loaded.update({k: v for k, v in ours.items() if k.startswith("fc/")})
