@@ -21,6 +21,7 @@ import pytest  # noqa: E402
 # collection order: the longest go first, so that none is left running alone at the end.
 SLOW_FIRST = (
     "test_learning.py",
+    "test_compare.py",
     "test_stages.py",
     "test_evaluate.py",
     "test_failsafe.py",
