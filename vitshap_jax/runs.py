@@ -161,8 +161,7 @@ class TrainedRun:
             return surrogate_game(module, self.surrogate_params, self.target, packed=packed)
         if model != "classifier":
             raise ValueError(f"model={model!r}: must be surrogate or classifier")
-        _, params = self.classifier()
-        module = build_model(self.classifier_config, masking=masking or "auto")
+        module, params = self.classifier(masking=masking or "auto")
         return surrogate_game(module, params, self.target, packed=packed)
 
     # -- the classifier behind the surrogate ------------------------------------------------------------
@@ -179,10 +178,11 @@ class TrainedRun:
             config["model"]["dtype"] = self.dtype
         return config
 
-    def classifier(self, sharding=None) -> tuple[Any, dict]:
+    def classifier(self, sharding=None, *, masking: str = "auto") -> tuple[Any, dict]:
         """(model, best parameters) of the classifier, the parameters placed with `sharding` if given.
-        The model is built from the classifier run's config (its architecture; its default masking)."""
-        model = build_model(self.classifier_config, masking="auto")
+        The model is built from the classifier run's config (its architecture) with `masking` (auto: its
+        architecture's first)."""
+        model = build_model(self.classifier_config, masking=masking)
         target = abstract_params(model, self.image_size, sharding)
         return model, ckpt_lib.load_best_params(self.classifier_dir, target)
 

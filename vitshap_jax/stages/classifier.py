@@ -48,9 +48,11 @@ def train_step(state, batch, *, model, tx, target: str, seed: int, mask_patches:
 
 def eval_step(params, batch, *, model, target: str):
     logits = model.apply({"params": params}, batch["image"])
+    predicted = losses.predictions(logits, target)
     return {
         "loss": losses.classification_loss(logits, batch["label"], target),
-        "correct": (losses.predictions(logits, target) == batch["label"]).astype(jnp.float32),
+        "correct": (predicted == batch["label"]).astype(jnp.float32),
+        "predicted": predicted,
         "score": losses.scores(logits, target),
     }
 

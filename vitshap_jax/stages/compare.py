@@ -26,13 +26,13 @@ from absl import logging
 from ml_collections import config_dict
 
 from vitshap_jax import checkpoints as ckpt_lib
-from vitshap_jax import data, losses, parallel
+from vitshap_jax import data, parallel
 from vitshap_jax.config import MASKINGS, apply_variant, default_masking, split_list, validate, variant_fields
 from vitshap_jax.data.loader import per_example
 from vitshap_jax.files import absolute, write_json
 from vitshap_jax.models import abstract_params, build_model
 from vitshap_jax.runs import TrainedRun
-from vitshap_jax.stages import common
+from vitshap_jax.stages import classifier, common
 from vitshap_jax.stages.pipeline import run_stage
 from vitshap_jax.viz.heatmaps import save_grid
 
@@ -97,11 +97,8 @@ def _predictions(classifier_dir: str, mesh) -> tuple[np.ndarray, np.ndarray]:
     model = build_model(c)
     rep = parallel.replicated(mesh)
     params = ckpt_lib.load_best_params(classifier_dir, abstract_params(model, c.dataset.image_size, rep))
-
-    def step(params, batch, *, model, target):
-        return {"predicted": losses.predictions(model.apply({"params": params}, batch["image"]), target)}
-
-    ev = common.jit_eval_step(functools.partial(step, model=model, target=c.dataset.target), mesh, 1)
+    step = functools.partial(classifier.eval_step, model=model, target=c.dataset.target)
+    ev = common.jit_eval_step(step, mesh, 1)
     out = per_example(ev, (params,), c, data.open_split(c, "test"), mesh)
     return out["predicted"], out["label"]
 
