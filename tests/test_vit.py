@@ -255,3 +255,44 @@ def test_remat_gives_the_same_values_and_gradients():
     np.testing.assert_allclose(a, b, rtol=1e-6)
     for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(distill_token=True, distill_head=True, fc_norm=True, reg_tokens=1)])
+def test_class_token_pooling_runs_the_last_block_on_the_read_tokens_only(setup, kw):
+    """With `pool="token"` the last block computes only the class (and distillation) tokens' outputs;
+    the logits and gradients equal the head on the full encoder's output (the unpruned computation)."""
+    images, masks, key = setup
+    model = _model("attention", **kw)
+    params = _random_params(model, key)
+
+    def reference(p, m, with_complement=False):
+        def full(mod, x):
+            tokens = mod.encode(x, m, with_complement=with_complement)
+            logits = mod.head(mod.pooled(tokens, m, with_complement=with_complement))
+            if mod.distill_head:
+                k = mod.num_prefix_tokens
+                dist = tokens[:, jnp.array([1, k + 1])] if with_complement else tokens[:, 1]
+                logits = (logits + mod.head_dist(mod.norm_pooled(dist) if mod.fc_norm else dist)) / 2
+            return logits
+
+        return model.apply({"params": p}, images, method=full)
+
+    flops = []
+    for packed in (False, True):
+        compiled = [
+            jax.jit(f).lower(params).compile()
+            for f in (
+                lambda p, packed=packed: model.apply({"params": p}, images, masks, with_complement=packed),
+                lambda p, packed=packed: reference(p, masks, packed),
+            )
+        ]
+        pruned, full = (c(params) for c in compiled)
+        np.testing.assert_allclose(pruned, full, atol=2e-5, rtol=1e-5)
+        costs = [c.cost_analysis() for c in compiled]
+        flops.append([(c[0] if isinstance(c, list) else c)["flops"] for c in costs])
+    # The pruned program does less work (XLA's count of its FLOPs).
+    assert all(pruned < 0.9 * full for pruned, full in flops), flops
+    ga = jax.jit(jax.grad(lambda p: model.apply({"params": p}, images, masks).sum()))(params)
+    gb = jax.jit(jax.grad(lambda p: reference(p, masks).sum()))(params)
+    for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)

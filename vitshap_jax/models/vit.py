@@ -103,7 +103,9 @@ class MultiHeadDotProductAttention(nn.Module):
     inspect: bool = False
 
     @nn.compact
-    def __call__(self, x, mask=None):
+    def __call__(self, x, mask=None, queries=None):
+        """`x` `[B, T, D]` -> `[B, T, D]`; with `queries` (static token indices), only those tokens'
+        outputs `[B, len(queries), D]` (they still attend to every token)."""
         width = x.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"hidden size {width} is not divisible by num_heads {self.num_heads}")
@@ -115,7 +117,13 @@ class MultiHeadDotProductAttention(nn.Module):
         )
         # [B, heads, T, head_dim]: XLA:CPU runs batched matmuls with leading batch dimensions several
         # times faster than the [B, T, heads, head_dim] layout (docs/performance.md).
-        q, k, v = (proj(name=name)(x).transpose(0, 2, 1, 3) for name in ("query", "key", "value"))
+        rows = x if queries is None else x[:, jnp.array(queries)]
+        q, k, v = (
+            proj(name=name)(y).transpose(0, 2, 1, 3)
+            for name, y in (("query", rows), ("key", x), ("value", x))
+        )
+        if mask is not None and queries is not None and mask.shape[2] > 1:
+            mask = mask[:, :, jnp.array(queries)]
         q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
         logits = (q @ k.swapaxes(-1, -2)).astype(jnp.float32)
         if mask is not None:
@@ -149,7 +157,9 @@ class Encoder1DBlock(nn.Module):
     layer_scale: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool = True):
+    def __call__(self, x, mask, deterministic: bool = True, queries=None):
+        """`[B, T, D]` -> `[B, T, D]`, or only the tokens at `queries` (static indices: `[B, Q, D]`)."""
+
         def scaled(name, y):
             if not self.layer_scale:
                 return y
@@ -159,7 +169,9 @@ class Encoder1DBlock(nn.Module):
         y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="LayerNorm_0")(x)
         y = MultiHeadDotProductAttention(
             self.num_heads, dtype=self.dtype, inspect=self.inspect, name="MultiHeadDotProductAttention_1"
-        )(y, mask)
+        )(y, mask, queries)
+        if queries is not None:
+            x = x[:, jnp.array(queries)]
         x = x + nn.Dropout(self.dropout_rate)(scaled("ls1", y), deterministic=deterministic)
         y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="LayerNorm_2")(x)
         y = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype, act=self.act, name="MlpBlock_3")(
@@ -196,6 +208,9 @@ class Encoder(nn.Module):
     Tokens are `[prefix (P); patches]`. `mask` is the attention mask (see MultiHeadDotProductAttention);
     `patch_indices` keeps only those patch tokens; `with_complement` puts a second copy of the prefix
     tokens (with their position embeddings) right after the first: `[prefix; prefix; patches]`.
+    `outputs` (static token indices) returns only those tokens: the last block then computes its
+    attention queries, MLP and the final LayerNorm for them alone (the same values, without the work
+    on tokens nobody reads).
     """
 
     depth: int
@@ -214,7 +229,15 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(
-        self, prefix, patches, mask=None, patch_indices=None, *, deterministic: bool, with_complement=False
+        self,
+        prefix,
+        patches,
+        mask=None,
+        patch_indices=None,
+        *,
+        deterministic: bool,
+        with_complement=False,
+        outputs=None,
     ):
         prefix, patches = AddPositionEmbs(self.num_pos_prefix, name="posembed_input")(prefix, patches)
         if patch_indices is not None:  # the chosen patch tokens, with their own position embeddings
@@ -225,7 +248,7 @@ class Encoder(nn.Module):
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         # Rematerialization: a block's activations are recomputed in the backward pass instead of kept.
         block = (
-            nn.remat(Encoder1DBlock, static_argnums=(3,))
+            nn.remat(Encoder1DBlock, static_argnums=(3, 4))
             if self.remat and not self.inspect
             else Encoder1DBlock
         )
@@ -243,7 +266,9 @@ class Encoder(nn.Module):
                 ln_eps=self.ln_eps,
                 layer_scale=self.layer_scale,
                 name=f"encoderblock_{i}",
-            )(x, mask, deterministic)
+            )(x, mask, deterministic, outputs if i == self.depth - 1 else None)
+        if outputs is not None and self.depth == 0:
+            x = x[:, jnp.array(outputs)]
         if not self.final_norm:
             return x
         return nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="encoder_norm")(x)
@@ -378,6 +403,7 @@ class ViT(nn.Module):
         train: bool = False,
         patch_indices=None,
         with_complement: bool = False,
+        outputs=None,
     ):
         """Token features after the final LayerNorm (before it, with `fc_norm`).
 
@@ -394,6 +420,7 @@ class ViT(nn.Module):
             block, the second copy and the other patches the other). Under attention masking a held-out
             token is never attended to, so each block computes exactly what the masked model computes
             for its coalition, at about half the cost of two masked passes.
+          outputs: static token indices; return only these tokens (see `Encoder`).
 
         Returns:
           `[B, P + n_patches, D]`, `[B, P + k, D]` with `patch_indices`, or `[B, 2P + n_patches, D]` with
@@ -428,6 +455,7 @@ class ViT(nn.Module):
             patch_indices,
             deterministic=not train,
             with_complement=with_complement,
+            outputs=outputs,
         )
 
     def _attention_mask(self, visible, with_complement: bool):
@@ -478,15 +506,30 @@ class ViT(nn.Module):
         with_complement: bool = False,
     ):
         """Logits `[B, num_classes]` (float32) from the pooled feature; arguments as in `encode`. With
-        `with_complement`: `[B, 2, num_classes]`, the coalition's logits and its complement's."""
-        tokens = self.encode(
-            images, patch_mask, train=train, patch_indices=patch_indices, with_complement=with_complement
-        )
-        feats = self.pooled(tokens, patch_mask, with_complement=with_complement)
-        logits = self.head(feats)
-        if self.distill_head:
+        `with_complement`: `[B, 2, num_classes]`, the coalition's logits and its complement's.
+
+        With `pool="token"` (and not `inspect`), only the class (and distillation) tokens' outputs are
+        computed in the last block (`Encoder`'s `outputs`): the same logits for less work."""
+        kwargs = dict(train=train, patch_indices=patch_indices, with_complement=with_complement)
+        if self.pool != "token" or self.inspect:
+            tokens = self.encode(images, patch_mask, **kwargs)
+            feats = self.pooled(tokens, patch_mask, with_complement=with_complement)
+            dist = None
+            if self.distill_head:
+                k = self.num_prefix_tokens
+                dist = tokens[:, jnp.array([1, k + 1])] if with_complement else tokens[:, 1]
+        else:
             k = self.num_prefix_tokens
-            dist = tokens[:, jnp.array([1, k + 1])] if with_complement else tokens[:, 1]
+            groups = (0, k) if with_complement else (0,)
+            heads = (groups, tuple(g + 1 for g in groups)) if self.distill_head else (groups,)
+            tokens = self.encode(images, patch_mask, outputs=sum(heads, ()), **kwargs)
+            g = len(groups)
+            feats = tokens[:, :g] if with_complement else tokens[:, 0]
+            dist = (tokens[:, g:] if with_complement else tokens[:, 1]) if self.distill_head else None
+            if self.fc_norm:
+                feats = self.norm_pooled(feats)
+        logits = self.head(feats)
+        if dist is not None:
             if self.fc_norm:
                 dist = self.norm_pooled(dist)
             logits = (logits + self.head_dist(dist)) / 2
