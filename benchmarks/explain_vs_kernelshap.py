@@ -22,6 +22,7 @@ error is not monotone in the budget: see docs/ground_truth.md).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -43,6 +44,41 @@ def timed(fn, *args, repeats: int = 1):
     for _ in range(repeats):
         out = jax.block_until_ready(fn(*args))
     return out, (time.perf_counter() - start) / repeats
+
+
+def training_cost(loaded) -> tuple[float, int]:
+    """(seconds, surrogate evaluations per training image seen) of the explainer's training: the sum of
+    its logged training intervals (metrics.jsonl: steps x batch / examples_per_sec; validation and
+    checkpointing excluded, the first interval's compilation included) and, per image and step, the
+    coalitions plus v(all) and v(empty)."""
+    config = loaded.config
+    seconds, last = 0.0, 0
+    with open(os.path.join(loaded.explainer_dir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if "train/examples_per_sec" in record:
+                # After a resume the log restarts below the last step: count that interval as one
+                # logging period (the repeated steps were spent too).
+                steps = record["step"] - last if record["step"] > last else config.train.log_every_steps
+                if record["step"] <= last:
+                    print(f"note: the explainer was resumed at step <= {record['step']}; time is approximate")
+                seconds += steps * config.train.batch_size / record["train/examples_per_sec"]
+                last = max(last, record["step"])
+    return seconds, last * config.train.batch_size * (config.explainer.num_coalitions + 2)
+
+
+def break_even(
+    train_seconds, train_evals, explainer_seconds, kernelshap_seconds, kernelshap_evals, *, bound=False
+) -> str:
+    """Images after which training the explainer and explaining beats running KernelSHAP per image
+    (`bound`: KernelSHAP did not reach the explainer's error at that budget, so at most that many)."""
+    by_time = train_seconds / max(kernelshap_seconds - explainer_seconds, 1e-12)
+    by_evals = train_evals / max(kernelshap_evals - 2, 1)  # the explainer needs v(all) and v(empty)
+    return (
+        f"training the explainer: {train_seconds / 60:.1f} min of train steps, {train_evals:,} surrogate "
+        f"evaluations; break-even after {'at most ' if bound else ''}{by_time:,.0f} explained images by "
+        f"wall-clock, {'at most ' if bound else ''}{by_evals:,.0f} by surrogate evaluations"
+    )
 
 
 def main():
@@ -150,6 +186,7 @@ def main():
                 f"KernelSHAP did not reach the explainer's error within {found[0]:,} evaluations: the "
                 f"explainer is more than {found[2] / explainer_seconds:,.0f}x faster"
             )
+            print(break_even(*training_cost(loaded), explainer_seconds, found[2], found[0], bound=True))
             return
         lo, hi = hi, 2 * hi
         found = run(hi)
@@ -198,6 +235,7 @@ def main():
         f"{2 * pairs} evaluations): {seconds:.4f} s vs {explainer_seconds * 1e3:.3f} ms per image, "
         f"the explainer is {seconds / explainer_seconds:,.0f}x faster"
     )
+    print(break_even(*training_cost(loaded), explainer_seconds, seconds, evals))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@
    4D, tanh), the additive efficient normalization, the Shapley WLS loss, backward, AdamW); ours, the
    explainer stage's real jitted step (`benchmarks/explainer_step.py`), plain masked passes and packed
    pairs. Weights are random for both (speed does not depend on them).
+   Also the work of each: FLOPs per step (PyTorch: torch's FlopCounterMode plus the attention
+   products it does not count; ours: XLA's cost analysis of the compiled step, elementwise ops
+   included) and the FLOP/s each achieves, so a ratio can be read as less work or faster work.
 3. The classifier's train step, `--classifier_batch` full images: timm forward, cross-entropy,
    backward, AdamW in PyTorch; the classifier stage's jitted `train_step` (same loss, AdamW with
    clipping, no masking) in ours.
@@ -120,8 +123,32 @@ class TorchExplainer(torch.nn.Module):
         return torch.tanh(self.mlp(self.norm(tokens[:, 1:])))
 
 
-def torch_step_time(variant: str, batch: int, coalitions: int, repeats: int) -> float:
-    """Seconds per explainer train step in PyTorch (median of `repeats` after a warm-up)."""
+def torch_flops(fn) -> float:
+    """FLOPs of one call of `fn` in PyTorch: torch's FlopCounterMode (linear layers, convolutions and
+    their gradients) plus the attention products, which it does not count for the fused
+    `scaled_dot_product_attention` on CPU: 4 T_q T_k d per head (QK^T and PV), x3 with a gradient."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    attention = [0.0]
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(q, k, v, *args, **kwargs):
+        work = 4 * q.shape[:-2].numel() * q.shape[-2] * k.shape[-2] * q.shape[-1]
+        attention[0] += work * (3 if torch.is_grad_enabled() and q.requires_grad else 1)
+        return original(q, k, v, *args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = counted
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+    return counter.get_total_flops() + attention[0]
+
+
+def torch_step_time(variant: str, batch: int, coalitions: int, repeats: int, flops: bool = False):
+    """Seconds per explainer train step in PyTorch (median of `repeats` after a warm-up); with `flops`,
+    (seconds, FLOPs of one step)."""
     classes, n = 10, 196
     surrogate = timm.create_model(f"vit_{variant}_patch16_224", pretrained=False, num_classes=classes).eval()
     explainer = TorchExplainer(variant, classes)
@@ -152,7 +179,8 @@ def torch_step_time(variant: str, batch: int, coalitions: int, repeats: int) -> 
         loss.backward()
         opt.step()
 
-    return timed(step, repeats)
+    seconds = timed(step, repeats)
+    return (seconds, torch_flops(step)) if flops else seconds
 
 
 def torch_classifier_time(variant: str, batch: int, repeats: int) -> float:
@@ -200,15 +228,16 @@ def jax_classifier_time(variant: str, batch: int, repeats: int) -> float:
     return timed(run, repeats)
 
 
-def jax_step_time(variant: str, batch: int, coalitions: int, packed: bool, repeats: int) -> float:
+def jax_step_time(variant: str, batch: int, coalitions: int, packed: bool, repeats: int):
+    """(seconds per explainer step, its FLOPs by XLA's cost analysis, elementwise ops included)."""
     from explainer_step import measure
 
     from vitshap_jax import parallel
 
-    _, seconds, _ = measure(
-        variant, batch, coalitions, "float32", packed, repeats, parallel.make_mesh(), False, 224
+    _, seconds, cost = measure(
+        variant, batch, coalitions, "float32", packed, repeats, parallel.make_mesh(), True, 224
     )
-    return seconds
+    return seconds, cost
 
 
 def main():
@@ -229,13 +258,26 @@ def main():
         print(compare(variant, images, keep, args.repeats), flush=True)
     for variant in args.models.split(",") if args.step_batch else []:
         b, m = args.step_batch, args.coalitions
-        t_torch = torch_step_time(variant, b, m, args.repeats)
-        t_plain = jax_step_time(variant, b, m, False, args.repeats)
-        t_packed = jax_step_time(variant, b, m, True, args.repeats)
+        t_torch, f_torch = torch_step_time(variant, b, m, args.repeats, flops=True)
+        t_plain, f_plain = jax_step_time(variant, b, m, False, args.repeats)
+        t_packed, f_packed = jax_step_time(variant, b, m, True, args.repeats)
         head = f"ViT-{variant} explainer step, batch {b} x {m} coalitions"
         print(
             f"{head}: PyTorch+timm {b / t_torch:.2f} images/s, vitshap_jax {b / t_plain:.2f} plain masked "
             f"({t_torch / t_plain:.2f}x), {b / t_packed:.2f} packed ({t_torch / t_packed:.2f}x PyTorch)",
+            flush=True,
+        )
+        rates = [
+            f"{name} {f / 1e9:.0f} GFLOP per step at {f / t / 1e9:.0f} GFLOP/s"
+            for name, f, t in (
+                ("PyTorch", f_torch, t_torch),
+                ("plain", f_plain, t_plain),
+                ("packed", f_packed, t_packed),
+            )
+        ]
+        print(
+            f"{head}, work: {'; '.join(rates)}; PyTorch does {f_torch / f_packed:.2f}x the packed step's "
+            "FLOPs",
             flush=True,
         )
     for variant in args.models.split(",") if args.classifier_batch else []:
