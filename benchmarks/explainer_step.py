@@ -8,7 +8,9 @@ explainer forward and backward, AdamW update) with `packed=False` (every coaliti
 n + 1 tokens) and `packed=True` (each coalition with its complement in one pass of n + 2 tokens).
 Parameters are random (the speed does not depend on them). Prints images/s of both and their ratio,
 measured side by side in one run; with --flops, also the achieved FLOP/s (XLA's cost analysis of the
-compiled step) against a measured bfloat16 matmul peak.
+compiled step) against a measured bfloat16 matmul peak; with --memory, XLA's memory analysis of each
+compiled step (its peak estimate and temporaries; `--steps=0` compiles without running, so sizes that
+would not fit can be read too); --remat turns on `config.model.remat` (the explainer's blocks).
 """
 
 from __future__ import annotations
@@ -44,9 +46,12 @@ def matmul_peak(dtype, size: int = 4096, reps: int = 10) -> float:
     return 2 * size**3 * reps / (time.perf_counter() - start)
 
 
-def step_setup(variant: str, batch: int, coalitions: int, dtype: str, packed: bool, mesh, size: int):
+def step_setup(
+    variant: str, batch: int, coalitions: int, dtype: str, packed: bool, mesh, size: int, remat: bool = False
+):
     config = explainer_config.get_config(f"imagenette,model={variant}")
     config.model.dtype = dtype
+    config.model.remat = remat
     config.explainer.num_coalitions = coalitions
     surrogate = build_model(config)
     explainer = build_explainer(config)
@@ -73,13 +78,30 @@ def step_setup(variant: str, batch: int, coalitions: int, dtype: str, packed: bo
     return step, state, data, s_params
 
 
-def measure(variant, batch, coalitions, dtype, packed, steps, mesh, flops: bool, size: int):
-    step, state, data, s_params = step_setup(variant, batch, coalitions, dtype, packed, mesh, size)
-    cost = None
-    if flops:
-        analysis = step.lower(state, data, s_params).compile().cost_analysis()
+def memory_report(compiled) -> str:
+    """XLA's memory analysis of a compiled step: its peak estimate (arguments + outputs - donated
+    aliases + temporaries) and the temporaries alone, in GiB."""
+    m = compiled.memory_analysis()
+    gib = 2**30
+    peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    return f"memory {peak / gib:.2f} GiB (temporaries {m.temp_size_in_bytes / gib:.2f} GiB)"
+
+
+def measure(
+    variant, batch, coalitions, dtype, packed, steps, mesh, flops: bool, size: int, remat=False, memory=False
+):
+    """(images/s, seconds per step, FLOPs per step or None, memory report or None); `steps=0` only
+    compiles (for --memory)."""
+    step, state, data, s_params = step_setup(variant, batch, coalitions, dtype, packed, mesh, size, remat)
+    cost = report = None
+    if flops or memory:
+        compiled = step.lower(state, data, s_params).compile()
+        analysis = compiled.cost_analysis()
         analysis = analysis[0] if isinstance(analysis, list) else analysis
-        cost = analysis.get("flops")
+        cost = analysis.get("flops") if flops else None
+        report = memory_report(compiled) if memory else None
+    if steps == 0:
+        return float("nan"), float("nan"), cost, report
     state, m = step(state, data, s_params)  # compile + first step
     jax.block_until_ready(m)
     times = []
@@ -89,7 +111,7 @@ def measure(variant, batch, coalitions, dtype, packed, steps, mesh, flops: bool,
         jax.block_until_ready(m)
         times.append(time.perf_counter() - start)
     seconds = float(np.median(times))
-    return batch / seconds, seconds, cost
+    return batch / seconds, seconds, cost, report
 
 
 def main():
@@ -102,6 +124,8 @@ def main():
     p.add_argument("--dtype", default="auto", help="compute dtype: auto, float32 or bfloat16")
     p.add_argument("--flops", action="store_true", help="report FLOP/s vs a measured bf16 matmul peak")
     p.add_argument("--peak_size", type=int, default=4096, help="side of the square matmul measuring the peak")
+    p.add_argument("--memory", action="store_true", help="report XLA's memory analysis of each compiled step")
+    p.add_argument("--remat", action="store_true", help="config.model.remat=True (the explainer's blocks)")
     args = p.parse_args()
     mesh = parallel.make_mesh()
     kind, count = jax.devices()[0].device_kind, len(jax.devices())
@@ -122,15 +146,22 @@ def main():
                 mesh,
                 args.flops,
                 args.image_size,
+                args.remat,
+                args.memory,
             )
-            ips, sec, cost = rows[packed]
+            ips, sec, cost, report = rows[packed]
             path = "pairs in n+2 tokens" if packed else "plain masked passes"
-            line = f"ViT-{variant} {args.image_size}px {path}: "
-            line += f"{ips:.2f} images/s ({sec:.2f} s/step, batch {args.batch}, {args.coalitions} coalitions)"
-            if cost and peak:
+            line = f"ViT-{variant} {args.image_size}px {path}{' (remat)' if args.remat else ''}: "
+            if args.steps:
+                line += f"{ips:.2f} images/s ({sec:.2f} s/step, "
+            line += f"batch {args.batch}, {args.coalitions} coalitions{')' if args.steps else ''}"
+            if cost and peak and args.steps:
                 line += f"; {cost / sec / 1e12:.3f} TFLOP/s = {cost / sec / peak:.0%} of the bf16 peak"
+            if report:
+                line += f"; {report}"
             print(line, flush=True)
-        print(f"ViT-{variant}: speedup of the visible-token path {rows[True][0] / rows[False][0]:.2f}x")
+        if args.steps:
+            print(f"ViT-{variant}: speedup of the visible-token path {rows[True][0] / rows[False][0]:.2f}x")
 
 
 if __name__ == "__main__":

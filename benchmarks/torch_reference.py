@@ -234,7 +234,7 @@ def jax_step_time(variant: str, batch: int, coalitions: int, packed: bool, repea
 
     from vitshap_jax import parallel
 
-    _, seconds, cost = measure(
+    _, seconds, cost, _ = measure(
         variant, batch, coalitions, "float32", packed, repeats, parallel.make_mesh(), True, 224
     )
     return seconds, cost
