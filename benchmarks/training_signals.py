@@ -11,6 +11,10 @@ For a finished pipeline (only its surrogate and test images are read), trains fr
 * stochastic amortization (`signal=kernelshap`: unbiased KernelSHAP from the step's 32 or 16 kernel
   coalitions; `signal=permutation`: 1 or 2 antithetic pairs of orders, 2 (n - 1) evaluations each).
 
+These are `--configs=signals` (the default). `--configs=schedules` trains WLS-32 with other learning
+rates, a 30% warmup and 2x, 4x, 8x the epochs; `--configs=heads` with 0 or 2 extra head blocks, a
+one-layer head MLP, and an MLP of width 1x instead of 4x the hidden size.
+
 Every configuration spends `--epochs` x 32 coalition evaluations per training image (permutation with
 n = 16 players: 30 per pair, so 6% fewer), plus v(all) and v(empty) in every step. The schedule is the
 digits preset's (AdamW, lr 5e-4, cosine) with warmup 10% of the steps. Reported per configuration:
@@ -45,7 +49,7 @@ from vitshap_jax.shapley import exact_shapley, kernelshap  # noqa: E402
 from vitshap_jax.stages import common  # noqa: E402
 from vitshap_jax.stages import explainer as explainer_stage  # noqa: E402
 
-# name: (signal, sampler, coalitions per image per step, epochs as a multiple of --epochs)
+# name: (signal, sampler, coalitions per image per step, epochs as a multiple of --epochs[, overrides])
 CONFIGS = {
     "wls-32": ("wls", "shapley", 32, 1.0),
     "wls-16": ("wls", "shapley", 16, 2.0),
@@ -55,6 +59,27 @@ CONFIGS = {
     "kernelshap-16": ("kernelshap", "shapley", 16, 2.0),
     "permutation-30": ("permutation", "shapley", 30, 1.0),
     "permutation-60": ("permutation", "shapley", 60, 0.5),
+    # Schedules: the learning rate, the warmup (a fraction of the steps) and longer runs (more compute).
+    "wls-32-lr2e-4": ("wls", "shapley", 32, 1.0, {"optim.lr": 2e-4}),
+    "wls-32-lr1e-3": ("wls", "shapley", 32, 1.0, {"optim.lr": 1e-3}),
+    "wls-32-lr2e-3": ("wls", "shapley", 32, 1.0, {"optim.lr": 2e-3}),
+    "wls-32-warmup30": ("wls", "shapley", 32, 1.0, {"warmup_fraction": 0.3}),
+    "wls-32-x2": ("wls", "shapley", 32, 2.0),
+    "wls-32-x4": ("wls", "shapley", 32, 4.0),
+    "wls-32-x8": ("wls", "shapley", 32, 8.0),
+    # The head: extra transformer blocks, MLP depth and width.
+    "wls-32-head0": ("wls", "shapley", 32, 1.0, {"explainer.head_blocks": 0}),
+    "wls-32-head2": ("wls", "shapley", 32, 1.0, {"explainer.head_blocks": 2}),
+    "wls-32-mlp1": ("wls", "shapley", 32, 1.0, {"explainer.mlp_layers": 1}),
+    "wls-32-ratio1": ("wls", "shapley", 32, 1.0, {"explainer.mlp_ratio": 1}),
+}
+GROUPS = {
+    "signals": [k for k in CONFIGS if not k.startswith("wls-32-")],
+    "schedules": [
+        "wls-32",
+        *[k for k in CONFIGS if k.startswith(("wls-32-lr", "wls-32-warmup", "wls-32-x"))],
+    ],
+    "heads": ["wls-32", *[k for k in CONFIGS if k.startswith(("wls-32-head", "wls-32-mlp", "wls-32-ratio"))]],
 }
 # From about 4n: below, the sampled A is singular or badly conditioned and the error is not monotone.
 KERNELSHAP_BUDGETS = (66, 130, 258, 514, 1026, 2050)
@@ -62,7 +87,9 @@ KERNELSHAP_BUDGETS = (66, 130, 258, 514, 1026, 2050)
 
 def train(name, seed, args, surrogate_dir, mesh):
     """Trains configuration `name` with `seed` (or reads it back): (run dir, seconds, config)."""
-    signal, sampler, coalitions, scale = CONFIGS[name]
+    signal, sampler, coalitions, scale, *rest = CONFIGS[name]
+    overrides = dict(rest[0]) if rest else {}
+    warmup_fraction = overrides.pop("warmup_fraction", 0.1)
     c = explainer_config.get_config("digits")
     c.unlock()
     c.upstream = surrogate_dir
@@ -70,7 +97,10 @@ def train(name, seed, args, surrogate_dir, mesh):
     c.explainer.update(dict(signal=signal, sampler=sampler, num_coalitions=coalitions))
     c.train.epochs = max(1, round(args.epochs * scale))
     steps = common.total_steps(c, args.train_images)
-    c.optim.warmup_steps = max(1, steps // 10)
+    c.optim.warmup_steps = max(1, int(steps * warmup_fraction))
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        c[section][field] = value
     c.train.log_every_steps = 1000
     validate(c)
     path = os.path.join(args.out, f"{name}-s{seed}")
@@ -110,7 +140,11 @@ def main():
     p.add_argument("--out", default="/tmp/training_signals", help="where the explainers are trained")
     p.add_argument("--epochs", type=int, default=4, help="epochs at 32 coalitions per image")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
+    p.add_argument(
+        "--configs",
+        default="signals",
+        help=f"comma-separated, of {', '.join(CONFIGS)}, or the groups {', '.join(GROUPS)}",
+    )
     p.add_argument("--images", type=int, default=32, help="test images with exact ground truth")
     p.add_argument("--kernelshap_seeds", type=int, default=3)
     p.add_argument("--train_images", type=int, default=1257, help="size of the train split (for warmup)")
@@ -155,7 +189,13 @@ def main():
 
     mesh = parallel.make_mesh()
     rows = []
-    for name in args.configs.split(","):
+    names = [n for key in args.configs.split(",") for n in GROUPS.get(key, [key])]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(
+            f"unknown --configs {', '.join(unknown)}: choose from {', '.join([*CONFIGS, *GROUPS])}"
+        )
+    for name in dict.fromkeys(names):
         for seed in [int(s) for s in args.seeds.split(",")]:
             path, seconds, c = train(name, seed, args, main_run.surrogate_dir, mesh)
             run = TrainedRun.load(path)
