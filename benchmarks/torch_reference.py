@@ -199,26 +199,9 @@ def torch_classifier_time(variant: str, batch: int, repeats: int) -> float:
 
 
 def jax_classifier_time(variant: str, batch: int, repeats: int) -> float:
-    import functools
+    from profile_ops import classifier_path  # the classifier stage's jitted train step
 
-    from configs import classifier as classifier_config
-    from vitshap_jax import parallel
-    from vitshap_jax.models import build_model
-    from vitshap_jax.stages import classifier, common
-
-    config = classifier_config.get_config(f"imagenette,model={variant}")
-    config.model.dtype = "float32"
-    mesh = parallel.make_mesh()
-    model = build_model(config)
-    images = np.random.default_rng(0).standard_normal((batch, 224, 224, 3)).astype(np.float32)
-    params = model.init(jax.random.key(0), images[:1])["params"]
-    tx = common.make_optimizer(config, 1000)
-    state = common.create_state(params, tx, mesh)
-    fn = functools.partial(
-        classifier.train_step, model=model, tx=tx, target="multiclass", seed=0, mask_patches=False
-    )
-    step = common.jit_train_step(fn, mesh)
-    data = parallel.global_batch({"image": images, "label": np.zeros(batch, np.int32)}, mesh)
+    step, (state, data) = classifier_path(variant, batch)
     holder = {"state": state}
 
     def run():
