@@ -17,6 +17,11 @@ most the explainer's on that image is reported (median and range). The same keys
 budget (for the unbiased variant a smaller budget's coalitions are a prefix of a larger one's; the
 standard one enumerates more coalition sizes as the budget grows, and below about 5n evaluations its
 error is not monotone in the budget: see docs/ground_truth.md).
+
+Last, the explainer's training cost read from its run (train-step minutes from `metrics.jsonl`,
+surrogate evaluations) and the break-even: the number of explained images after which training and
+running the explainer costs less than KernelSHAP at the explainer's error, by wall-clock and by
+surrogate evaluations.
 """
 
 from __future__ import annotations
@@ -47,12 +52,12 @@ def timed(fn, *args, repeats: int = 1):
 
 
 def training_cost(loaded) -> tuple[float, int]:
-    """(seconds, surrogate evaluations per training image seen) of the explainer's training: the sum of
-    its logged training intervals (metrics.jsonl: steps x batch / examples_per_sec; validation and
-    checkpointing excluded, the first interval's compilation included) and, per image and step, the
-    coalitions plus v(all) and v(empty)."""
+    """(seconds, surrogate evaluations) of the explainer's training: the sum of its logged training
+    intervals (metrics.jsonl: steps x batch / examples_per_sec; validation and checkpointing excluded,
+    the first interval's compilation included) and the images seen times `num_coalitions` plus v(all)
+    and v(empty) (the permutation signal spends up to `num_coalitions`: an upper bound there)."""
     config = loaded.config
-    seconds, last = 0.0, 0
+    seconds, last, resumed = 0.0, 0, False
     with open(os.path.join(loaded.explainer_dir, "metrics.jsonl")) as f:
         for line in f:
             record = json.loads(line)
@@ -60,7 +65,8 @@ def training_cost(loaded) -> tuple[float, int]:
                 # After a resume the log restarts below the last step: count that interval as one
                 # logging period (the repeated steps were spent too).
                 steps = record["step"] - last if record["step"] > last else config.train.log_every_steps
-                if record["step"] <= last:
+                if record["step"] <= last and not resumed:
+                    resumed = True
                     print(f"note: the explainer was resumed at step <= {record['step']}; time is approximate")
                 seconds += steps * config.train.batch_size / record["train/examples_per_sec"]
                 last = max(last, record["step"])
