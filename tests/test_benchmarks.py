@@ -58,6 +58,5 @@ def test_explain_vs_kernelshap_benchmark_on_a_trained_run(trained_run):
     assert "explainer: MSE" in out
     assert "x faster" in out
     assert "(smallest budget, to 16 evaluations)" in out or "did not reach the explainer's error" in out
-    assert (
-        "surrogate evaluations; break-even after" in out
-    )  # the explainer's training cost, read from its log
+    # The explainer's training cost, read from its log, and the break-even.
+    assert "surrogate evaluations; break-even after" in out
