@@ -146,9 +146,9 @@ def torch_flops(fn) -> float:
     return counter.get_total_flops() + attention[0]
 
 
-def torch_step_time(variant: str, batch: int, coalitions: int, repeats: int, flops: bool = False):
-    """Seconds per explainer train step in PyTorch (median of `repeats` after a warm-up); with `flops`,
-    (seconds, FLOPs of one step)."""
+def torch_step_time(variant: str, batch: int, coalitions: int, repeats: int) -> tuple[float, float]:
+    """(seconds per explainer train step in PyTorch, median of `repeats` after a warm-up; FLOPs of one
+    step)."""
     classes, n = 10, 196
     surrogate = timm.create_model(f"vit_{variant}_patch16_224", pretrained=False, num_classes=classes).eval()
     explainer = TorchExplainer(variant, classes)
@@ -179,8 +179,7 @@ def torch_step_time(variant: str, batch: int, coalitions: int, repeats: int, flo
         loss.backward()
         opt.step()
 
-    seconds = timed(step, repeats)
-    return (seconds, torch_flops(step)) if flops else seconds
+    return timed(step, repeats), torch_flops(step)
 
 
 def torch_classifier_time(variant: str, batch: int, repeats: int) -> float:
@@ -241,7 +240,7 @@ def main():
         print(compare(variant, images, keep, args.repeats), flush=True)
     for variant in args.models.split(",") if args.step_batch else []:
         b, m = args.step_batch, args.coalitions
-        t_torch, f_torch = torch_step_time(variant, b, m, args.repeats, flops=True)
+        t_torch, f_torch = torch_step_time(variant, b, m, args.repeats)
         t_plain, f_plain = jax_step_time(variant, b, m, False, args.repeats)
         t_packed, f_packed = jax_step_time(variant, b, m, True, args.repeats)
         head = f"ViT-{variant} explainer step, batch {b} x {m} coalitions"
