@@ -11,7 +11,10 @@ For a finished pipeline (only its surrogate and test images are read), trains fr
 * stochastic amortization (`signal=kernelshap`: unbiased KernelSHAP from the step's 32 or 16 kernel
   coalitions; `signal=permutation`: 1 or 2 antithetic pairs of orders, 2 (n - 1) evaluations each).
 
-These are `--configs=signals` (the default). `--configs=schedules` trains WLS-32 with other learning
+These are `--configs=signals` (the default). `--configs=precomputed` trains WLS-32 and `precomputed`: the
+standard KernelSHAP estimate of every training image once, with the surrogate evaluations WLS-32 spends
+over `--epochs` (34 per epoch), then 100 epochs of regression on them at lr 1e-3 (its steps evaluate
+no surrogate, so compare the seconds too). `--configs=schedules` trains WLS-32 with other learning
 rates, a 30% warmup and 2x, 4x, 8x the epochs; `--configs=heads` with 0 or 2 extra head blocks, a
 one-layer head MLP, and an MLP of width 1x instead of 4x the hidden size. `--diagnose` first prints, for
 the run's own explainer on the first `--images` test and train images, its MSE, the uniform efficient
@@ -74,9 +77,13 @@ CONFIGS = {
     "wls-32-head2": ("wls", "shapley", 32, 1.0, {"explainer.head_blocks": 2}),
     "wls-32-mlp1": ("wls", "shapley", 32, 1.0, {"explainer.mlp_layers": 1}),
     "wls-32-ratio1": ("wls", "shapley", 32, 1.0, {"explainer.mlp_ratio": 1}),
+    # Fixed labels: KernelSHAP once per training image with the surrogate evaluations wls-32 spends over
+    # --epochs (34 per epoch), then 100 epochs of regression on them (no surrogate evaluations).
+    "precomputed": ("precomputed", "shapley", 32, 1.0, {"optim.lr": 1e-3, "regression_epochs": 100}),
 }
 GROUPS = {
-    "signals": [k for k in CONFIGS if not k.startswith("wls-32-")],
+    "signals": [k for k in CONFIGS if not k.startswith("wls-32-") and k != "precomputed"],
+    "precomputed": ["wls-32", "precomputed"],
     "schedules": [
         "wls-32",
         *[k for k in CONFIGS if k.startswith(("wls-32-lr", "wls-32-warmup", "wls-32-x"))],
@@ -98,11 +105,14 @@ def train(name, seed, args, surrogate_dir, mesh):
     c.seed = seed
     c.explainer.update(dict(signal=signal, sampler=sampler, num_coalitions=coalitions))
     c.train.epochs = max(1, round(args.epochs * scale))
-    steps = common.total_steps(c, args.train_images)
-    c.optim.warmup_steps = max(1, int(steps * warmup_fraction))
+    if signal == "precomputed":  # wls-32's surrogate evaluations, spent before training
+        c.explainer.target_evals = 2 * round(args.epochs * (coalitions + 2) / 2)
+        c.train.epochs = overrides.pop("regression_epochs")
     for key, value in overrides.items():
         section, field = key.split(".")
         c[section][field] = value
+    steps = common.total_steps(c, args.train_images)
+    c.optim.warmup_steps = max(1, int(steps * warmup_fraction))
     c.train.log_every_steps = 1000
     validate(c)
     path = os.path.join(args.out, f"{name}-s{seed}")
@@ -119,6 +129,8 @@ def train(name, seed, args, surrogate_dir, mesh):
 def evals_per_image(c, n: int) -> int:
     """Surrogate evaluations per training image over the whole run (v(all) and v(empty) included)."""
     e = c.explainer
+    if e.signal == "precomputed":
+        return e.target_evals
     per_step = (
         e.num_coalitions if e.signal != "permutation" else 2 * (n - 1) * (e.num_coalitions // (2 * (n - 1)))
     )

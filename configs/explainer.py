@@ -29,7 +29,10 @@ def get_config(arg=None):
     c.explainer.paired = True  # each coalition comes with its complement (num_coalitions must be even)
     # Training signal (docs/explainer_training.md): "wls" (the Shapley weighted-least-squares loss),
     # "kernelshap" or "permutation" (regression on an unbiased estimate from num_coalitions evaluations).
+    # "precomputed": regression on each training image's standard KernelSHAP estimate, computed once
+    # before training with target_evals evaluations (no augmentation then).
     c.explainer.signal = "wls"
+    c.explainer.target_evals = 1026  # signal=precomputed: KernelSHAP evaluations per training image
     # Coalition sampler of wls and kernelshap: "shapley" (exact kernel) or "reference_compat" (wls only).
     c.explainer.sampler = "shapley"
     c.explainer.packed = True  # run each coalition pair as one n + 2 token sequence (attention masking)

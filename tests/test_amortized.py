@@ -9,6 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import scipy.stats
 
@@ -236,3 +237,73 @@ def test_the_table_games_are_of_every_order():
     x = np.stack(features, 1)
     residual = table - x @ np.linalg.lstsq(x, table, rcond=None)[0]
     assert np.abs(residual).max() > 0.1
+
+
+def test_the_precomputed_step_regresses_on_each_images_own_target_without_the_surrogate():
+    """signal=precomputed: the step looks its targets up by `batch["index"]` and evaluates no surrogate
+    (it runs with no surrogate parameters at all); its loss is the mean squared distance of the
+    efficient explainer output to them, zero when the explainer's raw output is the targets."""
+    from vitshap_jax.models import build_explainer, build_model
+    from vitshap_jax.stages import explainer
+
+    config = tiny("explainer", "digits", "/nonexistent")
+    config.dataset.image_size, config.dataset.resize_size, config.model.patch_size = 8, 8, 2
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.standard_normal((4, 8, 8, 3)), jnp.float32)
+    model = build_explainer(config)
+    params = model.init(jax.random.key(2), images[:1])["params"]
+    raw = np.asarray(model.apply({"params": params}, images))  # [4, 16, 10]
+    targets = jnp.asarray(rng.standard_normal((20, 16, 10)), jnp.float32)
+    index = jnp.asarray([7, 3, 19, 0], jnp.int32)
+    kw = dict(explainer=model, surrogate=build_model(config), target="multiclass", seed=0)
+    kw |= dict(num_coalitions=4, paired=True, packed=True, signal="precomputed")
+    state = {"step": jnp.zeros((), jnp.int32), "params": params}
+    tx = optax.sgd(0.0)
+    state["opt_state"] = tx.init(params)
+    step = jax.jit(functools.partial(explainer.train_step, tx=tx, **kw))
+    _, metrics = step(state, {"image": images, "index": index}, None, targets)
+    goal = np.asarray(targets)[np.asarray(index)]
+    phi = np.asarray(shapley.additive_efficient_normalization(jnp.asarray(raw), goal.sum(1)))
+    np.testing.assert_allclose(float(metrics["loss"]), ((phi - goal) ** 2).mean(), rtol=1e-5)
+    own = targets.at[index].set(raw)  # targets that are the explainer's own output: zero loss
+    _, metrics = step(state, {"image": images, "index": index}, None, own)
+    assert float(metrics["loss"]) < 1e-10
+
+
+def test_precomputed_targets_are_the_exact_values_when_the_budget_enumerates(tmp_path):
+    """A stage run with signal=precomputed on digits at 12 px with 4 px patches (9 players), its own masked
+    classifier as the surrogate: target_evals=512 enumerates all 2^9 coalitions (every size is a border
+    size of an odd n), so the saved targets must be the exact Shapley values (by enumeration, `exact_shapley`) of the training images as evaluation
+    reads them; a rerun reads them back, and a cache of other targets is refused."""
+    from vitshap_jax import data
+    from vitshap_jax.runs import TrainedRun
+    from vitshap_jax.stages import classifier, common, explainer
+
+    def shrink(c):
+        c.dataset.image_size, c.dataset.resize_size = 12, 12
+        c.train.update(dict(batch_size=64, log_every_steps=50))
+        return c
+
+    mesh = parallel.make_mesh()
+    first = classifier.run(
+        shrink(tiny("classifier", "digits", tmp_path / "tfds", mask_patches=True)), str(tmp_path), mesh
+    )
+    e = shrink(tiny("explainer", "digits", tmp_path / "tfds"))
+    e.upstream = first["path"]
+    e.explainer.update(dict(signal="precomputed", target_evals=512, num_coalitions=64))  # 32 pairs a call
+    result = explainer.run(e, str(tmp_path), mesh)
+    assert result["test"]["efficiency_gap"] < 1e-5
+    file = tmp_path / "explainer" / explainer.TARGETS_FILE
+    targets = np.load(file)["targets"]
+    run = TrainedRun.load(str(tmp_path))
+    source = data.open_split(e, "train")
+    images = np.stack([run.preprocess(np.asarray(source[i]["image"])) for i in range(len(source))])
+    truth = np.asarray(shapley.exact_shapley(run.game(), jnp.asarray(images), 9))
+    assert targets.shape == truth.shape == (len(source), 9, 10)
+    np.testing.assert_allclose(targets, truth, atol=2e-5)
+
+    again = explainer.precompute_targets(e, None, source, mesh, str(tmp_path / "explainer"))  # no game
+    np.testing.assert_array_equal(again, targets)
+    e.explainer.target_evals = 256
+    with pytest.raises(common.StageError, match="at config.explainer.target_evals=256: it is a cache"):
+        explainer.precompute_targets(e, None, source, mesh, str(tmp_path / "explainer"))

@@ -98,7 +98,7 @@ FSII_MAX_PLAYERS = 64  # FSII solves a dense system of n + n(n-1)/2 + 1 unknowns
 EXPORTS = ("", "shapiq")  # extra file formats of the explain command
 GROUND_TRUTH = ("auto", "exact", "kernelshap", "permutation")
 KERNELSHAP_ESTIMATORS = ("standard", "unbiased")  # see vitshap_jax/shapley/kernelshap.py
-EXPLAINER_SIGNALS = ("wls", "kernelshap", "permutation")  # see vitshap_jax/stages/explainer.py
+EXPLAINER_SIGNALS = ("wls", "kernelshap", "permutation", "precomputed")  # see vitshap_jax/stages/explainer.py
 EXPLAINER_SAMPLERS = ("shapley", "reference_compat")  # see vitshap_jax/shapley/sampling.py
 
 
@@ -369,6 +369,13 @@ def validate(config) -> None:
             e.sampler,
             f"applies to signal=wls only (signal={e.signal} needs the exact Shapley kernel)",
         )
+        if e.signal == "precomputed":
+            _require(
+                e.target_evals >= 4,
+                "explainer.target_evals",
+                e.target_evals,
+                "must be at least 4 (KernelSHAP's v(empty), v(all) and one pair)",
+            )
         if e.signal == "permutation" and not m.pretrained:  # a checkpoint may set another patch size
             n = (d.image_size // m.patch_size) ** 2
             _require(

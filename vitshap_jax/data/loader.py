@@ -159,12 +159,15 @@ class Loader:
         self._iterator.set_state(state)
 
 
-def make_loader(config, source, split_is_train: bool, mesh, *, num_epochs: int = 1) -> Loader:
-    """The Loader of a stage config over `source`, with this process's rows of `mesh`."""
+def make_loader(
+    config, source, split_is_train: bool, mesh, *, num_epochs: int = 1, augment: bool = True
+) -> Loader:
+    """The Loader of a stage config over `source`, with this process's rows of `mesh`. A train split is
+    shuffled every epoch and, unless `augment=False`, augmented (else read as evaluation reads it)."""
     g = config.train.batch_size
     dataset = batches(
         source,
-        config_transform(config, split_is_train),
+        config_transform(config, split_is_train and augment),
         global_batch_size=g,
         rows=parallel.process_batch_slice(g, mesh),
         seed=config.seed,

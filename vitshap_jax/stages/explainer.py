@@ -21,7 +21,12 @@ sequence of n + 2 tokens (`explainer.packed`, `models/vit.py`): the same values 
 step from the same surrogate evaluations, `mean((phi - t)^2)`, with t the unbiased KernelSHAP estimate
 from the step's kernel coalitions ("kernelshap") or antithetic permutation sampling with as many
 permutation pairs as `num_coalitions` evaluations pay for ("permutation", 2 (n - 1) each). See
-docs/explainer_training.md for the comparison at equal compute.
+docs/explainer_training.md for the comparison at equal compute. "precomputed" is stochastic amortization
+with fixed labels: before training, the standard KernelSHAP estimate of every training image
+(`target_evals` evaluations each, `precompute_targets`, saved in the stage directory as
+`targets.npz`), then `mean((phi - t)^2)` with each image's own estimate in every epoch; the training
+images are then read without augmentation (the estimates are of the images as evaluated) and a step
+evaluates the surrogate nowhere (efficiency's v(all) - v(empty) is the target's sum).
 
 Validation reports the WLS loss with Shapley-kernel coalitions fixed per image, whatever the signal and
 sampler (so it is comparable across them), and the efficiency gap
@@ -31,14 +36,16 @@ sampler (so it is comparable across them), and the efficiency gap
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
-from vitshap_jax import losses, shapley
+from vitshap_jax import losses, parallel, shapley
 from vitshap_jax.config import ConfigError
-from vitshap_jax.data.loader import per_example
+from vitshap_jax.data.loader import DeviceIterator, make_loader, per_example
 from vitshap_jax.models import (
     build_explainer,
     build_model,
@@ -46,7 +53,7 @@ from vitshap_jax.models import (
     num_patches,
     transfer_params,
 )
-from vitshap_jax.shapley import amortized
+from vitshap_jax.shapley import amortized, kernelshap
 from vitshap_jax.shapley.game import coalition_values, grand_and_null, surrogate_game
 from vitshap_jax.shapley.sampling import SAMPLERS, eval_keys
 from vitshap_jax.stages import common
@@ -57,6 +64,7 @@ def train_step(
     state,
     batch,
     surrogate_params,
+    targets=None,
     *,
     explainer,
     surrogate,
@@ -78,21 +86,26 @@ def train_step(
             f"config.explainer.num_coalitions={num_coalitions}: signal=permutation needs at least "
             f"{2 * (n - 1)} (one antithetic pair of permutations of {n} players)"
         )
-    grand, null = grand_and_null(surrogate, surrogate_params, images, target, packed=packed)
+    if signal == "precomputed":  # each image's own estimate; efficient, so its sum is v(all) - v(empty)
+        goal = targets[batch["index"]]
+        total = goal.sum(1)
+    else:
+        grand, null = grand_and_null(surrogate, surrogate_params, images, target, packed=packed)
+        total = grand - null
     if signal == "permutation":  # as many antithetic pairs of orders as num_coalitions evaluations pay for
         game = surrogate_game(surrogate, surrogate_params, target, packed=packed)
         goal = amortized.permutation_target(k_mask, images, null, grand, game, budget=num_coalitions, n=n)
-    else:
+    elif signal != "precomputed":
         masks = SAMPLERS[sampler](k_mask, (images.shape[0],), n, num_coalitions, paired)
         values = coalition_values(
             surrogate, surrogate_params, images, masks, target, paired=paired, packed=packed
         )
         if signal == "kernelshap":
-            goal = amortized.kernelshap_target(masks, values, null, grand - null)
+            goal = amortized.kernelshap_target(masks, values, null, total)
 
     def loss_fn(params):
         phi_raw = explainer.apply({"params": params}, images, train=True, rngs={"dropout": k_dropout})
-        phi = shapley.additive_efficient_normalization(phi_raw, grand - null)
+        phi = shapley.additive_efficient_normalization(phi_raw, total)
         if signal == "wls":
             return jnp.mean(losses.shapley_loss(null, phi, masks, values))
         return jnp.mean(losses.regression_loss(phi, goal))
@@ -116,6 +129,55 @@ def eval_step(
     phi = shapley.additive_efficient_normalization(explainer.apply({"params": params}, images), grand - null)
     gap = jnp.max(jnp.abs(phi.sum(1) - (grand - null)), axis=-1)
     return {"loss": losses.shapley_loss(null, phi, masks, values), "efficiency_gap": gap}
+
+
+TARGETS_FILE = "targets.npz"
+
+
+def precompute_targets(config, game, source, mesh, path: str) -> np.ndarray:
+    """The standard KernelSHAP estimate `[N, n, C]` of every image of `source` (the training split, read
+    as evaluation reads it) under `game`, `config.explainer.target_evals` evaluations each: the labels of
+    `signal="precomputed"`. Batches of `config.train.batch_size` images sharded over the mesh, the
+    surrogate evaluated on `num_coalitions / 2` pairs per image at a time (a training step's load).
+    Saved as `{path}/targets.npz` (process 0, written whole or not at all) and read back from there when
+    the stage resumes."""
+    e = config.explainer
+    file = os.path.join(path, TARGETS_FILE)
+    n = num_patches(config.dataset.image_size, config.model.patch_size)
+    if os.path.exists(file):
+        with np.load(file) as saved:
+            targets, evals = saved["targets"], int(saved["evals"])
+        if len(targets) == len(source) and targets.shape[1] == n and evals == e.target_evals:
+            logging.info("explainer: KernelSHAP targets read back from %s", file)
+            return targets
+        raise common.StageError(
+            f"{file} holds {len(targets)} targets of {targets.shape[1]} players at {evals} evaluations, "
+            f"not {len(source)} of {n} at config.explainer.target_evals={e.target_evals}: it is a cache "
+            "of this run's labels; delete it to compute them again"
+        )
+    key = jax.random.fold_in(jax.random.key(config.seed), 3)
+    targets, done = None, 0
+    for number, batch in enumerate(DeviceIterator(make_loader(config, source, False, mesh), mesh)):
+        phi, _ = kernelshap(
+            game,
+            batch["image"],
+            n,
+            key=jax.random.fold_in(key, number),
+            threshold=None,
+            max_evals=e.target_evals,
+            pairs_per_step=max(1, e.num_coalitions // 2),
+        )
+        out = parallel.to_host({"phi": phi, "index": batch["index"], "valid": batch["valid"]})
+        if targets is None:
+            targets = np.zeros((len(source), *out["phi"].shape[1:]), np.float32)
+        targets[out["index"][out["valid"]]] = out["phi"][out["valid"]]
+        done += int(out["valid"].sum())
+        logging.info("explainer: KernelSHAP targets of %d / %d training images", done, len(source))
+    if jax.process_index() == 0:
+        with open(f"{file}.tmp", "wb") as f:
+            np.savez(f, targets=targets, evals=np.int64(e.target_evals))
+        os.replace(f"{file}.tmp", file)
+    return targets
 
 
 def initial_params(config, explainer, surrogate_config: dict, surrogate_params):
@@ -164,14 +226,22 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     kw = dict(explainer=explainer, surrogate=surrogate, target=target, seed=config.seed)
     kw |= dict(num_coalitions=e.num_coalitions, paired=e.paired, packed=e.packed)
     signal = dict(signal=e.signal, sampler=e.sampler)  # training only: validation is always the WLS loss
-    step = common.jit_train_step(functools.partial(train_step, tx=tx, **signal, **kw), mesh, num_frozen=1)
+    frozen = (surrogate_params,)
+    if e.signal == "precomputed":
+        game = surrogate_game(surrogate, surrogate_params, target, packed=e.packed)
+        targets = precompute_targets(config, game, splits["train"], mesh, path)
+        frozen += (jax.device_put(jnp.asarray(targets), parallel.replicated(mesh)),)
+    step = common.jit_train_step(
+        functools.partial(train_step, tx=tx, **signal, **kw), mesh, num_frozen=len(frozen)
+    )
     ev = common.jit_eval_step(functools.partial(eval_step, **kw), mesh, 2)
 
     def evaluate(state, split):
         out = per_example(ev, (state["params"], surrogate_params), config, splits[split], mesh)
         return {"loss": float(out["loss"].mean()), "efficiency_gap": float(out["efficiency_gap"].max())}
 
+    augment = e.signal != "precomputed"  # the targets are of the images as evaluation reads them
     task = Task(
-        state, lambda s, b: step(s, b, surrogate_params), evaluate, ("loss", "min"), lambda s: s["params"]
+        state, lambda s, b: step(s, b, *frozen), evaluate, ("loss", "min"), lambda s: s["params"], augment
     )
     return common.train_and_test(task, config, path, mesh, splits, stop_after=stop_after)

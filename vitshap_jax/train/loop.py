@@ -79,6 +79,8 @@ class Task:
     evaluate: `(state, split) -> {name: float}` over a whole split.
     select: the validation metric that picks the best checkpoint, and "min" or "max".
     export: `state -> params` saved as the stage's best checkpoint.
+    augment: whether the training images are augmented (False: as evaluation reads them, e.g. when the
+      step looks up something computed per image by `batch["index"]`).
     """
 
     state: Any
@@ -86,6 +88,7 @@ class Task:
     evaluate: Callable[[Any, str], dict]
     select: tuple[str, str]
     export: Callable[[Any], Any]
+    augment: bool = True
 
 
 class _Metrics:
@@ -156,7 +159,8 @@ def fit(task: Task, config, stage_dir: str, mesh, train_source, *, stop_after: i
     `stop_after` ends the run after that many steps without a final checkpoint, as if the process
     had been killed there (used by the resume tests).
     """
-    loader = make_loader(config, train_source, True, mesh, num_epochs=config.train.epochs)
+    epochs = config.train.epochs
+    loader = make_loader(config, train_source, True, mesh, num_epochs=epochs, augment=task.augment)
     total = len(loader)
     ends = _epoch_ends(len(train_source), config.train.batch_size, config.train.epochs)
     metric, mode = task.select
