@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 from vitshap_jax.models import num_patches  # noqa: E402
 from vitshap_jax.runs import load_explainer  # noqa: E402
 from vitshap_jax.shapley import exact_shapley, kernelshap  # noqa: E402
+from vitshap_jax.stages.explainer import TARGETS_FILE  # noqa: E402
 
 
 def timed(fn, *args, repeats: int = 1):
@@ -55,7 +56,9 @@ def training_cost(loaded) -> tuple[float, int]:
     """(seconds, surrogate evaluations) of the explainer's training: the sum of its logged training
     intervals (metrics.jsonl: steps x batch / examples_per_sec; validation and checkpointing excluded,
     the first interval's compilation included) and the images seen times `num_coalitions` plus v(all)
-    and v(empty) (the permutation signal spends up to `num_coalitions`: an upper bound there)."""
+    and v(empty) (the permutation signal spends up to `num_coalitions`: an upper bound there). With
+    `signal=precomputed`, plus the seconds its labels took and their evaluations (training images x
+    `target_evals`), read from its targets.npz."""
     config = loaded.config
     seconds, last, resumed = 0.0, 0, False
     with open(os.path.join(loaded.explainer_dir, "metrics.jsonl")) as f:
@@ -70,7 +73,11 @@ def training_cost(loaded) -> tuple[float, int]:
                     print(f"note: the explainer was resumed at step <= {record['step']}; time is approximate")
                 seconds += steps * config.train.batch_size / record["train/examples_per_sec"]
                 last = max(last, record["step"])
-    return seconds, last * config.train.batch_size * (config.explainer.num_coalitions + 2)
+    e = config.explainer
+    if e.get("signal") == "precomputed":  # the labels' evaluations and time; its steps evaluate nothing
+        with np.load(os.path.join(loaded.explainer_dir, TARGETS_FILE)) as saved:
+            return seconds + float(saved["seconds"]), len(saved["targets"]) * int(saved["evals"])
+    return seconds, last * config.train.batch_size * (e.num_coalitions + 2)
 
 
 def break_even(

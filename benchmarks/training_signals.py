@@ -11,14 +11,17 @@ For a finished pipeline (only its surrogate and test images are read), trains fr
 * stochastic amortization (`signal=kernelshap`: unbiased KernelSHAP from the step's 32 or 16 kernel
   coalitions; `signal=permutation`: 1 or 2 antithetic pairs of orders, 2 (n - 1) evaluations each).
 
-These are `--configs=signals` (the default). `--configs=precomputed` trains WLS-32 and `precomputed`: the
-standard KernelSHAP estimate of every training image once, with the surrogate evaluations WLS-32 spends
-over `--epochs` (34 per epoch), then 100 epochs of regression on them at lr 1e-3 (its steps evaluate
-no surrogate, so compare the seconds too). `--configs=schedules` trains WLS-32 with other learning
+These are `--configs=signals` (the default). `--configs=schedules` trains WLS-32 with other learning
 rates, a 30% warmup and 2x, 4x, 8x the epochs; `--configs=heads` with 0 or 2 extra head blocks, a
-one-layer head MLP, and an MLP of width 1x instead of 4x the hidden size. `--diagnose` first prints, for
-the run's own explainer on the first `--images` test and train images, its MSE, the uniform efficient
-attribution's and the median correlation with the exact values of the predicted class.
+one-layer head MLP, and an MLP of width 1x instead of 4x the hidden size. `--configs=precomputed` trains
+WLS-32 and `precomputed`: the standard KernelSHAP estimate of every training image once, with the
+surrogate evaluations WLS-32 spends over `--epochs` (34 per epoch), then 100 epochs of regression on them
+at lr 1e-3 (its steps evaluate no surrogate, so compare the seconds too); `--configs=precomputed-schedules`
+the same with 30 or 300 epochs, or lr 5e-4 or 2e-3, each reusing the labels of an earlier run with the
+same seed and budget (copied into its directory; its seconds then exclude computing them).
+`--diagnose` first prints, for the run's own explainer on the first `--images` test and train images,
+its MSE, the uniform efficient attribution's and the median correlation with the exact values of the
+predicted class, and adds each configuration's MSE on those train images to its row (`train_mse`).
 
 Every configuration spends `--epochs` x 32 coalition evaluations per training image (permutation with
 n = 16 players: 30 per pair, so 6% fewer), plus v(all) and v(empty) in every step. The schedule is the
@@ -37,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -80,10 +84,15 @@ CONFIGS = {
     # Fixed labels: KernelSHAP once per training image with the surrogate evaluations wls-32 spends over
     # --epochs (34 per epoch), then 100 epochs of regression on them (no surrogate evaluations).
     "precomputed": ("precomputed", "shapley", 32, 1.0, {"optim.lr": 1e-3, "regression_epochs": 100}),
+    "precomputed-e30": ("precomputed", "shapley", 32, 1.0, {"optim.lr": 1e-3, "regression_epochs": 30}),
+    "precomputed-e300": ("precomputed", "shapley", 32, 1.0, {"optim.lr": 1e-3, "regression_epochs": 300}),
+    "precomputed-lr5e-4": ("precomputed", "shapley", 32, 1.0, {"optim.lr": 5e-4, "regression_epochs": 100}),
+    "precomputed-lr2e-3": ("precomputed", "shapley", 32, 1.0, {"optim.lr": 2e-3, "regression_epochs": 100}),
 }
 GROUPS = {
-    "signals": [k for k in CONFIGS if not k.startswith("wls-32-") and k != "precomputed"],
+    "signals": [k for k in CONFIGS if not k.startswith(("wls-32-", "precomputed"))],
     "precomputed": ["wls-32", "precomputed"],
+    "precomputed-schedules": [k for k in CONFIGS if k.startswith("precomputed-")],
     "schedules": [
         "wls-32",
         *[k for k in CONFIGS if k.startswith(("wls-32-lr", "wls-32-warmup", "wls-32-x"))],
@@ -119,11 +128,29 @@ def train(name, seed, args, surrogate_dir, mesh):
     timing = os.path.join(path, "benchmark_seconds.json")
     if os.path.exists(timing):
         return path, json.load(open(timing))["seconds"], c
+    if signal == "precomputed":
+        share_labels(c, args.out, seed, path)
     start = time.perf_counter()
     explainer_stage.run(c, path, mesh)
     seconds = time.perf_counter() - start
     json.dump({"seconds": seconds}, open(timing, "w"))
     return path, seconds, c
+
+
+def share_labels(c, out: str, seed: int, path: str) -> None:
+    """Copies the KernelSHAP labels of an earlier precomputed run with the same seed and budget (identical
+    by construction) into `path`, which the stage then reads back instead of computing them again."""
+    for name, spec in CONFIGS.items():
+        source = os.path.join(out, f"{name}-s{seed}", "explainer", explainer_stage.TARGETS_FILE)
+        if spec[0] != "precomputed" or not os.path.exists(source):
+            continue
+        with np.load(source) as saved:
+            if int(saved["evals"]) != c.explainer.target_evals:
+                continue
+        os.makedirs(os.path.join(path, "explainer"), exist_ok=True)
+        shutil.copy(source, os.path.join(path, "explainer", explainer_stage.TARGETS_FILE))
+        print(f"labels of {name}-s{seed} reused: the seconds below exclude computing them", flush=True)
+        return
 
 
 def evals_per_image(c, n: int) -> int:
@@ -207,7 +234,10 @@ def main():
         print(diagnose(main_run, images, truth, "test"), flush=True)
         _, train_images, _ = main_run.examples("train", args.images, views=False)
         train_images = jnp.asarray(train_images)
-        train_truth = np.asarray(exact_shapley(game, train_images, n))
+        train_file = os.path.join(args.out, f"truth-train-{len(train_images)}.npy")
+        if not os.path.exists(train_file):
+            np.save(train_file, np.asarray(exact_shapley(game, train_images, n)))
+        train_truth = np.load(train_file)
         print(diagnose(main_run, train_images, train_truth, "train"), flush=True)
     curve = {}
     for budget in KERNELSHAP_BUDGETS:
@@ -243,6 +273,10 @@ def main():
             run = TrainedRun.load(path)
             phi = np.asarray(run(images)["phi"])
             mse = float(((phi - truth) ** 2).mean())
+            train_mse = {}
+            if args.diagnose:  # on training images too: a generalization gap shows here
+                train_phi = np.asarray(run(train_images)["phi"])
+                train_mse = {"train_mse": float(((train_phi - train_truth) ** 2).mean())}
             val = json.load(open(os.path.join(path, "explainer", "results.json")))["validation"]["loss"]
             row = dict(
                 name=name,
@@ -256,6 +290,7 @@ def main():
                 val_wls=val,
                 mse=mse,
                 kernelshap_evals=matching_budget(mse, curve),
+                **train_mse,
             )
             rows.append(row)
             print(json.dumps(row), flush=True)

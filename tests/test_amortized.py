@@ -273,8 +273,9 @@ def test_the_precomputed_step_regresses_on_each_images_own_target_without_the_su
 def test_precomputed_targets_are_the_exact_values_when_the_budget_enumerates(tmp_path):
     """A stage run with signal=precomputed on digits at 12 px with 4 px patches (9 players), its own masked
     classifier as the surrogate: target_evals=512 enumerates all 2^9 coalitions (every size is a border
-    size of an odd n), so the saved targets must be the exact Shapley values (by enumeration, `exact_shapley`) of the training images as evaluation
-    reads them; a rerun reads them back, and a cache of other targets is refused."""
+    size of an odd n), so the saved targets must be the exact Shapley values (by enumeration,
+    `exact_shapley`) of the training images as evaluation reads them; a rerun reads them back, and a
+    cache of other targets is refused."""
     from vitshap_jax import data
     from vitshap_jax.runs import TrainedRun
     from vitshap_jax.stages import classifier, common, explainer

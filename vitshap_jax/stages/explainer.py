@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -139,8 +140,8 @@ def precompute_targets(config, game, source, mesh, path: str) -> np.ndarray:
     as evaluation reads it) under `game`, `config.explainer.target_evals` evaluations each: the labels of
     `signal="precomputed"`. Batches of `config.train.batch_size` images sharded over the mesh, the
     surrogate evaluated on `num_coalitions / 2` pairs per image at a time (a training step's load).
-    Saved as `{path}/targets.npz` (process 0, written whole or not at all) and read back from there when
-    the stage resumes."""
+    Saved as `{path}/targets.npz` (`targets`, `evals`, and the `seconds` computing them took; process 0,
+    written whole or not at all) and read back from there when the stage resumes."""
     e = config.explainer
     file = os.path.join(path, TARGETS_FILE)
     n = num_patches(config.dataset.image_size, config.model.patch_size)
@@ -156,7 +157,7 @@ def precompute_targets(config, game, source, mesh, path: str) -> np.ndarray:
             "of this run's labels; delete it to compute them again"
         )
     key = jax.random.fold_in(jax.random.key(config.seed), 3)
-    targets, done = None, 0
+    targets, done, start = None, 0, time.perf_counter()
     for number, batch in enumerate(DeviceIterator(make_loader(config, source, False, mesh), mesh)):
         phi, _ = kernelshap(
             game,
@@ -175,7 +176,8 @@ def precompute_targets(config, game, source, mesh, path: str) -> np.ndarray:
         logging.info("explainer: KernelSHAP targets of %d / %d training images", done, len(source))
     if jax.process_index() == 0:
         with open(f"{file}.tmp", "wb") as f:
-            np.savez(f, targets=targets, evals=np.int64(e.target_evals))
+            seconds = np.float64(time.perf_counter() - start)  # for the cost accounting of benchmarks
+            np.savez(f, targets=targets, evals=np.int64(e.target_evals), seconds=seconds)
         os.replace(f"{file}.tmp", file)
     return targets
 
