@@ -17,8 +17,9 @@ one-layer head MLP, and an MLP of width 1x instead of 4x the hidden size. `--con
 WLS-32 and `precomputed`: the standard KernelSHAP estimate of every training image once, with the
 surrogate evaluations WLS-32 spends over `--epochs` (34 per epoch), then 100 epochs of regression on them
 at lr 1e-3 (its steps evaluate no surrogate, so compare the seconds too); `--configs=precomputed-schedules`
-the same with 30 or 300 epochs, or lr 5e-4 or 2e-3, each reusing the labels of an earlier run with the
-same seed and budget (copied into its directory; its seconds then exclude computing them).
+the same with 30 or 300 epochs, or lr 5e-4 or 2e-3 (and 300 epochs at 2e-3), each reusing the labels
+of an earlier run with the same seed and budget (copied into its directory; its seconds then exclude
+computing them).
 `--diagnose` first prints, for the run's own explainer on the first `--images` test and train images,
 its MSE, the uniform efficient attribution's and the median correlation with the exact values of the
 predicted class, and adds each configuration's MSE on those train images to its row (`train_mse`).
@@ -88,6 +89,13 @@ CONFIGS = {
     "precomputed-e300": ("precomputed", "shapley", 32, 1.0, {"optim.lr": 1e-3, "regression_epochs": 300}),
     "precomputed-lr5e-4": ("precomputed", "shapley", 32, 1.0, {"optim.lr": 5e-4, "regression_epochs": 100}),
     "precomputed-lr2e-3": ("precomputed", "shapley", 32, 1.0, {"optim.lr": 2e-3, "regression_epochs": 100}),
+    "precomputed-e300-lr2e-3": (
+        "precomputed",
+        "shapley",
+        32,
+        1.0,
+        {"optim.lr": 2e-3, "regression_epochs": 300},
+    ),
 }
 GROUPS = {
     "signals": [k for k in CONFIGS if not k.startswith(("wls-32-", "precomputed"))],

@@ -298,10 +298,10 @@ def test_precomputed_targets_are_the_exact_values_when_the_budget_enumerates(tmp
     targets = np.load(file)["targets"]
     run = TrainedRun.load(str(tmp_path))
     source = data.open_split(e, "train")
-    images = np.stack([run.preprocess(np.asarray(source[i]["image"])) for i in range(len(source))])
+    images = np.stack([run.preprocess(np.asarray(source[i]["image"])) for i in range(128)])
     truth = np.asarray(shapley.exact_shapley(run.game(), jnp.asarray(images), 9))
-    assert targets.shape == truth.shape == (len(source), 9, 10)
-    np.testing.assert_allclose(targets, truth, atol=2e-5)
+    assert targets.shape == (len(source), 9, 10)
+    np.testing.assert_allclose(targets[:128], truth, atol=2e-5)  # the first 128 images, in split order
 
     again = explainer.precompute_targets(e, None, source, mesh, str(tmp_path / "explainer"))  # no game
     np.testing.assert_array_equal(again, targets)
