@@ -215,3 +215,16 @@ def test_a_worker_exits_when_its_parent_is_killed(tmp_path):
     else:
         os.kill(child, signal.SIGKILL)
         raise AssertionError("the child outlived its killed parent by 10 s")
+
+
+def test_a_train_loader_without_augmentation_reads_images_as_evaluation_does(config, train_source):
+    """`make_loader(..., augment=False)` (the explainer with precomputed labels): still shuffled, but
+    each image is the evaluation view of its `index`; with augmentation (the default) it is not."""
+    mesh = parallel.make_mesh()
+    evaluate = loader.config_transform(config, False)
+    for augment in (False, True):
+        batch = next(iter(loader.make_loader(config, train_source, True, mesh, augment=augment)))
+        index = np.asarray(batch["index"])
+        assert not np.array_equal(index, np.arange(len(index)))  # shuffled either way
+        views = np.stack([evaluate(np.asarray(train_source[int(i)]["image"]), None) for i in index])
+        assert np.allclose(np.asarray(batch["image"]), views, atol=1e-6) is (not augment)
