@@ -36,6 +36,7 @@ sampler (so it is comparable across them), and the efficiency gap
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import time
 
@@ -46,7 +47,7 @@ from absl import logging
 
 from vitshap_jax import losses, parallel, shapley
 from vitshap_jax.config import ConfigError
-from vitshap_jax.data.loader import DeviceIterator, make_loader, per_example
+from vitshap_jax.data.loader import per_example
 from vitshap_jax.models import (
     build_explainer,
     build_model,
@@ -157,8 +158,12 @@ def precompute_targets(config, game, source, mesh, path: str) -> np.ndarray:
             "of this run's labels; delete it to compute them again"
         )
     key = jax.random.fold_in(jax.random.key(config.seed), 3)
-    targets, done, start = None, 0, time.perf_counter()
-    for number, batch in enumerate(DeviceIterator(make_loader(config, source, False, mesh), mesh)):
+    start, numbers = time.perf_counter(), itertools.count()
+    batches = -(-len(source) // config.train.batch_size)
+
+    def estimate(batch):
+        number = next(numbers)
+        logging.info("explainer: KernelSHAP targets, training batch %d / %d", number + 1, batches)
         phi, _ = kernelshap(
             game,
             batch["image"],
@@ -168,12 +173,9 @@ def precompute_targets(config, game, source, mesh, path: str) -> np.ndarray:
             max_evals=e.target_evals,
             pairs_per_step=max(1, e.num_coalitions // 2),
         )
-        out = parallel.to_host({"phi": phi, "index": batch["index"], "valid": batch["valid"]})
-        if targets is None:
-            targets = np.zeros((len(source), *out["phi"].shape[1:]), np.float32)
-        targets[out["index"][out["valid"]]] = out["phi"][out["valid"]]
-        done += int(out["valid"].sum())
-        logging.info("explainer: KernelSHAP targets of %d / %d training images", done, len(source))
+        return {"phi": phi}
+
+    targets = per_example(estimate, (), config, source, mesh)["phi"]  # in split order, padding removed
     if jax.process_index() == 0:
         with open(f"{file}.tmp", "wb") as f:
             seconds = np.float64(time.perf_counter() - start)  # for the cost accounting of benchmarks
