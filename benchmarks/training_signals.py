@@ -18,8 +18,11 @@ WLS-32 and `precomputed`: the standard KernelSHAP estimate of every training ima
 surrogate evaluations WLS-32 spends over `--epochs` (34 per epoch), then 100 epochs of regression on them
 at lr 1e-3 (its steps evaluate no surrogate, so compare the seconds too); `--configs=precomputed-schedules`
 the same with 30 or 300 epochs, or lr 5e-4 or 2e-3 (and 300 epochs at 2e-3), each reusing the labels
-of an earlier run with the same seed and budget (copied into its directory; its seconds then exclude
-computing them).
+of an earlier run with the same seed, budget and views (copied into its directory; its seconds then
+exclude computing them); `--configs=precomputed-views` the best of those (300 epochs at 2e-3) against
+labels of 4 fixed views per image (`explainer.target_views=4`, the image and 3 random crops), each
+view labelled with the whole budget (4x the evaluations) or a quarter of it (the same), 75 epochs over
+the views (the same steps).
 `--diagnose` first prints, for the run's own explainer on the first `--images` test and train images,
 its MSE, the uniform efficient attribution's and the median correlation with the exact values of the
 predicted class, and adds each configuration's MSE on those train images to its row (`train_mse`).
@@ -96,11 +99,29 @@ CONFIGS = {
         1.0,
         {"optim.lr": 2e-3, "regression_epochs": 300},
     ),
+    # Fixed labels of K fixed views per image (the image and K - 1 random crops, explainer.target_views):
+    # 4 views at the budget above each (4x the label cost), or sharing it (a quarter each); 75 epochs
+    # over the 4 x N views are the steps of 300 epochs over the images.
+    "precomputed-v4-e75-lr2e-3": (
+        "precomputed",
+        "shapley",
+        32,
+        1.0,
+        {"optim.lr": 2e-3, "regression_epochs": 75, "views": 4},
+    ),
+    "precomputed-v4shared-e75-lr2e-3": (
+        "precomputed",
+        "shapley",
+        32,
+        1.0,
+        {"optim.lr": 2e-3, "regression_epochs": 75, "views": 4, "shared_budget": True},
+    ),
 }
 GROUPS = {
     "signals": [k for k in CONFIGS if not k.startswith(("wls-32-", "precomputed"))],
     "precomputed": ["wls-32", "precomputed"],
-    "precomputed-schedules": [k for k in CONFIGS if k.startswith("precomputed-")],
+    "precomputed-schedules": [k for k in CONFIGS if k.startswith("precomputed-") and "-v" not in k],
+    "precomputed-views": ["precomputed-e300-lr2e-3", *[k for k in CONFIGS if k.startswith("precomputed-v")]],
     "schedules": [
         "wls-32",
         *[k for k in CONFIGS if k.startswith(("wls-32-lr", "wls-32-warmup", "wls-32-x"))],
@@ -122,13 +143,16 @@ def train(name, seed, args, surrogate_dir, mesh):
     c.seed = seed
     c.explainer.update(dict(signal=signal, sampler=sampler, num_coalitions=coalitions))
     c.train.epochs = max(1, round(args.epochs * scale))
+    views = overrides.pop("views", 1)
     if signal == "precomputed":  # wls-32's surrogate evaluations, spent before training
-        c.explainer.target_evals = 2 * round(args.epochs * (coalitions + 2) / 2)
+        budget = args.epochs * (coalitions + 2) / (views if overrides.pop("shared_budget", False) else 1)
+        c.explainer.target_evals = 2 * round(budget / 2)  # per view
+        c.explainer.target_views = views
         c.train.epochs = overrides.pop("regression_epochs")
     for key, value in overrides.items():
         section, field = key.split(".")
         c[section][field] = value
-    steps = common.total_steps(c, args.train_images)
+    steps = common.total_steps(c, args.train_images * views)
     c.optim.warmup_steps = max(1, int(steps * warmup_fraction))
     c.train.log_every_steps = 1000
     validate(c)
@@ -150,7 +174,8 @@ def share_labels(c, out: str, seed: int, path: str) -> None:
     by construction) into `path`, which the stage then reads back instead of computing them again."""
     for name, spec in CONFIGS.items():
         source = os.path.join(out, f"{name}-s{seed}", "explainer", explainer_stage.TARGETS_FILE)
-        if spec[0] != "precomputed" or not os.path.exists(source):
+        views = (spec[4] if len(spec) > 4 else {}).get("views", 1)
+        if spec[0] != "precomputed" or views != c.explainer.target_views or not os.path.exists(source):
             continue
         with np.load(source) as saved:
             if int(saved["evals"]) != c.explainer.target_evals:
@@ -165,7 +190,7 @@ def evals_per_image(c, n: int) -> int:
     """Surrogate evaluations per training image over the whole run (v(all) and v(empty) included)."""
     e = c.explainer
     if e.signal == "precomputed":
-        return e.target_evals
+        return e.target_evals * e.target_views
     per_step = (
         e.num_coalitions if e.signal != "permutation" else 2 * (n - 1) * (e.num_coalitions // (2 * (n - 1)))
     )

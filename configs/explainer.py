@@ -33,6 +33,9 @@ def get_config(arg=None):
     # before training with target_evals evaluations (no augmentation then).
     c.explainer.signal = "wls"
     c.explainer.target_evals = 1026  # signal=precomputed: KernelSHAP evaluations per training image
+    # signal=precomputed: fixed views per training image, each with its own label (1: the image itself;
+    # K > 1 adds K - 1 random crops drawn once; an epoch passes over all of them)
+    c.explainer.target_views = 1
     # Coalition sampler of wls and kernelshap: "shapley" (exact kernel) or "reference_compat" (wls only).
     c.explainer.sampler = "shapley"
     c.explainer.packed = True  # run each coalition pair as one n + 2 token sequence (attention masking)

@@ -16,6 +16,7 @@ import scipy.stats
 from tests.helpers import tiny
 from vitshap_jax import losses, parallel, shapley
 from vitshap_jax.config import ConfigError, validate
+from vitshap_jax.data.loader import FixedViews
 from vitshap_jax.shapley import amortized
 from vitshap_jax.shapley.kernelshap import constrained_solve
 from vitshap_jax.shapley.sampling import reference_compat_coalitions, reference_compat_size_probs
@@ -160,6 +161,15 @@ def test_signal_and_sampler_are_validated():
             validate(c)
     c.explainer.update(dict(signal="permutation", sampler="shapley", num_coalitions=30))
     validate(c)
+    for signal, views, message in [
+        ("wls", 2, "applies to signal=precomputed only"),
+        ("precomputed", 0, "must be at least 1"),
+    ]:
+        c.explainer.update(dict(signal=signal, target_views=views))
+        with pytest.raises(ConfigError, match=f"config.explainer.target_views={views}: {message}"):
+            validate(c)
+    c.explainer.update(dict(signal="precomputed", target_views=3))
+    validate(c)
 
 
 @pytest.mark.parametrize(
@@ -274,8 +284,8 @@ def test_precomputed_targets_are_the_exact_values_when_the_budget_enumerates(tmp
     """A stage run with signal=precomputed on digits at 12 px with 4 px patches (9 players), its own masked
     classifier as the surrogate: target_evals=512 enumerates all 2^9 coalitions (every size is a border
     size of an odd n), so the saved targets must be the exact Shapley values (by enumeration,
-    `exact_shapley`) of the training images as evaluation reads them; a rerun reads them back, and a
-    cache of other targets is refused."""
+    `exact_shapley`) of the training images as evaluation reads them, and with target_views=2 of their
+    fixed random crops after them; a rerun reads them back, and a cache of other targets is refused."""
     from vitshap_jax import data
     from vitshap_jax.runs import TrainedRun
     from vitshap_jax.stages import classifier, common, explainer
@@ -291,20 +301,27 @@ def test_precomputed_targets_are_the_exact_values_when_the_budget_enumerates(tmp
     )
     e = shrink(tiny("explainer", "digits", tmp_path / "tfds"))
     e.upstream = first["path"]
-    e.explainer.update(dict(signal="precomputed", target_evals=512, num_coalitions=64))  # 32 pairs a call
+    e.explainer.update(dict(signal="precomputed", target_evals=512, num_coalitions=64, target_views=2))
     result = explainer.run(e, str(tmp_path), mesh)
     assert result["test"]["efficiency_gap"] < 1e-5
     file = tmp_path / "explainer" / explainer.TARGETS_FILE
     targets = np.load(file)["targets"]
     run = TrainedRun.load(str(tmp_path))
-    source = data.open_split(e, "train")
-    images = np.stack([run.preprocess(np.asarray(source[i]["image"])) for i in range(128)])
+    split = data.open_split(e, "train")
+    n = len(split)
+    source = FixedViews(split, 2, seed=e.seed, crop_scale_min=e.dataset.crop_scale_min, hflip=False)
+    picked = [*range(64), *range(n, n + 64)]  # the first 64 images, then their crops, in split order
+    images = np.stack([run.preprocess(np.asarray(source[j]["image"])) for j in picked])
+    assert not np.allclose(images[:64], images[64:])  # the crops are other images
     truth = np.asarray(shapley.exact_shapley(run.game(), jnp.asarray(images), 9))
-    assert targets.shape == (len(source), 9, 10)
-    np.testing.assert_allclose(targets[:128], truth, atol=2e-5)  # the first 128 images, in split order
+    assert targets.shape == (2 * n, 9, 10)
+    np.testing.assert_allclose(targets[picked], truth, atol=2e-5)
 
     again = explainer.precompute_targets(e, None, source, mesh, str(tmp_path / "explainer"))  # no game
     np.testing.assert_array_equal(again, targets)
     e.explainer.target_evals = 256
-    with pytest.raises(common.StageError, match="at config.explainer.target_evals=256: it is a cache"):
+    with pytest.raises(common.StageError, match=r"at config.explainer.target_evals=256 \(training images x"):
         explainer.precompute_targets(e, None, source, mesh, str(tmp_path / "explainer"))
+    e.explainer.target_evals = 512
+    with pytest.raises(common.StageError, match=f"holds {2 * n} targets .* not {n} of 9"):
+        explainer.precompute_targets(e, None, split, mesh, str(tmp_path / "explainer"))  # one view

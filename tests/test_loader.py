@@ -228,3 +228,29 @@ def test_a_train_loader_without_augmentation_reads_images_as_evaluation_does(con
         assert not np.array_equal(index, np.arange(len(index)))  # shuffled either way
         views = np.stack([evaluate(np.asarray(train_source[int(i)]["image"]), None) for i in index])
         assert np.allclose(np.asarray(batch["image"]), views, atol=1e-6) is (not augment)
+
+
+def test_fixed_views_are_the_image_then_crops_drawn_once(train_source):
+    """`FixedViews` (labels of augmented views, `explainer.target_views`): K x N examples, view 0 the
+    image itself, views k > 0 crops of it at its own size, the same pixels at every read and in another
+    process's copy (drawn from (seed, i, k)), other crops under another seed; labels are the image's."""
+    n = len(train_source)
+    views = loader.FixedViews(train_source, 3, seed=0, crop_scale_min=0.5, hflip=True)
+    again = loader.FixedViews(train_source, 3, seed=0, crop_scale_min=0.5, hflip=True)
+    other = loader.FixedViews(train_source, 3, seed=1, crop_scale_min=0.5, hflip=True)
+    assert len(views) == 3 * n
+    cropped, per_view, per_seed = [], [], []  # a crop may by chance be (nearly) the whole image
+    for i in (0, 5, n - 1):
+        image = np.asarray(train_source[i]["image"])
+        np.testing.assert_array_equal(views[i]["image"], image)
+        for k in (1, 2):
+            view = views[k * n + i]
+            assert view["image"].shape == image.shape and view["image"].dtype == np.uint8
+            assert view["label"] == train_source[i]["label"]
+            np.testing.assert_array_equal(view["image"], again[k * n + i]["image"])
+            cropped.append(not np.array_equal(view["image"], image))
+            per_seed.append(not np.array_equal(view["image"], other[k * n + i]["image"]))
+        per_view.append(not np.array_equal(views[n + i]["image"], views[2 * n + i]["image"]))
+    assert sum(cropped) >= 5 and sum(per_seed) >= 5 and sum(per_view) >= 2
+    with pytest.raises(IndexError):
+        views[3 * n]

@@ -376,6 +376,14 @@ def validate(config) -> None:
                 e.target_evals,
                 "must be at least 4 (KernelSHAP's v(empty), v(all) and one pair)",
             )
+        views = e.get("target_views", 1)
+        _require(views >= 1, "explainer.target_views", views, "must be at least 1")
+        _require(
+            views == 1 or e.signal == "precomputed",
+            "explainer.target_views",
+            views,
+            f"applies to signal=precomputed only (signal={e.signal} augments every epoch)",
+        )
         if e.signal == "permutation" and not m.pretrained:  # a checkpoint may set another patch size
             n = (d.image_size // m.patch_size) ** 2
             _require(

@@ -212,6 +212,42 @@ class DeviceIterator:
         return self._state
 
 
+class FixedViews:
+    """`views` fixed views of every example of `source`, as one random-access source of `views x N`
+    examples: example `k * N + i` is view k of example i (its label too). View 0 is the image itself;
+    view k > 0 is a random-resized-crop (area fraction in [crop_scale_min, 1], and a horizontal flip with
+    probability 1/2 where `hflip`) scaled back to the image's own size, drawn once from
+    (seed, i, k), so every read of it gives the same pixels. A loader reads them as evaluation reads
+    any image (`augment=False`): the training set of an explainer regressed on labels computed once per
+    view (`explainer.target_views`), augmented without losing the labels."""
+
+    def __init__(self, source, views: int, *, seed: int, crop_scale_min: float, hflip: bool):
+        if views < 1:
+            raise ValueError(f"views={views}: must be at least 1")
+        self.source, self.views, self.seed = source, views, seed
+        self.crop_scale_min, self.hflip = crop_scale_min, hflip
+
+    def __len__(self):
+        return self.views * len(self.source)
+
+    def __getitem__(self, j):
+        k, i = divmod(int(j), len(self.source))
+        if not 0 <= k < self.views:
+            raise IndexError(f"view example {j} of {len(self)}")
+        example = self.source[i]
+        image = np.asarray(example["image"])
+        if k > 0:
+            rng = np.random.default_rng([self.seed, i, k])
+            height, width = image.shape[:2]
+            top, left, h, w = transforms.random_resized_crop_box(
+                height, width, rng, (self.crop_scale_min, 1.0)
+            )
+            image = transforms.resize(image[top : top + h, left : left + w], width, height)
+            if self.hflip and rng.random() < 0.5:
+                image = image[:, ::-1]
+        return {"image": np.ascontiguousarray(image), "label": example["label"]}
+
+
 def per_example(eval_step, params: tuple, config, source, mesh) -> dict[str, np.ndarray]:
     """Runs `eval_step(*params, batch)` over a whole split; per-example numpy arrays, padding removed."""
     loader = make_loader(config, source, False, mesh)

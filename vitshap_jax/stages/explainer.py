@@ -26,7 +26,10 @@ with fixed labels: before training, the standard KernelSHAP estimate of every tr
 (`target_evals` evaluations each, `precompute_targets`, saved in the stage directory as
 `targets.npz`), then `mean((phi - t)^2)` with each image's own estimate in every epoch; the training
 images are then read without augmentation (the estimates are of the images as evaluated) and a step
-evaluates the surrogate nowhere (efficiency's v(all) - v(empty) is the target's sum).
+evaluates the surrogate nowhere (efficiency's v(all) - v(empty) is the target's sum). With
+`target_views` = K > 1 the training set is K fixed views of every image (the image and K - 1 random
+crops drawn once, `data.loader.FixedViews`), each with its own label: augmentation that keeps its
+labels, at K times their cost; an epoch then passes over all K x N views.
 
 Validation reports the WLS loss with Shapley-kernel coalitions fixed per image, whatever the signal and
 sampler (so it is comparable across them), and the efficiency gap
@@ -47,7 +50,7 @@ from absl import logging
 
 from vitshap_jax import losses, parallel, shapley
 from vitshap_jax.config import ConfigError
-from vitshap_jax.data.loader import per_example
+from vitshap_jax.data.loader import FixedViews, per_example
 from vitshap_jax.models import (
     build_explainer,
     build_model,
@@ -137,8 +140,9 @@ TARGETS_FILE = "targets.npz"
 
 
 def precompute_targets(config, game, source, mesh, path: str) -> np.ndarray:
-    """The standard KernelSHAP estimate `[N, n, C]` of every image of `source` (the training split, read
-    as evaluation reads it) under `game`, `config.explainer.target_evals` evaluations each: the labels of
+    """The standard KernelSHAP estimate `[N, n, C]` of every image of `source` (the training split, or
+    its `FixedViews` with `explainer.target_views` > 1, read as evaluation reads it) under `game`,
+    `config.explainer.target_evals` evaluations each: the labels of
     `signal="precomputed"`. Batches of `config.train.batch_size` images sharded over the mesh, the
     surrogate evaluated on `num_coalitions / 2` pairs per image at a time (a training step's load).
     Saved as `{path}/targets.npz` (`targets`, `evals`, and the `seconds` computing them took; process 0,
@@ -154,8 +158,9 @@ def precompute_targets(config, game, source, mesh, path: str) -> np.ndarray:
             return targets
         raise common.StageError(
             f"{file} holds {len(targets)} targets of {targets.shape[1]} players at {evals} evaluations, "
-            f"not {len(source)} of {n} at config.explainer.target_evals={e.target_evals}: it is a cache "
-            "of this run's labels; delete it to compute them again"
+            f"not {len(source)} of {n} at config.explainer.target_evals={e.target_evals} (training images "
+            f"x config.explainer.target_views): it is a cache of this run's labels; delete it to compute "
+            "them again"
         )
     key = jax.random.fold_in(jax.random.key(config.seed), 3)
     start, numbers = time.perf_counter(), itertools.count()
@@ -219,6 +224,13 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     # The surrogate as it was trained: its own architecture and masking (the game it learned).
     surrogate_params, up, surrogate = common.upstream_params(config, workdir, "surrogate", mesh)
     splits = common.open_splits(config, mesh)  # every check before anything is written
+    views = e.get("target_views", 1)
+    if e.signal == "precomputed" and views > 1:  # labels of fixed augmented views (FixedViews)
+        d = config.dataset
+        train = FixedViews(
+            splits["train"], views, seed=config.seed, crop_scale_min=d.crop_scale_min, hflip=d.hflip
+        )
+        splits = {**splits, "train": train}
     path = common.stage_dir(workdir, "explainer", config, up)  # after every check: nothing written on failure
     explainer = build_explainer(config)
     params = initial_params(config, explainer, up, surrogate_params)
