@@ -296,3 +296,29 @@ def test_class_token_pooling_runs_the_last_block_on_the_read_tokens_only(setup, 
     gb = jax.jit(jax.grad(lambda p: reference(p, masks).sum()))(params)
     for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
+
+
+def test_gelu_and_softmax_are_the_library_functions_with_their_gradients():
+    """The ViT's own exact GELU (the erf form) and softmax (an explicit backward pass), written for
+    XLA:CPU's speed, against `nn.gelu(approximate=False)` and `jax.nn.softmax`: values and gradients,
+    the softmax also on masked logits (the -1e30 bias: weight exactly 0, finite gradients)."""
+    import flax.linen as nn
+
+    from vitshap_jax.models import vit
+
+    x = jnp.linspace(-12.0, 12.0, 4001)
+    np.testing.assert_allclose(vit.gelu(x), nn.gelu(x, approximate=False), atol=2e-6)
+    gelu_grads = [jax.vmap(jax.grad(f))(x) for f in (vit.gelu, lambda x: nn.gelu(x, approximate=False))]
+    np.testing.assert_allclose(*gelu_grads, atol=2e-6)
+
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    logits = 4 * jax.random.normal(k1, (3, 2, 5, 7))
+    logits = logits + jnp.where(jax.random.bernoulli(k2, 0.4, (3, 1, 1, 7)), 0.0, -1e30)
+    logits = logits.at[..., 0].set(1.0)  # every row keeps a key
+    w = jax.random.normal(k3, logits.shape)
+    ours, reference = vit.softmax(logits), jax.nn.softmax(logits, axis=-1)
+    np.testing.assert_allclose(ours, reference, atol=1e-7)
+    assert np.all(np.asarray(ours)[np.asarray(logits) < -1e29] == 0)
+    grads = [jax.grad(lambda z, f=f: (f(z) * w).sum() ** 2)(logits) for f in (vit.softmax, jax.nn.softmax)]
+    assert np.all(np.isfinite(grads[0]))
+    np.testing.assert_allclose(*grads, rtol=1e-5, atol=1e-6)
