@@ -48,9 +48,8 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from vitshap_jax.config import VIT_VARIANTS  # noqa: E402
 from vitshap_jax.models import ViT, load_pretrained  # noqa: E402
-
-SHAPES = {"tiny": (192, 12, 3), "small": (384, 12, 6)}
 
 
 def timed(fn, repeats: int) -> float:
@@ -65,11 +64,8 @@ def timed(fn, repeats: int) -> float:
 
 def compare(variant: str, images: np.ndarray, keep: np.ndarray, repeats: int) -> str:
     batch = len(images)
-    width, depth, heads = SHAPES[variant]
     ref = timm.create_model(f"vit_{variant}_patch16_224", pretrained=False, num_classes=10).eval()
-    ours = ViT(
-        num_classes=10, patch_size=16, hidden_size=width, depth=depth, num_heads=heads, mlp_dim=4 * width
-    )
+    ours = ViT(num_classes=10, patch_size=16, **VIT_VARIANTS[variant])
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "model.safetensors")
         save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)

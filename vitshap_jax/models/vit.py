@@ -39,7 +39,6 @@ from vitshap_jax.config import MASKING_STRATEGIES, POOLING
 _LN_EPS = 1e-6  # the value of both google-research ViT and timm ViT checkpoints
 
 
-
 def gelu(x):
     """Exact GELU, x * Phi(x), written as PyTorch computes it: x / 2 * (1 + erf(x / sqrt 2)). The same
     function as `nn.gelu(x, approximate=False)` (which goes through erfc) to 1e-6, and on XLA:CPU 3x
