@@ -253,3 +253,29 @@ def test_runs_recorded_before_a_field_existed_still_resume():
     new["model"]["pool"] = "avg"
     new["optim"]["lr"] = 2e-3
     assert common.settings_diff(old, new) == ["model.pool: 'token' -> 'avg'", "optim.lr: 0.001 -> 0.002"]
+
+
+def test_eval_every_epochs_validates_and_checkpoints_those_epochs_and_the_last(tmp_path):
+    """`train.eval_every_epochs=2` over 3 epochs: validation (and the epoch-end checkpoint) after epochs
+    2 and 3 only, the best checkpoint one of those."""
+    from tests.helpers import tiny
+    from vitshap_jax.stages import classifier
+
+    c = tiny("classifier", "digits", tmp_path / "tfds", batch_size=64, epochs=3, eval_every_epochs=2)
+    c.dataset.image_size, c.dataset.resize_size = 8, 8
+    c.train.log_every_steps = 1000
+    result = classifier.run(c, str(tmp_path), parallel.make_mesh())
+    path = tmp_path / "classifier"
+    lines = [json.loads(line) for line in open(path / "metrics.jsonl")]
+    assert [line["epoch"] for line in lines if "epoch" in line] == [2, 3]
+    steps = [line["step"] for line in lines if "epoch" in line]
+    assert steps == [(e * 1257) // 64 for e in (2, 3)]
+    manager = checkpoints.StageCheckpoints(str(path))
+    assert manager.latest_step() == steps[-1]
+    manager.close()
+    assert result["validation"]["loss"] in [line["val/loss"] for line in lines if "epoch" in line]
+    with pytest.raises(Exception, match="train.eval_every_epochs=0: must be positive"):
+        from vitshap_jax.config import validate
+
+        c.train.eval_every_epochs = 0
+        validate(c)

@@ -348,8 +348,9 @@ def validate(config) -> None:
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     _require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
 
-    for key in ("epochs", "batch_size", "log_every_steps", "checkpoint_every_steps"):
-        _require(t[key] >= 1, f"train.{key}", t[key], "must be positive")
+    for key in ("epochs", "batch_size", "log_every_steps", "checkpoint_every_steps", "eval_every_epochs"):
+        if key in t:  # eval_every_epochs: absent from the configs of older runs
+            _require(t[key] >= 1, f"train.{key}", t[key], "must be positive")
 
     if config.stage == "explainer":
         e = config.explainer

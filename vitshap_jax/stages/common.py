@@ -52,6 +52,7 @@ _DEFAULTS = {f"model.{k}": v for k, v in ARCHITECTURE_OPTIONS.items()} | {
     "model.mask_value": -3.0,
     "dataset.normalization": "inception",
     "explainer.architecture": "vit",
+    "explainer.target_views": 1,
 }
 # Fields a stage chooses itself, even when it takes its upstream run's architecture (`resolve`).
 OWN_FIELDS = ("model.mask_channel",)
@@ -335,6 +336,7 @@ def lock_stage_dir(path: str) -> None:
 FREE_FIELDS = (
     "train.log_every_steps",
     "train.checkpoint_every_steps",
+    "train.eval_every_epochs",  # which epochs are validated; the training itself is the same
     "dataset.workers",
     "dataset.read_threads",
     "dataset.prefetch",

@@ -1,7 +1,8 @@
 """`fit`: the training loop every stage shares.
 
 It resumes from the latest checkpoint (train state + input-pipeline state) if one exists, runs the
-jitted train step over the epochs, evaluates on the validation split after each epoch, keeps the
+jitted train step over the epochs, evaluates on the validation split after each epoch (or every
+`config.train.eval_every_epochs`-th and the last), keeps the
 best parameters by the stage's metric, and writes metrics as JSON lines (`metrics.jsonl`) and
 TensorBoard events (`tensorboard/`). On an interactive terminal a progress bar shows the running loss
 and throughput; otherwise plain log lines every `config.train.log_every_steps`.
@@ -135,9 +136,11 @@ class _Metrics:
             self.tb.close()
 
 
-def _epoch_ends(num_examples: int, batch_size: int, epochs: int) -> dict[int, int]:
-    """Step (1-based count) after which each epoch is over -> epoch number (1-based)."""
-    return {max(1, (e * num_examples) // batch_size): e for e in range(1, epochs + 1)}
+def _epoch_ends(num_examples: int, batch_size: int, epochs: int, every: int = 1) -> dict[int, int]:
+    """Step (1-based count) after which an epoch is over -> epoch number (1-based), for every `every`-th
+    epoch and the last (the epochs that are validated and checkpointed)."""
+    kept = [e for e in range(1, epochs + 1) if e % every == 0 or e == epochs]
+    return {max(1, (e * num_examples) // batch_size): e for e in kept}
 
 
 def _better(value: float, best: float | None, mode: str) -> bool:
@@ -162,7 +165,8 @@ def fit(task: Task, config, stage_dir: str, mesh, train_source, *, stop_after: i
     epochs = config.train.epochs
     loader = make_loader(config, train_source, True, mesh, num_epochs=epochs, augment=task.augment)
     total = len(loader)
-    ends = _epoch_ends(len(train_source), config.train.batch_size, config.train.epochs)
+    every = config.train.get("eval_every_epochs", 1)
+    ends = _epoch_ends(len(train_source), config.train.batch_size, config.train.epochs, every)
     metric, mode = task.select
     checkpoints = ckpt_lib.StageCheckpoints(stage_dir)
     state, best, best_metrics = task.state, None, {}
