@@ -22,7 +22,8 @@ of an earlier run with the same seed, budget and views (copied into its director
 exclude computing them); `--configs=precomputed-views` the best of those (300 epochs at 2e-3) against
 labels of 4 fixed views per image (`explainer.target_views=4`, the image and 3 random crops), each
 view labelled with the whole budget (4x the evaluations) or a quarter of it (the same), 75 epochs over
-the views (the same steps), and the latter for 150 epochs (twice the steps).
+the views (the same steps), and the latter for 150 epochs (twice the steps), against 8 views sharing
+the budget (an eighth each) for 75 epochs (the same twice the steps).
 `--diagnose` first prints, for the run's own explainer on the first `--images` test and train images,
 its MSE, the uniform efficient attribution's and the median correlation with the exact values of the
 predicted class, and adds each configuration's MSE on those train images to its row (`train_mse`).
@@ -122,6 +123,13 @@ CONFIGS = {
         32,
         1.0,
         {"optim.lr": 2e-3, "regression_epochs": 150, "views": 4, "shared_budget": True},
+    ),
+    "precomputed-v8shared-e75-lr2e-3": (
+        "precomputed",
+        "shapley",
+        32,
+        1.0,
+        {"optim.lr": 2e-3, "regression_epochs": 75, "views": 8, "shared_budget": True},
     ),
 }
 GROUPS = {
