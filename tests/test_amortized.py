@@ -4,6 +4,7 @@ true values, and one explainer step per signal and sampler."""
 
 import functools
 import itertools
+import json
 import math
 
 import jax
@@ -296,9 +297,11 @@ def test_precomputed_targets_are_the_exact_values_when_the_budget_enumerates(tmp
         return c
 
     mesh = parallel.make_mesh()
-    first = classifier.run(
-        shrink(tiny("classifier", "digits", tmp_path / "tfds", mask_patches=True)), str(tmp_path), mesh
-    )
+    c = shrink(tiny("classifier", "digits", tmp_path / "tfds", epochs=2, eval_every_epochs=2))
+    c.train.mask_patches = True
+    first = classifier.run(c, str(tmp_path), mesh)
+    lines = [json.loads(line) for line in open(tmp_path / "classifier" / "metrics.jsonl")]
+    assert [line["epoch"] for line in lines if "epoch" in line] == [2]  # eval_every_epochs=2
     e = shrink(tiny("explainer", "digits", tmp_path / "tfds"))
     e.upstream = first["path"]
     e.explainer.update(dict(signal="precomputed", target_evals=512, num_coalitions=64, target_views=2))

@@ -255,27 +255,17 @@ def test_runs_recorded_before_a_field_existed_still_resume():
     assert common.settings_diff(old, new) == ["model.pool: 'token' -> 'avg'", "optim.lr: 0.001 -> 0.002"]
 
 
-def test_eval_every_epochs_validates_and_checkpoints_those_epochs_and_the_last(tmp_path):
-    """`train.eval_every_epochs=2` over 3 epochs: validation (and the epoch-end checkpoint) after epochs
-    2 and 3 only, the best checkpoint one of those."""
-    from tests.helpers import tiny
-    from vitshap_jax.stages import classifier
+def test_eval_every_epochs_picks_every_kth_epoch_end_and_the_last():
+    """`train.eval_every_epochs=K`: `fit` validates and checkpoints after the steps `_epoch_ends` gives,
+    every K-th epoch's and the last's (a stage run with it: test_amortized's precomputed-targets test)."""
+    from tests.helpers import load
+    from vitshap_jax.config import validate
+    from vitshap_jax.train.loop import _epoch_ends
 
-    c = tiny("classifier", "digits", tmp_path / "tfds", batch_size=64, epochs=3, eval_every_epochs=2)
-    c.dataset.image_size, c.dataset.resize_size = 8, 8
-    c.train.log_every_steps = 1000
-    result = classifier.run(c, str(tmp_path), parallel.make_mesh())
-    path = tmp_path / "classifier"
-    lines = [json.loads(line) for line in open(path / "metrics.jsonl")]
-    assert [line["epoch"] for line in lines if "epoch" in line] == [2, 3]
-    steps = [line["step"] for line in lines if "epoch" in line]
-    assert steps == [(e * 1257) // 64 for e in (2, 3)]
-    manager = checkpoints.StageCheckpoints(str(path))
-    assert manager.latest_step() == steps[-1]
-    manager.close()
-    assert result["validation"]["loss"] in [line["val/loss"] for line in lines if "epoch" in line]
+    assert _epoch_ends(1257, 64, 5) == {19: 1, 39: 2, 58: 3, 78: 4, 98: 5}
+    assert _epoch_ends(1257, 64, 5, 2) == {39: 2, 78: 4, 98: 5}
+    assert _epoch_ends(1257, 64, 3, 7) == {58: 3}
+    c = load("classifier", "digits")
+    c.train.eval_every_epochs = 0
     with pytest.raises(Exception, match="train.eval_every_epochs=0: must be positive"):
-        from vitshap_jax.config import validate
-
-        c.train.eval_every_epochs = 0
         validate(c)
