@@ -236,16 +236,12 @@ class FixedViews:
             raise IndexError(f"view example {j} of {len(self)}")
         example = self.source[i]
         image = np.asarray(example["image"])
-        if k > 0:
+        if k > 0:  # the train transform's crop and flip, at the image's own size
             rng = np.random.default_rng([self.seed, i, k])
             height, width = image.shape[:2]
-            top, left, h, w = transforms.random_resized_crop_box(
-                height, width, rng, (self.crop_scale_min, 1.0)
-            )
-            image = transforms.resize(image[top : top + h, left : left + w], width, height)
-            if self.hflip and rng.random() < 0.5:
-                image = image[:, ::-1]
-        return {"image": np.ascontiguousarray(image), "label": example["label"]}
+            crop = dict(crop_scale_min=self.crop_scale_min, hflip=self.hflip)
+            image = transforms.random_crop(image, rng, width, height, **crop)
+        return {"image": image, "label": example["label"]}
 
 
 def per_example(eval_step, params: tuple, config, source, mesh) -> dict[str, np.ndarray]:

@@ -40,7 +40,7 @@ def normalize(image: np.ndarray, kind: str) -> np.ndarray:
     return ((image.astype(np.float32) / 255.0 - np.float32(mean)) / np.float32(std)).astype(np.float32)
 
 
-def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
     if image.shape[:2] == (height, width):
         return image
     return np.asarray(PIL.Image.fromarray(image).resize((width, height), PIL.Image.BILINEAR))
@@ -70,24 +70,38 @@ def random_resized_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def random_crop(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    *,
+    crop_scale_min: float,
+    hflip: bool,
+) -> np.ndarray:
+    """uint8 `[H, W, 3]` -> uint8 `[height, width, 3]`: a random-resized-crop (none when `crop_scale_min`
+    is 1), then a horizontal flip with probability 1/2 where `hflip`."""
+    if crop_scale_min < 1.0:
+        top, left, h, w = random_resized_crop_box(*image.shape[:2], rng, (crop_scale_min, 1.0))
+        image = image[top : top + h, left : left + w]
+    image = _resize(image, width, height)
+    if hflip and rng.random() < 0.5:
+        image = image[:, ::-1]
+    return np.ascontiguousarray(image)
+
+
 def train_transform(
     image: np.ndarray, rng: np.random.Generator, *, size: int, crop_scale_min: float, hflip: bool, norm: str
 ) -> np.ndarray:
     """uint8 `[H, W, 3]` -> float32 `[size, size, 3]`, randomly cropped (and flipped)."""
-    if crop_scale_min < 1.0:
-        top, left, h, w = random_resized_crop_box(*image.shape[:2], rng, (crop_scale_min, 1.0))
-        image = image[top : top + h, left : left + w]
-    image = resize(image, size, size)
-    if hflip and rng.random() < 0.5:
-        image = image[:, ::-1]
-    return normalize(np.ascontiguousarray(image), norm)
+    return normalize(random_crop(image, rng, size, size, crop_scale_min=crop_scale_min, hflip=hflip), norm)
 
 
 def eval_crop(image: np.ndarray, *, size: int, resize_size: int) -> np.ndarray:
     """uint8 `[H, W, 3]` -> uint8 `[size, size, 3]`: shorter side to `resize_size`, center crop."""
     h, w = image.shape[:2]
     scale = resize_size / min(h, w)
-    image = resize(image, max(resize_size, round(w * scale)), max(resize_size, round(h * scale)))
+    image = _resize(image, max(resize_size, round(w * scale)), max(resize_size, round(h * scale)))
     h, w = image.shape[:2]
     top, left = (h - size) // 2, (w - size) // 2
     return image[top : top + size, left : left + size]
