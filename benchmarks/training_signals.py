@@ -63,6 +63,14 @@ from vitshap_jax.shapley import exact_shapley, kernelshap  # noqa: E402
 from vitshap_jax.stages import common  # noqa: E402
 from vitshap_jax.stages import explainer as explainer_stage  # noqa: E402
 
+
+def _views(views: int, epochs: int, shared: bool = True, **overrides) -> tuple:
+    """Fixed labels of `views` views per image (`explainer.target_views`), sharing wls-32's surrogate
+    evaluations (`shared`) or each view with all of them; `epochs` of regression at lr 2e-3."""
+    settings = {"optim.lr": 2e-3, "regression_epochs": epochs, "views": views, "shared_budget": shared}
+    return ("precomputed", "shapley", 32, 1.0, settings | overrides)
+
+
 # name: (signal, sampler, coalitions per image per step, epochs as a multiple of --epochs[, overrides])
 CONFIGS = {
     "wls-32": ("wls", "shapley", 32, 1.0),
@@ -103,34 +111,19 @@ CONFIGS = {
     # Fixed labels of K fixed views per image (the image and K - 1 random crops, explainer.target_views):
     # 4 views at the budget above each (4x the label cost), or sharing it (a quarter each); 75 epochs
     # over the 4 x N views are the steps of 300 epochs over the images.
-    "precomputed-v4-e75-lr2e-3": (
-        "precomputed",
-        "shapley",
-        32,
-        1.0,
-        {"optim.lr": 2e-3, "regression_epochs": 75, "views": 4},
+    "precomputed-v4-e75-lr2e-3": _views(4, 75, shared=False),
+    "precomputed-v4shared-e75-lr2e-3": _views(4, 75),
+    "precomputed-v4shared-e150-lr2e-3": _views(4, 150),
+    "precomputed-v8shared-e75-lr2e-3": _views(8, 75),
+    # A moving average of the parameters (optim.ema_decay) for validation, the checkpoint and the test.
+    "wls-32-ema99": ("wls", "shapley", 32, 1.0, {"optim.ema_decay": 0.99}),
+    "precomputed-v4shared-e75-lr2e-3-ema999": _views(4, 75, **{"optim.ema_decay": 0.999}),
+    # With the views: a larger head (3 extra blocks, MLP 8x wide), dropout, a higher learning rate.
+    "precomputed-v4shared-e75-lr2e-3-head3x8": _views(
+        4, 75, **{"explainer.head_blocks": 3, "explainer.mlp_ratio": 8}
     ),
-    "precomputed-v4shared-e75-lr2e-3": (
-        "precomputed",
-        "shapley",
-        32,
-        1.0,
-        {"optim.lr": 2e-3, "regression_epochs": 75, "views": 4, "shared_budget": True},
-    ),
-    "precomputed-v4shared-e150-lr2e-3": (
-        "precomputed",
-        "shapley",
-        32,
-        1.0,
-        {"optim.lr": 2e-3, "regression_epochs": 150, "views": 4, "shared_budget": True},
-    ),
-    "precomputed-v8shared-e75-lr2e-3": (
-        "precomputed",
-        "shapley",
-        32,
-        1.0,
-        {"optim.lr": 2e-3, "regression_epochs": 75, "views": 8, "shared_budget": True},
-    ),
+    "precomputed-v4shared-e75-lr2e-3-dropout": _views(4, 75, **{"model.dropout_rate": 0.1}),
+    "precomputed-v4shared-e75-lr4e-3": _views(4, 75, **{"optim.lr": 4e-3}),
 }
 GROUPS = {
     "signals": [k for k in CONFIGS if not k.startswith(("wls-32-", "precomputed"))],

@@ -255,6 +255,9 @@ def base_config(stage: str, opts: config_dict.ConfigDict, *, inherit: bool = Fal
     c.optim.weight_decay = 1e-5  # AdamW decoupled weight decay
     c.optim.warmup_steps = 500  # linear warmup before the cosine decay
     c.optim.grad_clip = 1.0  # global-norm gradient clipping (0 disables)
+    # decay of an exponential moving average of the parameters, used for validation, the best checkpoint
+    # and the test (0: none, the optimizer's own parameters)
+    c.optim.ema_decay = 0.0
 
     c.train = config_dict.ConfigDict()
     c.train.epochs = 25  # passes over the training split

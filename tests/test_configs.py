@@ -83,6 +83,7 @@ def test_parse_arg_rules():
         ("dataset.num_classes", 3, r"config.dataset.num_classes=3: a binary target has 2 classes"),
         ("dataset.image_size", 200, r"config.dataset.image_size=200: must be a positive multiple"),
         ("optim.lr", 0.0, r"config.optim.lr=0.0: must be positive"),
+        ("optim.ema_decay", 1.0, r"config.optim.ema_decay=1.0: must be in \[0, 1\)"),
         ("train.batch_size", 0, r"config.train.batch_size=0: must be positive"),
         ("explainer.num_coalitions", 31, r"config.explainer.num_coalitions=31: must be even"),
         (

@@ -174,9 +174,25 @@ def _digits(data_dir, **train):
 
 
 def test_a_killed_run_resumes_to_the_same_result(tmp_path):
+    """With a moving average of the parameters (`optim.ema_decay`), which the resumed run must carry on
+    from the checkpoint, and which (not the optimizer's parameters) is the best checkpoint (one epoch:
+    the last step's)."""
     mesh = parallel.make_mesh()
     config = _digits(tmp_path / "tfds", batch_size=64, checkpoint_every_steps=5, log_every_steps=5)
+    config.optim.ema_decay = 0.9
     whole = classifier.run(config, str(tmp_path / "a"), mesh)
+    shapes = _digits_shapes(config)
+    tx = common.make_optimizer(config, common.total_steps(config, 1257))
+    like = common.create_state(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), tx, mesh, 0.9)
+    manager = checkpoints.StageCheckpoints(whole["path"])
+    last, _, _ = manager.restore_latest(like)
+    manager.close()
+    kept, average, own = (
+        _flat(t) for t in (_best(whole["path"], shapes), last["ema"]["params"], last["params"])
+    )
+    for k in kept:
+        np.testing.assert_allclose(kept[k], average[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    assert max(np.abs(kept[k] - own[k]).max() for k in kept) > 1e-4  # the average is not the parameters
     assert (
         classifier.run(config, str(tmp_path / "b"), mesh, stop_after=7) is not None
     )  # "killed" after step 7
@@ -187,6 +203,27 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path):
     b = _flat(_best(resumed["path"], _digits_shapes(config)))
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_the_moving_average_follows_its_recursion():
+    """`apply_gradients` moves the average by 1 - min(decay, (1 + t) / (10 + t)) towards the new
+    parameters at step t; without `ema_decay` the state has none and `model_params` gives the parameters."""
+    import optax
+
+    mesh = parallel.make_mesh()
+    tx = optax.sgd(0.5)
+    params = {"w": jnp.array([1.0, -2.0])}
+    grads = [{"w": jnp.array([g, 2 * g])} for g in (1.0, -3.0, 0.5, 2.0)]
+    for decay in (0.0, 0.3, 0.9):
+        state = common.create_state(params, tx, mesh, decay)
+        assert ("ema" in state) == (decay > 0)
+        w, average = np.array([1.0, -2.0]), np.array([1.0, -2.0])
+        for t, g in enumerate(grads):
+            state = jax.jit(functools.partial(common.apply_gradients, tx=tx))(state, g)
+            w = w - 0.5 * np.asarray(g["w"])
+            average += (1 - min(decay, (1 + t) / (10 + t))) * (w - average)
+        np.testing.assert_allclose(state["params"]["w"], w, rtol=1e-6)
+        np.testing.assert_allclose(common.model_params(state)["w"], average if decay else w, rtol=1e-6)
 
 
 @pytest.mark.parametrize("stage", ["classifier", "surrogate", "explainer"])

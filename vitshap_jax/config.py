@@ -347,6 +347,8 @@ def validate(config) -> None:
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     _require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+    ema = o.get("ema_decay", 0.0)
+    _require(0 <= ema < 1, "optim.ema_decay", ema, "must be in [0, 1) (0: no moving average)")
 
     for key in ("epochs", "batch_size", "log_every_steps", "checkpoint_every_steps", "eval_every_epochs"):
         if key in t:  # eval_every_epochs: absent from the configs of older runs

@@ -81,7 +81,7 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
         params = load_pretrained_into(config, params)
     params = jax.device_put(params, parallel.replicated(mesh))
     tx = common.make_optimizer(config, common.total_steps(config, len(splits["train"])))
-    state = common.create_state(params, tx, mesh)
+    state = common.create_state(params, tx, mesh, config.optim.get("ema_decay", 0.0))
     step = common.jit_train_step(
         functools.partial(
             train_step,
@@ -96,9 +96,9 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     ev = common.jit_eval_step(functools.partial(eval_step, model=model, target=target), mesh, 1)
 
     def evaluate(state, split):
-        return summarize(per_example(ev, (state["params"],), config, splits[split], mesh), target)
+        return summarize(per_example(ev, (common.model_params(state),), config, splits[split], mesh), target)
 
-    task = Task(state, step, evaluate, ("accuracy", "max"), lambda s: s["params"])
+    task = Task(state, step, evaluate, ("accuracy", "max"), common.model_params)
     return common.train_and_test(task, config, path, mesh, splits, stop_after=stop_after)
 
 
@@ -120,7 +120,8 @@ def retrain(classifier_config, train, test, *, epochs: int, batch_size: int, see
             f"config.batch_size={batch_size} is larger than the {len(images)} train images"
         )
     tx = common.make_optimizer(c, steps_per_epoch * epochs)
-    state = common.create_state(jax.device_put(params, parallel.replicated(mesh)), tx, mesh)
+    params = jax.device_put(params, parallel.replicated(mesh))
+    state = common.create_state(params, tx, mesh, c.optim.get("ema_decay", 0.0))
     step = common.jit_train_step(
         functools.partial(train_step, model=model, tx=tx, target=target, seed=seed, mask_patches=False),
         mesh,
@@ -141,7 +142,7 @@ def retrain(classifier_config, train, test, *, epochs: int, batch_size: int, see
     test_images, test_labels = test
     predicted = np.concatenate(
         [
-            np.asarray(predict(state["params"], test_images[s : s + batch_size]))
+            np.asarray(predict(common.model_params(state), test_images[s : s + batch_size]))
             for s in range(0, len(test_images), batch_size)
         ]
     )

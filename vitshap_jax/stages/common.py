@@ -53,6 +53,7 @@ _DEFAULTS = {f"model.{k}": v for k, v in ARCHITECTURE_OPTIONS.items()} | {
     "dataset.normalization": "inception",
     "explainer.architecture": "vit",
     "explainer.target_views": 1,
+    "optim.ema_decay": 0.0,
 }
 # Fields a stage chooses itself, even when it takes its upstream run's architecture (`resolve`).
 OWN_FIELDS = ("model.mask_channel",)
@@ -240,20 +241,36 @@ def total_steps(config, num_train: int) -> int:
     return (num_train * config.train.epochs) // config.train.batch_size
 
 
-def create_state(params, tx, mesh):
-    """`{"step", "params", "opt_state"}` replicated on the mesh."""
+def create_state(params, tx, mesh, ema_decay: float = 0.0):
+    """`{"step", "params", "opt_state"}` replicated on the mesh; with `ema_decay` > 0 also `"ema"`:
+    `{"decay", "params"}`, an exponential moving average of the parameters that `apply_gradients` keeps
+    and `model_params` hands to validation, the best checkpoint and the test."""
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    if ema_decay > 0:
+        copy = jax.tree.map(jnp.array, params)  # its own buffers: the train step donates the state
+        state["ema"] = {"decay": jnp.asarray(ema_decay, jnp.float32), "params": copy}
     return jax.device_put(state, parallel.replicated(mesh))
 
 
 def apply_gradients(state, grads, tx):
-    """One optimizer update of a train state `{"step", "params", "opt_state"}`."""
+    """One optimizer update of a train state `{"step", "params", "opt_state"}` (and its `"ema"`: at step
+    t the average moves by `1 - min(decay, (1 + t) / (10 + t))`, so that it forgets the initial
+    parameters early on, as TensorFlow's ExponentialMovingAverage with `num_updates`)."""
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    return {
-        "step": state["step"] + 1,
-        "params": optax.apply_updates(state["params"], updates),
-        "opt_state": opt_state,
-    }
+    params = optax.apply_updates(state["params"], updates)
+    new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+    if "ema" in state:
+        t = state["step"].astype(jnp.float32)
+        decay = jnp.minimum(state["ema"]["decay"], (1 + t) / (10 + t))
+        average = jax.tree.map(lambda a, p: a + (1 - decay) * (p - a), state["ema"]["params"], params)
+        new["ema"] = {"decay": state["ema"]["decay"], "params": average}
+    return new
+
+
+def model_params(state):
+    """The parameters a train state stands for: the moving average where it keeps one
+    (`optim.ema_decay` > 0), else the optimizer's own."""
+    return state["ema"]["params"] if "ema" in state else state["params"]
 
 
 def train_and_test(task, config, path: str, mesh, splits, *, stop_after: int | None = None) -> dict:

@@ -238,7 +238,7 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     if e.freeze_backbone:
         trainable = {k: jax.tree.map(lambda _, keep=(k != "backbone"): keep, v) for k, v in params.items()}
     tx = common.make_optimizer(config, common.total_steps(config, len(splits["train"])), trainable)
-    state = common.create_state(params, tx, mesh)
+    state = common.create_state(params, tx, mesh, config.optim.get("ema_decay", 0.0))
     kw = dict(explainer=explainer, surrogate=surrogate, target=target, seed=config.seed)
     kw |= dict(num_coalitions=e.num_coalitions, paired=e.paired, packed=e.packed)
     signal = dict(signal=e.signal, sampler=e.sampler)  # training only: validation is always the WLS loss
@@ -253,11 +253,11 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     ev = common.jit_eval_step(functools.partial(eval_step, **kw), mesh, 2)
 
     def evaluate(state, split):
-        out = per_example(ev, (state["params"], surrogate_params), config, splits[split], mesh)
+        out = per_example(ev, (common.model_params(state), surrogate_params), config, splits[split], mesh)
         return {"loss": float(out["loss"].mean()), "efficiency_gap": float(out["efficiency_gap"].max())}
 
     augment = e.signal != "precomputed"  # the targets are of the images as evaluation reads them
     task = Task(
-        state, lambda s, b: step(s, b, *frozen), evaluate, ("loss", "min"), lambda s: s["params"], augment
+        state, lambda s, b: step(s, b, *frozen), evaluate, ("loss", "min"), common.model_params, augment
     )
     return common.train_and_test(task, config, path, mesh, splits, stop_after=stop_after)

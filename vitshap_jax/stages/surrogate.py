@@ -97,7 +97,7 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     path = common.stage_dir(workdir, "surrogate", config, up)  # after every check: nothing written on failure
     params = initial_params(config, model, up, classifier_params)
     tx = common.make_optimizer(config, common.total_steps(config, len(splits["train"])))
-    state = common.create_state(params, tx, mesh)
+    state = common.create_state(params, tx, mesh, config.optim.get("ema_decay", 0.0))
     step = common.jit_train_step(
         functools.partial(
             train_step, model=model, classifier=classifier, tx=tx, target=target, seed=config.seed
@@ -112,11 +112,11 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     )
 
     def evaluate(state, split):
-        out = per_example(ev, (state["params"], classifier_params), config, splits[split], mesh)
+        out = per_example(ev, (common.model_params(state), classifier_params), config, splits[split], mesh)
         return {k: float(v.mean()) for k, v in out.items() if k != "label"}
 
     def train_step_with_classifier(state, batch):
         return step(state, batch, classifier_params)
 
-    task = Task(state, train_step_with_classifier, evaluate, ("kl", "min"), lambda s: s["params"])
+    task = Task(state, train_step_with_classifier, evaluate, ("kl", "min"), common.model_params)
     return common.train_and_test(task, config, path, mesh, splits, stop_after=stop_after)
