@@ -122,6 +122,9 @@ CONFIGS = {
     "precomputed-v4shared-e75-lr2e-3-head3x8": _views(
         4, 75, **{"explainer.head_blocks": 3, "explainer.mlp_ratio": 8}
     ),
+    "precomputed-v4shared-e150-lr4e-3-head3x8": _views(
+        4, 150, **{"optim.lr": 4e-3, "explainer.head_blocks": 3, "explainer.mlp_ratio": 8}
+    ),
     "precomputed-v4shared-e75-lr2e-3-dropout": _views(4, 75, **{"model.dropout_rate": 0.1}),
     "precomputed-v4shared-e75-lr4e-3": _views(4, 75, **{"optim.lr": 4e-3}),
 }
