@@ -84,9 +84,9 @@ def test_roar_removes_the_share_it_names_and_retrains_from_fresh_parameters(
         calls.append((train[0], test[0]))
         return real_retrain(classifier_config, train, test, **kw)
 
-    def spy_create(params, tx, mesh):
+    def spy_create(params, tx, mesh, *ema):
         starts.append(jax.tree.map(np.asarray, params))
-        return real_create(params, tx, mesh)
+        return real_create(params, tx, mesh, *ema)
 
     monkeypatch.setattr(roar, "retrain", spy_retrain)
     monkeypatch.setattr(common, "create_state", spy_create)
