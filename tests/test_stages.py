@@ -426,3 +426,31 @@ def test_a_start_that_fails_its_checks_writes_nothing(tmp_path):
     with pytest.raises(common.StageError, match="does not split over 8 devices"):
         classifier.run(uneven, str(tmp_path / "work"), mesh)
     assert not (tmp_path / "work").exists()
+
+
+def test_an_explainer_wider_than_its_surrogate_trains_from_scratch(tmp_path, imagenette_dir):
+    """A ViT explainer of another shape than its surrogate (`model=<variant>` and its own fields) cannot
+    start from the surrogate's encoder: it starts from its fresh initialization, trains, and is loaded and
+    used with its own shape."""
+    from vitshap_jax.runs import load_explainer
+
+    mesh = parallel.make_mesh()
+    c = tiny("classifier", "imagenette", imagenette_dir, mask_patches=True)
+    first = classifier.run(c, str(tmp_path), mesh)
+    e = tiny("explainer", "imagenette", imagenette_dir)
+    e.upstream = first["path"]  # the masked classifier (width 32, one block) is the surrogate
+    e.model.update(dict(variant="mini", hidden_size=48, depth=2, num_heads=4, mlp_dim=96))
+    result = explainer.run(e, str(tmp_path), mesh)
+    assert result["test"]["efficiency_gap"] < 1e-5
+    model = build_explainer(e)
+    init = model.init(jax.random.key(e.seed), jnp.zeros((1, 16, 16, 3)))["params"]
+    exp, init = _flat(_best(result["path"], init)), _flat(init)
+    assert exp["backbone/Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"].shape == (48, 96)
+    # AdamW moves a weight by about lr per step at most: the trained backbone is its fresh start moved.
+    steps = data.builder("imagenette", str(imagenette_dir)).info.splits["train"].num_examples // 8
+    moved = max(np.abs(exp[k] - init[k]).max() for k in exp if k.startswith("backbone/"))
+    assert 0 < moved < 2 * e.optim.lr * steps
+    run = load_explainer(str(tmp_path))
+    out = run(jnp.zeros((2, 16, 16, 3)))
+    assert out["phi"].shape == (2, 16, 10)
+    np.testing.assert_allclose(out["phi"].sum(1), out["v_all"] - out["v_empty"], atol=1e-5)

@@ -204,7 +204,10 @@ def initial_params(config, explainer, surrogate_config: dict, surrogate_params):
         vit = build_model(config)
         source = load_pretrained_into(config, vit.init(jax.random.key(config.seed), sample)["params"])
     else:
-        logging.info("explainer: the surrogate is not a ViT like the backbone; backbone from scratch")
+        logging.info(
+            "explainer: the backbone's shape differs from the surrogate's and no config.model.pretrained "
+            "is given; backbone from scratch"
+        )
         return params
     backbone, missing = transfer_params(source, params["backbone"])
     if missing:
