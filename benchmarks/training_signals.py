@@ -27,6 +27,8 @@ the budget (an eighth each) for 75 epochs (the same twice the steps).
 `--diagnose` first prints, for the run's own explainer on the first `--images` test and train images,
 its MSE, the uniform efficient attribution's and the median correlation with the exact values of the
 predicted class, and adds each configuration's MSE on those train images to its row (`train_mse`).
+`--ensemble` also scores the mean of all the runs' outputs (every configuration and seed) as one
+explainer: with the same configuration and two seeds, how much of the error is the seed's.
 
 Every configuration spends `--epochs` x 32 coalition evaluations per training image (permutation with
 n = 16 players: 30 per pair, so 6% fewer), plus v(all) and v(empty) in every step. The schedule is the
@@ -251,6 +253,11 @@ def main():
     p.add_argument("--kernelshap_seeds", type=int, default=3)
     p.add_argument("--train_images", type=int, default=1257, help="size of the train split (for warmup)")
     p.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="also the mean of all the runs' outputs (every configuration and seed given) as one explainer",
+    )
+    p.add_argument(
         "--diagnose",
         action="store_true",
         help="also the run's own explainer on train and test images (exact values of the train ones too)",
@@ -311,16 +318,18 @@ def main():
         raise SystemExit(
             f"unknown --configs {', '.join(unknown)}: choose from {', '.join([*CONFIGS, *GROUPS])}"
         )
+    outputs = []  # (test phi, train phi) per run, for --ensemble
     for name in dict.fromkeys(names):
         for seed in [int(s) for s in args.seeds.split(",")]:
             path, seconds, c = train(name, seed, args, main_run.surrogate_dir, mesh)
             run = TrainedRun.load(path)
             phi = np.asarray(run(images)["phi"])
             mse = float(((phi - truth) ** 2).mean())
-            train_mse = {}
+            train_mse, train_phi = {}, None
             if args.diagnose:  # on training images too: a generalization gap shows here
                 train_phi = np.asarray(run(train_images)["phi"])
                 train_mse = {"train_mse": float(((train_phi - train_truth) ** 2).mean())}
+            outputs.append((phi, train_phi))
             val = json.load(open(os.path.join(path, "explainer", "results.json")))["validation"]["loss"]
             row = dict(
                 name=name,
@@ -338,8 +347,27 @@ def main():
             )
             rows.append(row)
             print(json.dumps(row), flush=True)
+    ensemble = {}
+    if args.ensemble and len(outputs) > 1:
+        # Each member is efficient for the same surrogate, so their mean is too: one explainer that
+        # costs len(outputs) forward passes.
+        phi = np.mean([o[0] for o in outputs], axis=0)
+        ensemble = dict(members=len(outputs), mse=float(((phi - truth) ** 2).mean()))
+        ensemble["kernelshap_evals"] = matching_budget(ensemble["mse"], curve)
+        if args.diagnose:
+            train_phi = np.mean([o[1] for o in outputs], axis=0)
+            ensemble["train_mse"] = float(((train_phi - train_truth) ** 2).mean())
+        members = np.mean([r["mse"] for r in rows])
+        print(
+            f"the mean of the {len(outputs)} runs' outputs: test MSE {ensemble['mse']:.3e} (the runs' mean "
+            f"{members:.3e}), KernelSHAP evaluations to match {ensemble['kernelshap_evals']}"
+            + (f", train MSE {ensemble['train_mse']:.3e}" if args.diagnose else ""),
+            flush=True,
+        )
     json.dump(
-        {"kernelshap": curve, "rows": rows}, open(os.path.join(args.out, "results.json"), "w"), indent=1
+        {"kernelshap": curve, "rows": rows, "ensemble": ensemble},
+        open(os.path.join(args.out, "results.json"), "w"),
+        indent=1,
     )
 
     print(
