@@ -375,10 +375,16 @@ def test_one_step_on_8_devices_equals_1_device(tmp_path, stage):
     assert max(np.abs(a[k] - _flat(params)[k]).max() for k in a) > 0  # the step did move the parameters
 
 
-def test_a_masked_classifier_serves_as_its_own_surrogate(tmp_path, imagenette_dir):
-    mesh = parallel.make_mesh()
+@pytest.fixture(scope="module")
+def masked_classifier(tmp_path_factory, imagenette_dir):
+    """A classifier trained on random coalitions (`train.mask_patches`): its own surrogate."""
     c = tiny("classifier", "imagenette", imagenette_dir, mask_patches=True)
-    first = classifier.run(c, str(tmp_path), mesh)
+    return classifier.run(c, str(tmp_path_factory.mktemp("masked")), parallel.make_mesh())
+
+
+def test_a_masked_classifier_serves_as_its_own_surrogate(tmp_path, imagenette_dir, masked_classifier):
+    mesh = parallel.make_mesh()
+    first = masked_classifier
     e = tiny("explainer", "imagenette", imagenette_dir)
     e.upstream = first["path"]  # no surrogate stage: the explainer reads the classifier's run
     e.explainer.freeze_backbone = True
@@ -428,15 +434,16 @@ def test_a_start_that_fails_its_checks_writes_nothing(tmp_path):
     assert not (tmp_path / "work").exists()
 
 
-def test_an_explainer_wider_than_its_surrogate_trains_from_scratch(tmp_path, imagenette_dir):
+def test_an_explainer_wider_than_its_surrogate_trains_from_scratch(
+    tmp_path, imagenette_dir, masked_classifier
+):
     """A ViT explainer of another shape than its surrogate (`model=<variant>` and its own fields) cannot
     start from the surrogate's encoder: it starts from its fresh initialization, trains, and is loaded and
     used with its own shape."""
     from vitshap_jax.runs import load_explainer
 
     mesh = parallel.make_mesh()
-    c = tiny("classifier", "imagenette", imagenette_dir, mask_patches=True)
-    first = classifier.run(c, str(tmp_path), mesh)
+    first = masked_classifier
     e = tiny("explainer", "imagenette", imagenette_dir)
     e.upstream = first["path"]  # the masked classifier (width 32, one block) is the surrogate
     e.model.update(dict(variant="mini", hidden_size=48, depth=2, num_heads=4, mlp_dim=96))
