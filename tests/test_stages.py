@@ -438,10 +438,8 @@ def test_an_explainer_wider_than_its_surrogate_trains_from_scratch(
     tmp_path, imagenette_dir, masked_classifier
 ):
     """A ViT explainer of another shape than its surrogate (`model=<variant>` and its own fields) cannot
-    start from the surrogate's encoder: it starts from its fresh initialization, trains, and is loaded and
-    used with its own shape."""
-    from vitshap_jax.runs import load_explainer
-
+    start from the surrogate's encoder: it starts from its fresh initialization and trains (its test
+    evaluation runs it with the surrogate: efficient values)."""
     mesh = parallel.make_mesh()
     first = masked_classifier
     e = tiny("explainer", "imagenette", imagenette_dir)
@@ -457,7 +455,3 @@ def test_an_explainer_wider_than_its_surrogate_trains_from_scratch(
     steps = data.builder("imagenette", str(imagenette_dir)).info.splits["train"].num_examples // 8
     moved = max(np.abs(exp[k] - init[k]).max() for k in exp if k.startswith("backbone/"))
     assert 0 < moved < 2 * e.optim.lr * steps
-    run = load_explainer(str(tmp_path))
-    out = run(jnp.zeros((2, 16, 16, 3)))
-    assert out["phi"].shape == (2, 16, 10)
-    np.testing.assert_allclose(out["phi"].sum(1), out["v_all"] - out["v_empty"], atol=1e-5)
