@@ -28,6 +28,7 @@ def digits_config(stage, data_dir, **train):
     c.dataset.data_dir = str(data_dir)
     c.train.epochs = EPOCHS[stage]
     c.optim.warmup_steps = 20
+    c.train.eval_every_epochs = c.train.epochs  # validated (and checkpointed) at the end only: faster
     c.train.update(train)
     return c
 
