@@ -3,9 +3,10 @@
 # 56 px with 4 px patches (14 x 14 = 196 players, as a 224 px ViT with 16 px patches) and a small ViT
 # (width 32, depth 2, 2 heads, MLP 64). Classifier: 30 epochs at peak lr 5e-3 after 50 warmup steps
 # (test accuracy 0.963 on 2026-11-26, 0.952 with the code of 2026-11-27; the digits defaults, lr 1e-3
-# with 200 warmup steps over 20 epochs, left the loss at ln 10 for the first epochs and stopped at 0.585). Surrogate: 30 epochs at 2e-3, 50 warmup steps.
-# Explainer: 30 epochs, 50 warmup steps. 32 min 27 s on one core of the 2-core CPU (2026-11-26;
-# classifier 3:50, surrogate 4:43, explainer 23:53; docs/performance.md, section (b)).
+# with 200 warmup steps over 20 epochs, left the loss at ln 10 for the first epochs and stopped at 0.585).
+# Surrogate: 30 epochs at 2e-3, 50 warmup steps. Explainer: 30 epochs, 50 warmup steps. 32 min 27 s on
+# one core of the 2-core CPU (2026-11-26; classifier 3:50, surrogate 4:43, explainer 23:53;
+# docs/performance.md, section (b)).
 # Usage: bash benchmarks/digits196_run.sh WORKDIR
 set -euo pipefail
 workdir=${1:?usage: bash benchmarks/digits196_run.sh WORKDIR}
