@@ -192,10 +192,13 @@ def main(argv):
         print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         return
     from vitshap_jax.errors import UserError
+    from vitshap_jax.stages import common as stage_common
     from vitshap_jax.train.loop import Interrupted
 
     run = commands.get(config.stage) if config.stage in COMMANDS else stages.get_stage(config.stage)
     try:
+        flagged = config_flags.get_override_values(flags.FLAGS["config"])
+        stage_common.refuse_dropped_flags(config, flagged, _WORKDIR.value)
         run(config, _WORKDIR.value, mesh)
     except Interrupted as e:  # SIGTERM (preemption) or Ctrl-C: the checkpoint is saved, resume by rerunning
         print(f"launch.py: {e}", file=sys.stderr)

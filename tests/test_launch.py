@@ -79,3 +79,58 @@ def test_an_unreachable_coordinator_is_one_line_after_a_bounded_wait(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr and "Fatal" not in r.stderr, r.stderr[-2000:]
     assert "launch.py: error: the coordinator 127.0.0.1:9 did not answer within 2 s" in r.stderr
     assert not (tmp_path / "work").exists()
+
+
+def _fake_upstream_surrogate(path):
+    """A surrogate run's config file (all `refuse_dropped_flags` reads): digits' `micro` shape."""
+    from configs import surrogate
+
+    config = surrogate.get_config("digits").to_dict()
+    config["model"]["variant"] = "micro"  # what a run records once it took its classifier's shape
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return config
+
+
+def test_shape_flags_an_explainer_would_drop_are_refused(tmp_path):
+    _fake_upstream_surrogate(tmp_path / "surrogate")
+    work = tmp_path / "work"
+    r = launch(
+        "--config=configs/explainer.py:digits",
+        f"--workdir={work}",
+        f"--config.upstream={tmp_path / 'surrogate'}",
+        "--config.model.hidden_size=128",
+        "--config.model.depth=4",  # the surrogate's: kept, not named
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    line = next(x for x in r.stderr.splitlines() if x.startswith("launch.py: error:"))
+    assert "--config.model.hidden_size=128 (the upstream's: 64)" in line
+    assert "depth" not in line and "configs/explainer.py:digits,model=<variant>" in line
+    assert not work.exists()
+
+
+def test_shape_flags_are_refused_only_where_the_upstream_would_replace_them(tmp_path):
+    from configs import explainer
+    from vitshap_jax.errors import StageError
+    from vitshap_jax.stages.common import refuse_dropped_flags
+
+    upstream = tmp_path / "surrogate"
+    _fake_upstream_surrogate(upstream)
+
+    def config(arg="digits", **model):
+        c = explainer.get_config(arg)
+        c.upstream = str(upstream)
+        c.model.update(model)
+        return c
+
+    refuse_dropped_flags(config(hidden_size=64), {"model.hidden_size": 64}, str(tmp_path))  # the same
+    refuse_dropped_flags(config(hidden_size=128), {}, str(tmp_path))  # not a flag: a config file's value
+    # A variant named: the explainer keeps its own shape (from scratch), so the flag is used.
+    mini = config("digits,model=mini", hidden_size=96)
+    refuse_dropped_flags(mini, {"model.hidden_size": 96}, str(tmp_path))
+    with pytest.raises(StageError, match=r"--config.model.num_heads=2 \(the upstream's: 4\)"):
+        refuse_dropped_flags(config(num_heads=2), {"model.num_heads": 2}, str(tmp_path))
+    # The same variant as the upstream's also takes its shape.
+    with pytest.raises(StageError, match="mlp_dim=512"):
+        refuse_dropped_flags(config("digits,model=micro", mlp_dim=512), {"model.mlp_dim": 512}, str(tmp_path))

@@ -217,6 +217,37 @@ def upstream_config(config, workdir: str, upstream_stage: str) -> dict | None:
     return ckpt_lib.read_config(path)
 
 
+# The stage each single stage builds on.
+UPSTREAM_STAGE = {"surrogate": "classifier", "explainer": "surrogate"}
+
+
+def refuse_dropped_flags(config, flagged, workdir: str) -> None:
+    """Refuses command-line values (`flagged`: the dotted keys set, e.g. "model.hidden_size") of
+    architecture fields that `resolve` would replace by the upstream run's: a surrogate or explainer whose
+    `config.model.variant` is empty (or the upstream's) takes the upstream's shape, so a flag asking for
+    another would be dropped with only a log line. A StageError says how to get the shape asked for."""
+    stage = config.get("stage")
+    if stage not in UPSTREAM_STAGE or config.model.get("pretrained"):
+        return
+    upstream = upstream_config(config, workdir, UPSTREAM_STAGE[stage])
+    if not inherits(config, upstream):
+        return
+    present = _flat(config.to_dict())
+    dropped = [
+        f"--config.{key}={present[key]} (the upstream's: {_field(upstream, key)})"
+        for key in ARCHITECTURE_FIELDS
+        if key in flagged and key not in OWN_FIELDS and present[key] != _field(upstream, key)
+    ]
+    if dropped:
+        raise StageError(
+            f"{', '.join(dropped)}: this {stage} takes the architecture of its upstream run "
+            f"{upstream_dir(config, workdir, UPSTREAM_STAGE[stage])}, which would replace these values. "
+            f"To train the {stage} in another shape (from config.model.pretrained or from scratch), name a "
+            f"model variant in the config argument (configs/{stage}.py:{config.dataset.name},"
+            "model=<variant>) and set the fields with the flags; to keep the upstream's, drop the flags"
+        )
+
+
 def make_optimizer(config, total_steps: int, trainable=None):
     """AdamW with linear warmup and cosine decay to 0, global-norm clipping; `trainable` (a pytree
     of bools like the params, or None for all) freezes the False leaves."""
