@@ -133,11 +133,16 @@ def main(argv):
 
     from vitshap_jax import commands, parallel, stages
     from vitshap_jax.config import COMMANDS, STAGES, ConfigError, validate
+    from vitshap_jax.errors import UserError
+    from vitshap_jax.stages import common as stage_common
 
     config = _CONFIG.value
     try:
         validate(config)
-    except ConfigError as e:
+        # A flag the stage would replace by its upstream run's value is refused, not dropped.
+        flagged = config_flags.get_override_values(flags.FLAGS["config"])
+        stage_common.refuse_dropped_flags(config, flagged, _WORKDIR.value)
+    except (ConfigError, UserError) as e:
         _fail(str(e))
     if _DISTRIBUTED.value:
         where = _COORDINATOR.value or "the coordinator the cluster environment names"
@@ -191,14 +196,10 @@ def main(argv):
     if _DRY_RUN.value:
         print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         return
-    from vitshap_jax.errors import UserError
-    from vitshap_jax.stages import common as stage_common
     from vitshap_jax.train.loop import Interrupted
 
     run = commands.get(config.stage) if config.stage in COMMANDS else stages.get_stage(config.stage)
     try:
-        flagged = config_flags.get_override_values(flags.FLAGS["config"])
-        stage_common.refuse_dropped_flags(config, flagged, _WORKDIR.value)
         run(config, _WORKDIR.value, mesh)
     except Interrupted as e:  # SIGTERM (preemption) or Ctrl-C: the checkpoint is saved, resume by rerunning
         print(f"launch.py: {e}", file=sys.stderr)

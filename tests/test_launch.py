@@ -103,10 +103,9 @@ def test_shape_flags_an_explainer_would_drop_are_refused(tmp_path):
         "--config.model.hidden_size=128",
         "--config.model.depth=4",  # the surrogate's: kept, not named
     )
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    line = next(x for x in r.stderr.splitlines() if x.startswith("launch.py: error:"))
+    line = _one_line_error(r)
     assert "--config.model.hidden_size=128 (the upstream's: 64)" in line
-    assert "depth" not in line and "configs/explainer.py:digits,model=<variant>" in line
+    assert "depth" not in line and "other than the upstream's (micro)" in line and "model=<variant>" in line
     assert not work.exists()
 
 
@@ -134,3 +133,6 @@ def test_shape_flags_are_refused_only_where_the_upstream_would_replace_them(tmp_
     # The same variant as the upstream's also takes its shape.
     with pytest.raises(StageError, match="mlp_dim=512"):
         refuse_dropped_flags(config("digits,model=micro", mlp_dim=512), {"model.mlp_dim": 512}, str(tmp_path))
+    # The players are the upstream's patches, whatever the variant: no other shape to point to.
+    with pytest.raises(StageError, match="patch_size=4 .* a patch is one player.*drop the flag"):
+        refuse_dropped_flags(config(patch_size=4), {"model.patch_size": 4}, str(tmp_path))

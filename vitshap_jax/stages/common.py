@@ -11,7 +11,7 @@ from absl import logging
 
 from vitshap_jax import checkpoints as ckpt_lib
 from vitshap_jax import data, parallel
-from vitshap_jax.config import MASKINGS, default_masking
+from vitshap_jax.config import MASKINGS, VIT_VARIANTS, default_masking
 from vitshap_jax.errors import StageError
 from vitshap_jax.files import absolute, write_json
 from vitshap_jax.models import ARCHITECTURE_OPTIONS, abstract_params
@@ -234,18 +234,28 @@ def refuse_dropped_flags(config, flagged, workdir: str) -> None:
         return
     present = _flat(config.to_dict())
     dropped = [
-        f"--config.{key}={present[key]} (the upstream's: {_field(upstream, key)})"
+        key
         for key in ARCHITECTURE_FIELDS
         if key in flagged and key not in OWN_FIELDS and present[key] != _field(upstream, key)
     ]
-    if dropped:
+    if not dropped:
+        return
+    where = upstream_dir(config, workdir, UPSTREAM_STAGE[stage])
+    values = ", ".join(f"--config.{k}={present[k]} (the upstream's: {_field(upstream, k)})" for k in dropped)
+    if "model.patch_size" in dropped:  # the players: never another shape's to choose
         raise StageError(
-            f"{', '.join(dropped)}: this {stage} takes the architecture of its upstream run "
-            f"{upstream_dir(config, workdir, UPSTREAM_STAGE[stage])}, which would replace these values. "
-            f"To train the {stage} in another shape (from config.model.pretrained or from scratch), name a "
-            f"model variant in the config argument (configs/{stage}.py:{config.dataset.name},"
-            "model=<variant>) and set the fields with the flags; to keep the upstream's, drop the flags"
+            f"{values}: a patch is one player, the same for every stage, so the {stage} uses the patch size "
+            f"of its upstream run {where}; drop the flag"
         )
+    theirs = _field(upstream, "model.variant")
+    raise StageError(
+        f"{values}: this {stage} takes the architecture of its upstream run {where}, which would replace "
+        f"these values. To train the {stage} in another shape (from config.model.pretrained or from "
+        f"scratch), name a model variant other than the upstream's{f' ({theirs})' if theirs else ''} in the "
+        f"config argument (e.g. configs/{stage}.py:{config.dataset.name},model=<variant>; variants: "
+        f"{', '.join(VIT_VARIANTS)}) and set the fields with the flags; to keep the upstream's, drop the "
+        "flags"
+    )
 
 
 def make_optimizer(config, total_steps: int, trainable=None):
