@@ -59,7 +59,7 @@ import numpy as np  # noqa: E402
 
 from configs import explainer as explainer_config  # noqa: E402
 from vitshap_jax import parallel  # noqa: E402
-from vitshap_jax.config import validate  # noqa: E402
+from vitshap_jax.config import VIT_VARIANTS, validate  # noqa: E402
 from vitshap_jax.runs import TrainedRun, load_explainer  # noqa: E402
 from vitshap_jax.shapley import exact_shapley, kernelshap  # noqa: E402
 from vitshap_jax.stages import common  # noqa: E402
@@ -72,6 +72,9 @@ def _views(views: int, epochs: int, shared: bool = True, **overrides) -> tuple:
     settings = {"optim.lr": 2e-3, "regression_epochs": epochs, "views": views, "shared_budget": shared}
     return ("precomputed", "shapley", 32, 1.0, settings | overrides)
 
+
+# With a variant named, the explainer stage keeps this shape instead of taking its surrogate's.
+_MINI = {"model.variant": "mini"} | {f"model.{key}": value for key, value in VIT_VARIANTS["mini"].items()}
 
 # name: (signal, sampler, coalitions per image per step, epochs as a multiple of --epochs[, overrides])
 CONFIGS = {
@@ -129,6 +132,8 @@ CONFIGS = {
     ),
     "precomputed-v4shared-e75-lr2e-3-dropout": _views(4, 75, **{"model.dropout_rate": 0.1}),
     "precomputed-v4shared-e75-lr4e-3": _views(4, 75, **{"optim.lr": 4e-3}),
+    # A larger backbone than the surrogate's (the `mini` preset: width 128, 6 blocks), from scratch.
+    "precomputed-v4shared-e150-lr2e-3-mini": _views(4, 150, **_MINI),
 }
 GROUPS = {
     "signals": [k for k in CONFIGS if not k.startswith(("wls-32-", "precomputed"))],
