@@ -24,7 +24,7 @@ labels of 4 fixed views per image (`explainer.target_views=4`, the image and 3 r
 view labelled with the whole budget (4x the evaluations) or a quarter of it (the same), 75 epochs over
 the views (the same steps), and the latter for 150 epochs (twice the steps), against 8 views sharing
 the budget (an eighth each) for 75 epochs (the same twice the steps).
-`precomputed-v4shared-e150-lr2e-3-mini` is the latter's four-view, 150-epoch run with a backbone of the
+`precomputed-v4shared-e150-lr2e-3-mini` is `precomputed-v4shared-e150-lr2e-3` with a backbone of the
 `mini` shape instead of the surrogate's, from scratch.
 `--diagnose` first prints, for the run's own explainer on the first `--images` test and train images,
 its MSE, the uniform efficient attribution's and the median correlation with the exact values of the
