@@ -85,6 +85,17 @@ def inherits(config, upstream: dict | None) -> bool:
     return not (vit_backbone and _field(upstream, "model.architecture") != "vit")
 
 
+def _inherited(present: dict, upstream: dict) -> dict:
+    """{key: the upstream's value} of the fields an inheriting stage (`inherits`) takes from its upstream
+    run where its config (`present`, flat) says otherwise: the architecture but `OWN_FIELDS`."""
+    keys = (*ARCHITECTURE_FIELDS, "model.from_checkpoint", "model.variant")
+    return {
+        key: _field(upstream, key)
+        for key in keys
+        if key in present and key not in OWN_FIELDS and present[key] != _field(upstream, key)
+    }
+
+
 def same_architecture(a: dict, b: dict) -> bool:
     """Whether two stage configs (as dicts) describe the same model shape (`ARCHITECTURE_FIELDS`; a mask
     channel aside), so that one's parameters start the other."""
@@ -131,12 +142,9 @@ def resolve(config, upstream: dict | None = None) -> None:
         stated = arch["normalization"] or ("inception" if upstream is None else None)
     elif inherits(config, upstream):
         present = _flat(config.to_dict())
-        for key in ARCHITECTURE_FIELDS + ("model.from_checkpoint", "model.variant"):
-            if key in present and key not in OWN_FIELDS and present[key] != _field(upstream, key):
-                logging.info(
-                    "config.%s=%r -> %r (the upstream run's)", key, present[key], _field(upstream, key)
-                )
-                _set(config, key, _field(upstream, key))
+        for key, theirs in _inherited(present, upstream).items():
+            logging.info("config.%s=%r -> %r (the upstream run's)", key, present[key], theirs)
+            _set(config, key, theirs)
     if upstream is not None:
         theirs = _field(upstream, "dataset.normalization")
         if d.normalization == "auto" and stated not in (None, theirs):
@@ -233,15 +241,12 @@ def refuse_dropped_flags(config, flagged, workdir: str) -> None:
     if not inherits(config, upstream):
         return
     present = _flat(config.to_dict())
-    dropped = [
-        key
-        for key in ARCHITECTURE_FIELDS
-        if key in flagged and key not in OWN_FIELDS and present[key] != _field(upstream, key)
-    ]
+    replaced = _inherited(present, upstream)
+    dropped = [key for key in ARCHITECTURE_FIELDS if key in flagged and key in replaced]
     if not dropped:
         return
     where = upstream_dir(config, workdir, UPSTREAM_STAGE[stage])
-    values = ", ".join(f"--config.{k}={present[k]} (the upstream's: {_field(upstream, k)})" for k in dropped)
+    values = ", ".join(f"--config.{k}={present[k]} (the upstream's: {replaced[k]})" for k in dropped)
     if "model.patch_size" in dropped:  # the players: never another shape's to choose
         raise StageError(
             f"{values}: a patch is one player, the same for every stage, so the {stage} uses the patch size "
