@@ -179,8 +179,11 @@ def test_train_transform_without_crop_or_flip_only_normalizes():
     np.testing.assert_allclose(out, image / 127.5 - 1, atol=1e-6)
 
 
-def test_a_worker_exits_when_its_parent_is_killed(tmp_path):
-    """`exit_with_parent` (the grain workers' init): SIGKILL the parent, the child ends by itself."""
+@pytest.mark.parametrize("late", [False, True], ids=["init-first", "init-after-death"])
+def test_a_worker_exits_when_its_parent_is_killed(late):
+    """`exit_with_parent` (the grain workers' init): SIGKILL the parent, the child ends by itself, also
+    when the child reaches its init only after the parent is gone (already adopted by init: the race
+    that failed CI when the parent's pid was read in the child)."""
     import os
     import signal
     import subprocess
@@ -190,9 +193,12 @@ def test_a_worker_exits_when_its_parent_is_killed(tmp_path):
     script = (
         "import os, sys, time\n"
         "from vitshap_jax.data.loader import exit_with_parent\n"
+        "parent = os.getpid()\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"
-        "    exit_with_parent(interval=0.05)\n"
+        f"    while {late} and os.getppid() == parent:\n"
+        "        time.sleep(0.01)\n"
+        "    exit_with_parent(parent=parent, interval=0.05)\n"
         "    time.sleep(60)\n"
         "    os._exit(0)\n"
         "print(pid, flush=True)\n"

@@ -104,16 +104,22 @@ def config_transform(config, train: bool):
     )
 
 
-def exit_with_parent(worker_index: int = 0, worker_count: int = 0, *, interval: float = 1.0) -> None:
+def exit_with_parent(
+    worker_index: int = 0, worker_count: int = 0, *, parent: int | None = None, interval: float = 1.0
+) -> None:
     """Makes this (worker) process exit when the process that started it is gone.
 
     A killed trainer (SIGKILL, OOM killer) cannot stop its grain workers; each worker runs this at start
     (`mp_prefetch(worker_init_fn=...)`): a daemon thread that ends the worker once its parent process id
-    changes (the orphan is adopted by init or a subreaper).
+    is no longer `parent` (the orphan is adopted by init or a subreaper). Pass `parent` (the trainer's
+    `os.getpid()`, taken before the workers start): a worker that reaches its init only after the
+    trainer died then exits at once; without it the parent is read here, and such a late worker, already
+    adopted, would watch its adopter and live on.
     """
     import threading
 
-    parent = os.getppid()
+    if parent is None:
+        parent = os.getppid()
 
     def watch():
         while os.getppid() == parent:
@@ -139,7 +145,8 @@ class Loader:
         )
         if workers > 0:  # needs parsed absl flags (launch.py does it; tests mark them parsed)
             it_ds = it_ds.mp_prefetch(
-                grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=exit_with_parent
+                grain.MultiprocessingOptions(num_workers=workers),
+                worker_init_fn=functools.partial(exit_with_parent, parent=os.getpid()),
             )
         self._iterator = iter(it_ds)
 
