@@ -139,7 +139,7 @@ def main(argv):
     config = _CONFIG.value
     try:
         validate(config)
-        # A flag the stage would replace by its upstream run's value is refused, not dropped.
+        # A shape flag the stage would replace (by its upstream run's or its checkpoint's value) is refused.
         flagged = config_flags.get_override_values(flags.FLAGS["config"])
         stage_common.refuse_dropped_flags(config, flagged, _WORKDIR.value)
     except (ConfigError, UserError) as e:

@@ -136,3 +136,61 @@ def test_shape_flags_are_refused_only_where_the_upstream_would_replace_them(tmp_
     # The players are the upstream's patches, whatever the variant: no other shape to point to.
     with pytest.raises(StageError, match="patch_size=4 .* a patch is one player.*drop the flag"):
         refuse_dropped_flags(config(patch_size=4), {"model.patch_size": 4}, str(tmp_path))
+
+
+def _vit_npz(path, depth=2):
+    """A ViT checkpoint in the vision_transformer .npz layout (our parameter names): hidden 32, 4 heads."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import traverse_util
+
+    from vitshap_jax.models import ViT
+
+    model = ViT(num_classes=10, patch_size=2, hidden_size=32, depth=depth, num_heads=4, mlp_dim=64)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    np.savez(path, **{k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()})
+    return path
+
+
+def test_shape_flags_a_pretrained_checkpoint_would_replace_are_refused(tmp_path):
+    npz = _vit_npz(tmp_path / "vit.npz")
+    work = tmp_path / "work"
+    r = launch(
+        "--config=configs/classifier.py:digits",
+        f"--workdir={work}",
+        f"--config.model.pretrained={npz}",
+        "--config.model.depth=3",
+        "--config.model.hidden_size=32",  # the file's: kept, not named
+    )
+    line = _one_line_error(r)
+    assert "--config.model.depth=3 (the checkpoint's: 2)" in line and "hidden_size" not in line
+    assert "checkpoint_overrides" in line and "drop config.model.pretrained" in line
+    assert not work.exists()
+
+
+def test_shape_flags_are_refused_only_where_the_checkpoint_would_replace_them(tmp_path):
+    from configs import classifier
+    from vitshap_jax.errors import StageError
+    from vitshap_jax.stages.common import refuse_dropped_flags
+
+    npz = _vit_npz(tmp_path / "vit.npz")
+
+    def config(pretrained=npz, overrides="", **model):
+        c = classifier.get_config("digits")
+        c.model.update(dict(pretrained=str(pretrained), checkpoint_overrides=overrides, **model))
+        return c
+
+    refuse_dropped_flags(config(num_heads=4), {"model.num_heads": 4}, str(tmp_path))  # the file's value
+    refuse_dropped_flags(config(num_heads=8), {}, str(tmp_path))  # a config file's value, not a flag
+    refuse_dropped_flags(config(num_heads=8), {"optim.lr": 1e-3}, str(tmp_path))  # no shape flag
+    # A file that cannot be read is the stage's to report (with its own message), not this check's.
+    refuse_dropped_flags(config(tmp_path / "missing.npz", depth=3), {"model.depth": 3}, str(tmp_path))
+    with pytest.raises(StageError, match=r"--config.model.mlp_dim=128 \(the checkpoint's: 64\)"):
+        refuse_dropped_flags(config(mlp_dim=128), {"model.mlp_dim": 128}, str(tmp_path))
+    # What checkpoint_overrides states is what the stage uses: a flag that disagrees is refused too.
+    refuse_dropped_flags(config(overrides="num_heads=8", num_heads=8), {"model.num_heads": 8}, str(tmp_path))
+    with pytest.raises(StageError, match=r"num_heads=4 \(the checkpoint's: 8\)"):
+        refuse_dropped_flags(
+            config(overrides="num_heads=8", num_heads=4), {"model.num_heads": 4}, str(tmp_path)
+        )

@@ -12,7 +12,7 @@ from absl import logging
 from vitshap_jax import checkpoints as ckpt_lib
 from vitshap_jax import data, parallel
 from vitshap_jax.config import MASKINGS, VIT_VARIANTS, default_masking
-from vitshap_jax.errors import StageError
+from vitshap_jax.errors import StageError, UserError
 from vitshap_jax.files import absolute, write_json
 from vitshap_jax.models import ARCHITECTURE_OPTIONS, abstract_params
 
@@ -233,9 +233,13 @@ def refuse_dropped_flags(config, flagged, workdir: str) -> None:
     """Refuses command-line values (`flagged`: the dotted keys set, e.g. "model.hidden_size") of
     architecture fields that `resolve` would replace by the upstream run's: a surrogate or explainer whose
     `config.model.variant` is empty (or the upstream's) takes the upstream's shape, so a flag asking for
-    another would be dropped with only a log line. A StageError says how to get the shape asked for."""
+    another would be dropped with only a log line. A StageError says how to get the shape asked for.
+    Likewise with `config.model.pretrained` (any stage): the file's architecture replaces the flags'."""
+    if "model" in config and config.model.get("pretrained"):
+        _refuse_flags_a_checkpoint_replaces(config, flagged)
+        return
     stage = config.get("stage")
-    if stage not in UPSTREAM_STAGE or config.model.get("pretrained"):
+    if stage not in UPSTREAM_STAGE:
         return
     upstream = upstream_config(config, workdir, UPSTREAM_STAGE[stage])
     if not inherits(config, upstream):
@@ -260,6 +264,38 @@ def refuse_dropped_flags(config, flagged, workdir: str) -> None:
         f"config argument (e.g. configs/{stage}.py:{config.dataset.name},model=<variant>; variants: "
         f"{', '.join(VIT_VARIANTS)}) and set the fields with the flags; to keep the upstream's, drop the "
         "flags"
+    )
+
+
+def _refuse_flags_a_checkpoint_replaces(config, flagged) -> None:
+    """`refuse_dropped_flags` with `config.model.pretrained`: architecture flags that differ from what
+    `resolve` reads from the file (and `config.model.checkpoint_overrides`). The file is read only when
+    such a flag is given; one it cannot read is left to the stage, which reports it."""
+    from vitshap_jax.models import checkpoint_architecture
+
+    named = [key for key in ARCHITECTURE_FIELDS if key in flagged]
+    if not named:
+        return
+    path = os.path.expanduser(config.model.pretrained)
+    try:
+        arch = checkpoint_architecture(path)["model"]
+    except (OSError, UserError, ValueError):
+        return
+    overrides = checkpoint_overrides(config.model.get("checkpoint_overrides", ""))
+    theirs = arch | overrides
+    present = _flat(config.to_dict())
+    dropped = [k for k in named if k.split(".")[1] in theirs and present[k] != theirs[k.split(".")[1]]]
+    if not dropped:
+        return
+    values = ", ".join(
+        f"--config.{k}={present[k]} (the checkpoint's: {theirs[k.split('.')[1]]})" for k in dropped
+    )
+    raise StageError(
+        f"{values}: with config.model.pretrained={config.model.pretrained} the architecture is read from "
+        "that file, which would replace these values. A field the file cannot tell (the heads of a fused "
+        "qkv, the activation, the epsilon, the pooling) is stated with "
+        "--config.model.checkpoint_overrides=field=value,...; another shape cannot start from these "
+        "weights: drop config.model.pretrained to train it from scratch, or drop the flags"
     )
 
 
