@@ -136,6 +136,9 @@ CONFIGS = {
     "precomputed-v4shared-e75-lr4e-3": _views(4, 75, **{"optim.lr": 4e-3}),
     # A larger backbone than the surrogate's (the `mini` preset: width 128, 6 blocks), from scratch.
     "precomputed-v4shared-e150-lr2e-3-mini": _views(4, 150, **_MINI),
+    # Extra views blended with a crop of another image (explainer.view_mix): inputs between classes.
+    "precomputed-v4shared-e150-lr2e-3-mix5": _views(4, 150, **{"explainer.view_mix": 0.5}),
+    "precomputed-v8shared-e75-lr2e-3-mix5": _views(8, 75, **{"explainer.view_mix": 0.5}),
 }
 GROUPS = {
     "signals": [k for k in CONFIGS if not k.startswith(("wls-32-", "precomputed"))],
@@ -190,12 +193,17 @@ def train(name, seed, args, surrogate_dir, mesh):
 
 
 def share_labels(c, out: str, seed: int, path: str) -> None:
-    """Copies the KernelSHAP labels of an earlier precomputed run with the same seed and budget (identical
-    by construction) into `path`, which the stage then reads back instead of computing them again."""
+    """Copies the KernelSHAP labels of an earlier precomputed run with the same seed, budget and views
+    (the same number, blended alike: identical by construction) into `path`, which the stage then reads
+    back instead of computing them again."""
     for name, spec in CONFIGS.items():
         source = os.path.join(out, f"{name}-s{seed}", "explainer", explainer_stage.TARGETS_FILE)
-        views = (spec[4] if len(spec) > 4 else {}).get("views", 1)
-        if spec[0] != "precomputed" or views != c.explainer.target_views or not os.path.exists(source):
+        settings = spec[4] if len(spec) > 4 else {}
+        same_views = (settings.get("views", 1), settings.get("explainer.view_mix", 0.0)) == (
+            c.explainer.target_views,
+            c.explainer.view_mix,
+        )
+        if spec[0] != "precomputed" or not same_views or not os.path.exists(source):
             continue
         with np.load(source) as saved:
             if int(saved["evals"]) != c.explainer.target_evals:

@@ -36,6 +36,8 @@ def get_config(arg=None):
     # signal=precomputed: fixed views per training image, each with its own label (1: the image itself;
     # K > 1 adds K - 1 random crops drawn once; an epoch passes over all of them)
     c.explainer.target_views = 1
+    # target_views > 1: blend each extra view with a crop of another image, weight uniform in [0, this)
+    c.explainer.view_mix = 0.0
     # Coalition sampler of wls and kernelshap: "shapley" (exact kernel) or "reference_compat" (wls only).
     c.explainer.sampler = "shapley"
     c.explainer.packed = True  # run each coalition pair as one n + 2 token sequence (attention masking)

@@ -171,6 +171,12 @@ def test_signal_and_sampler_are_validated():
             validate(c)
     c.explainer.update(dict(signal="precomputed", target_views=3))
     validate(c)
+    for views, mix, message in [(3, 1.0, "must be in"), (3, -0.1, "must be in"), (1, 0.5, "target_views")]:
+        c.explainer.update(dict(target_views=views, view_mix=mix))
+        with pytest.raises(ConfigError, match=f"config.explainer.view_mix={mix}: .*{message}"):
+            validate(c)
+    c.explainer.update(dict(target_views=3, view_mix=0.5))
+    validate(c)
 
 
 @pytest.mark.parametrize(

@@ -260,3 +260,34 @@ def test_fixed_views_are_the_image_then_crops_drawn_once(train_source):
     assert sum(cropped) >= 5 and sum(per_seed) >= 5 and sum(per_view) >= 2
     with pytest.raises(IndexError):
         views[3 * n]
+
+
+def test_mixed_views_blend_a_crop_with_another_image_drawn_once(train_source):
+    """`FixedViews(mix=m)` (`explainer.view_mix`): view 0 stays the image, views k > 0 are
+    `(1 - w) * own crop + w * a crop of another example`, w uniform in [0, m), the same at every read;
+    `mix=0` gives exactly the plain crops (the labels of runs without it stay valid)."""
+    n = len(train_source)
+    plain = loader.FixedViews(train_source, 3, seed=0, crop_scale_min=0.5, hflip=True)
+    zero = loader.FixedViews(train_source, 3, seed=0, crop_scale_min=0.5, hflip=True, mix=0.0)
+    mixed = loader.FixedViews(train_source, 3, seed=0, crop_scale_min=0.5, hflip=True, mix=0.5)
+    for j in (0, 5, n + 5, 2 * n - 1):
+        np.testing.assert_array_equal(zero[j]["image"], plain[j]["image"])
+    np.testing.assert_array_equal(mixed[5]["image"], plain[5]["image"])  # view 0: the image itself
+    assert not np.array_equal(mixed[n + 5]["image"], plain[n + 5]["image"])
+    np.testing.assert_array_equal(mixed[n + 5]["image"], mixed[n + 5]["image"])
+    assert mixed[n + 5]["label"] == train_source[5]["label"]
+
+    # Constant images (crops of them are the same constant): image 0 black, the others 200. A view of
+    # image 0 is then w * 200 everywhere, with w in [0, 0.5) and its mean near 0.25: another image's.
+    black = {"image": np.zeros((8, 8, 3), np.uint8), "label": 0}
+    grey = {"image": np.full((8, 8, 3), 200, np.uint8), "label": 1}
+    source = [black] + [grey] * 9
+    views = loader.FixedViews(source, 400, seed=0, crop_scale_min=0.5, hflip=True, mix=0.5)
+    values = []
+    for k in range(1, 400):
+        image = views[k * len(source)]["image"]
+        assert (image == image.flat[0]).all() and views[k * len(source)]["label"] == 0
+        values.append(image.flat[0] / 200)
+    assert 0 <= min(values) and max(values) < 0.5 + 1e-2 and abs(np.mean(values) - 0.25) < 0.03
+    with pytest.raises(ValueError, match="mix=1.0"):
+        loader.FixedViews(source, 2, seed=0, crop_scale_min=0.5, hflip=True, mix=1.0)

@@ -387,6 +387,14 @@ def validate(config) -> None:
             views,
             f"applies to signal=precomputed only (signal={e.signal} augments every epoch)",
         )
+        mix = e.get("view_mix", 0.0)
+        _require(0.0 <= mix < 1.0, "explainer.view_mix", mix, "must be in [0, 1)")
+        _require(
+            mix == 0.0 or views > 1,
+            "explainer.view_mix",
+            mix,
+            "blends the extra views of target_views > 1: set explainer.target_views too",
+        )
         if e.signal == "permutation" and not m.pretrained:  # a checkpoint may set another patch size
             n = (d.image_size // m.patch_size) ** 2
             _require(

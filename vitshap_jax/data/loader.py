@@ -226,13 +226,22 @@ class FixedViews:
     probability 1/2 where `hflip`) scaled back to the image's own size, drawn once from
     (seed, i, k), so every read of it gives the same pixels. A loader reads them as evaluation reads
     any image (`augment=False`): the training set of an explainer regressed on labels computed once per
-    view (`explainer.target_views`), augmented without losing the labels."""
+    view (`explainer.target_views`), augmented without losing the labels.
 
-    def __init__(self, source, views: int, *, seed: int, crop_scale_min: float, hflip: bool):
+    With `mix` > 0 (`explainer.view_mix`) view k > 0 is also blended with such a crop of another example
+    j (drawn from the same seed), `(1 - w) * own + w * other` with w uniform in [0, mix): inputs between
+    two classes, where a model is unsure and its Shapley values are least like the clear cases'. The
+    view keeps example i's label (the regression target is the view's own KernelSHAP label)."""
+
+    def __init__(
+        self, source, views: int, *, seed: int, crop_scale_min: float, hflip: bool, mix: float = 0.0
+    ):
         if views < 1:
             raise ValueError(f"views={views}: must be at least 1")
+        if not 0.0 <= mix < 1.0 or (mix > 0 and len(source) < 2):
+            raise ValueError(f"mix={mix}: must be in [0, 1), and needs two examples or more")
         self.source, self.views, self.seed = source, views, seed
-        self.crop_scale_min, self.hflip = crop_scale_min, hflip
+        self.crop_scale_min, self.hflip, self.mix = crop_scale_min, hflip, mix
 
     def __len__(self):
         return self.views * len(self.source)
@@ -248,6 +257,13 @@ class FixedViews:
             height, width = image.shape[:2]
             crop = dict(crop_scale_min=self.crop_scale_min, hflip=self.hflip)
             image = transforms.random_crop(image, rng, width, height, **crop)
+            if self.mix > 0:
+                j = (i + 1 + int(rng.integers(len(self.source) - 1))) % len(self.source)  # not i
+                other = np.asarray(self.source[j]["image"])
+                other = transforms.random_crop(other, rng, width, height, **crop)
+                w = rng.uniform(0.0, self.mix)
+                blend = (1.0 - w) * image.astype(np.float32) + w * other.astype(np.float32)
+                image = np.clip(np.rint(blend), 0, 255).astype(image.dtype)
         return {"image": image, "label": example["label"]}
 
 

@@ -231,7 +231,12 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     if e.signal == "precomputed" and views > 1:  # labels of fixed augmented views (FixedViews)
         d = config.dataset
         train = FixedViews(
-            splits["train"], views, seed=config.seed, crop_scale_min=d.crop_scale_min, hflip=d.hflip
+            splits["train"],
+            views,
+            seed=config.seed,
+            crop_scale_min=d.crop_scale_min,
+            hflip=d.hflip,
+            mix=e.get("view_mix", 0.0),
         )
         splits = {**splits, "train": train}
     path = common.stage_dir(workdir, "explainer", config, up)  # after every check: nothing written on failure
