@@ -136,6 +136,7 @@ CONFIGS = {
     ),
     "precomputed-v4shared-e75-lr2e-3-dropout": _views(4, 75, **{"model.dropout_rate": 0.1}),
     "precomputed-v4shared-e75-lr4e-3": _views(4, 75, **{"optim.lr": 4e-3}),
+    "precomputed-v4shared-e150-lr4e-3": _views(4, 150, **{"optim.lr": 4e-3}),
     # A larger backbone than the surrogate's (the `mini` preset: width 128, 6 blocks), from scratch.
     "precomputed-v4shared-e150-lr2e-3-mini": _views(4, 150, **_MINI),
     # Extra views blended with a crop of another image (explainer.view_mix): inputs between classes.
@@ -238,6 +239,13 @@ def matching_budget(error, curve) -> str:
     return f"<{points[0][0]}" if error > points[0][1] else f">{points[-1][0]}"
 
 
+def exact_in_groups(game, images, n: int, group: int = 32) -> np.ndarray:
+    """`exact_shapley` on `group` images at a time (all 128 at once need 27 GB here)."""
+    return np.concatenate(
+        [np.asarray(exact_shapley(game, images[i : i + group], n)) for i in range(0, len(images), group)]
+    )
+
+
 def diagnose(run, images, truth, split: str) -> str:
     """The finished run's own explainer on `images` against exact values `truth`: its MSE, the MSE of
     the uniform efficient attribution ((v(all) - v(empty)) / n for every patch) and the median per-image
@@ -294,7 +302,7 @@ def main():
         truth = np.load(truth_file)
     else:
         start = time.perf_counter()
-        truth = np.asarray(exact_shapley(game, images, n))
+        truth = exact_in_groups(game, images, n)
         np.save(truth_file, truth)
         print(f"exact Shapley values: {time.perf_counter() - start:.0f} s")
 
@@ -304,7 +312,7 @@ def main():
         train_images = jnp.asarray(train_images)
         train_file = os.path.join(args.out, f"truth-train-{len(train_images)}.npy")
         if not os.path.exists(train_file):
-            np.save(train_file, np.asarray(exact_shapley(game, train_images, n)))
+            np.save(train_file, exact_in_groups(game, train_images, n))
         train_truth = np.load(train_file)
         print(diagnose(main_run, train_images, train_truth, "train"), flush=True)
     unsure = np.asarray(main_run(images)["v_all"]).max(-1) < 0.9
