@@ -25,7 +25,9 @@ view labelled with the whole budget (4x the evaluations) or a quarter of it (the
 the views (the same steps), and the latter for 150 epochs (twice the steps), against 8 views sharing
 the budget (an eighth each) for 75 epochs (the same twice the steps).
 `precomputed-v4shared-e150-lr2e-3-mini` is `precomputed-v4shared-e150-lr2e-3` with a backbone of the
-`mini` shape instead of the surrogate's, from scratch.
+`mini` shape instead of the surrogate's, from scratch; `...-mix5` the same with the extra views blended
+with another image (`explainer.view_mix=0.5`), as `precomputed-v8shared-e75-lr2e-3-mix5` with 8 views;
+`precomputed-v4shared-e150-lr4e-3` the same at lr 4e-3.
 `--diagnose` first prints, for the run's own explainer on the first `--images` test and train images,
 its MSE, the uniform efficient attribution's and the median correlation with the exact values of the
 predicted class, and adds each configuration's MSE on those train images to its row (`train_mse`).

@@ -230,8 +230,8 @@ class FixedViews:
 
     With `mix` > 0 (`explainer.view_mix`) view k > 0 is also blended with such a crop of another example
     j (drawn from the same seed), `(1 - w) * own + w * other` with w uniform in [0, mix): inputs between
-    two classes, where a model is unsure and its Shapley values are least like the clear cases'. The
-    view keeps example i's label (the regression target is the view's own KernelSHAP label)."""
+    two classes (on digits they did not make the explainer more accurate: docs/explainer_training.md).
+    The view keeps example i's label (the regression target is the view's own KernelSHAP label)."""
 
     def __init__(
         self, source, views: int, *, seed: int, crop_scale_min: float, hflip: bool, mix: float = 0.0

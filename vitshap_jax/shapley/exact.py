@@ -66,13 +66,13 @@ def exact_shapley(value_fn, images, n: int, *, chunk: int = 4096):
     """Exact Shapley values `[B, n, C]` of `value_fn` for each image (2^n evaluations per image).
 
     The coalitions without the last player are enumerated, each evaluated with its complement
-    (`game.value_pairs`), `chunk` pairs per jitted call for all the images at once (B x chunk pairs: 32
-    images of 4,096 pairs take about 7 GB of a 16-player micro ViT's activations on CPU; call it on
-    fewer images, or with a smaller chunk, where memory is short). Each pair enters as its difference
-    v(S) - v(complement of S), weighted in the game's precision; the chunks' sums are added in float64 on
-    the host. Measured against a float64 brute force on 16-player games (large offsets, max- and
-    min-shaped, symmetric): within 1e-6 of the largest |v| in float32 and 1e-12 with `jax_enable_x64`,
-    efficiency to the same bound (`tests/test_ground_truth.py`)."""
+    (`game.value_pairs`), `chunk` pairs per jitted call for all the images at once (B x chunk pairs: 128
+    images of 4,096 pairs of a 16-player micro ViT asked for a 27 GB buffer on CPU, 32 images run in
+    24 GB; call it on fewer images, or with a smaller chunk, where memory is short). Each pair enters as
+    its difference v(S) - v(complement of S), weighted in the game's precision; the chunks' sums are
+    added in float64 on the host. Measured against a float64 brute force on 16-player games (large
+    offsets, max- and min-shaped, symmetric): within 1e-6 of the largest |v| in float32 and 1e-12 with
+    `jax_enable_x64`, efficiency to the same bound (`tests/test_ground_truth.py`)."""
     if n > 24:
         raise ValueError(f"{n} players means {2**n:,} coalitions per image: use kernelshap instead")
     total, phi, game = 2 ** (n - 1), None, as_game(value_fn)
