@@ -355,8 +355,8 @@ def main():
             path, seconds, c = train(name, seed, args, main_run.surrogate_dir, mesh)
             run = TrainedRun.load(path)
             phi = np.asarray(run(images)["phi"])
-            mse = float(((phi - truth) ** 2).mean())
             per_image = ((phi - truth) ** 2).mean((1, 2))
+            mse = float(per_image.mean())  # every image has n x C values
             # The test images the surrogate is unsure about (top class below 0.9) against the others.
             split_mse = dict(
                 mse_unsure=float(per_image[unsure].mean()), mse_sure=float(per_image[~unsure].mean())

@@ -283,14 +283,12 @@ def _refuse_flags_a_checkpoint_replaces(config, flagged) -> None:
     except (OSError, UserError, ValueError):
         return
     overrides = checkpoint_overrides(config.model.get("checkpoint_overrides", ""))
-    theirs = arch | overrides
+    theirs = {f"model.{name}": value for name, value in (arch | overrides).items()}
     present = _flat(config.to_dict())
-    dropped = [k for k in named if k.split(".")[1] in theirs and present[k] != theirs[k.split(".")[1]]]
+    dropped = [k for k in named if k in theirs and present[k] != theirs[k]]
     if not dropped:
         return
-    values = ", ".join(
-        f"--config.{k}={present[k]} (the checkpoint's: {theirs[k.split('.')[1]]})" for k in dropped
-    )
+    values = ", ".join(f"--config.{k}={present[k]} (the checkpoint's: {theirs[k]})" for k in dropped)
     raise StageError(
         f"{values}: with config.model.pretrained={config.model.pretrained} the architecture is read from "
         "that file, which would replace these values. A field the file cannot tell (the heads of a fused "
