@@ -47,11 +47,20 @@ def matmul_peak(dtype, size: int = 4096, reps: int = 10) -> float:
 
 
 def step_setup(
-    variant: str, batch: int, coalitions: int, dtype: str, packed: bool, mesh, size: int, remat: bool = False
+    variant: str,
+    batch: int,
+    coalitions: int,
+    dtype: str,
+    packed: bool,
+    mesh,
+    size: int,
+    remat: bool = False,
+    matmul_precision: str = "float32",
 ):
     config = explainer_config.get_config(f"imagenette,model={variant}")
     config.model.dtype = dtype
     config.model.remat = remat
+    config.model.matmul_precision = matmul_precision
     config.explainer.num_coalitions = coalitions
     surrogate = build_model(config)
     explainer = build_explainer(config)
@@ -88,11 +97,24 @@ def memory_report(compiled) -> str:
 
 
 def measure(
-    variant, batch, coalitions, dtype, packed, steps, mesh, flops: bool, size: int, remat=False, memory=False
+    variant,
+    batch,
+    coalitions,
+    dtype,
+    packed,
+    steps,
+    mesh,
+    flops: bool,
+    size: int,
+    remat=False,
+    memory=False,
+    matmul_precision="float32",
 ):
     """(images/s, seconds per step, FLOPs per step or None, memory report or None); `steps=0` only
     compiles (for --memory)."""
-    step, state, data, s_params = step_setup(variant, batch, coalitions, dtype, packed, mesh, size, remat)
+    step, state, data, s_params = step_setup(
+        variant, batch, coalitions, dtype, packed, mesh, size, remat, matmul_precision
+    )
     step = step.lower(state, data, s_params).compile()  # compiled once: analysed, then timed
     cost = report = None
     if flops:
@@ -126,7 +148,13 @@ def main():
     p.add_argument("--peak_size", type=int, default=4096, help="side of the square matmul measuring the peak")
     p.add_argument("--memory", action="store_true", help="report XLA's memory analysis of each compiled step")
     p.add_argument("--remat", action="store_true", help="config.model.remat=True (the explainer's blocks)")
+    p.add_argument(
+        "--matmul_precision",
+        default="float32",
+        help="config.model.matmul_precision, or several (float32,bfloat16): each measured, ratios printed",
+    )
     args = p.parse_args()
+    precisions = args.matmul_precision.split(",")
     mesh = parallel.make_mesh()
     kind, count = jax.devices()[0].device_kind, len(jax.devices())
     print(f"device: {kind} x {count} ({jax.default_backend()}), jax {jax.__version__}")
@@ -135,8 +163,8 @@ def main():
         print(f"measured bfloat16 matmul peak ({args.peak_size}^2): {peak / 1e12:.3f} TFLOP/s")
     for variant in args.models.split(","):
         rows = {}
-        for packed in (False, True):
-            rows[packed] = measure(
+        for precision, packed in ((pr, pa) for pr in precisions for pa in (False, True)):
+            rows[precision, packed] = measure(
                 variant,
                 args.batch,
                 args.coalitions,
@@ -148,10 +176,12 @@ def main():
                 args.image_size,
                 args.remat,
                 args.memory,
+                precision,
             )
-            ips, sec, cost, report = rows[packed]
+            ips, sec, cost, report = rows[precision, packed]
             path = "pairs in n+2 tokens" if packed else "plain masked passes"
-            line = f"ViT-{variant} {args.image_size}px {path}{' (remat)' if args.remat else ''}: "
+            line = f"ViT-{variant} {args.image_size}px {path}{' (remat)' if args.remat else ''}"
+            line += f", {precision} matmuls: " if len(precisions) > 1 else ": "
             if args.steps:
                 line += f"{ips:.2f} images/s ({sec:.2f} s/step, "
             line += f"batch {args.batch}, {args.coalitions} coalitions{')' if args.steps else ''}"
@@ -161,7 +191,16 @@ def main():
                 line += f"; {report}"
             print(line, flush=True)
         if args.steps:
-            print(f"ViT-{variant}: speedup of the visible-token path {rows[True][0] / rows[False][0]:.2f}x")
+            for precision in precisions:
+                speedup = rows[precision, True][0] / rows[precision, False][0]
+                print(
+                    f"ViT-{variant}: speedup of the visible-token path {speedup:.2f}x ({precision} matmuls)"
+                )
+            for precision in precisions[1:]:
+                for packed in (False, True):
+                    ratio = rows[precision, packed][0] / rows[precisions[0], packed][0]
+                    path = "pairs in n+2 tokens" if packed else "plain masked passes"
+                    print(f"ViT-{variant} {path}: {precision} / {precisions[0]} matmuls {ratio:.2f}x")
 
 
 if __name__ == "__main__":

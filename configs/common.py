@@ -229,6 +229,9 @@ def base_config(stage: str, opts: config_dict.ConfigDict, *, inherit: bool = Fal
     c.model.norm = "group"  # ResNet: "group" (GroupNorm) or "affine" (frozen BatchNorm; imported weights)
     c.model.dtype = "auto"  # compute dtype: "float32", "bfloat16", or "auto" (bfloat16 on GPU/TPU, else
     # float32); parameters, logits and losses stay float32
+    # "bfloat16": a ViT's matmuls round their operands to bfloat16 and sum in float32 (TPU's default
+    # precision), the rest in model.dtype: faster on CPU, values to ~1e-3 (docs/performance.md)
+    c.model.matmul_precision = "float32"
     # Recompute each block's activations in the backward pass (less memory, more compute; same results)
     c.model.remat = False
     # Pretrained weights: a .npz (big_vision / vision_transformer), a timm .safetensors, or a Hugging

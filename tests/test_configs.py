@@ -93,6 +93,11 @@ def test_parse_arg_rules():
         ),
         ("model.pretrained", "/tmp/vit.pth", r"expected a .npz .* or .safetensors"),
         ("model.dtype", "float16", r"config.model.dtype='float16': must be one of auto, float32, bfloat16"),
+        (
+            "model.matmul_precision",
+            "tf32",
+            r"config.model.matmul_precision='tf32': must be one of float32, bfloat16",
+        ),
         ("optim.lr", float("inf"), r"config.optim.lr=inf: must be a finite number"),
         ("optim.weight_decay", float("nan"), r"config.optim.weight_decay=nan: must be a finite number"),
         ("model.ln_eps", float("inf"), r"config.model.ln_eps=inf: must be a finite number"),
@@ -127,3 +132,19 @@ def test_pipeline_config_holds_the_three_stages(dataset):
     assert c.classifier.optim.lr > 0
     with pytest.raises(ConfigError, match=r"config.explainer.optim.lr=-1.0: must be positive"):
         validate(c)
+
+
+def test_matmul_precision_reaches_every_matmul_of_the_vit_and_is_refused_for_a_resnet():
+    from vitshap_jax.models import build_explainer, build_model
+
+    c = load("explainer", "digits")
+    assert build_model(c).dot_dtype is None  # the default: float32 matmuls
+    c.model.matmul_precision = "bfloat16"
+    validate(c)
+    explainer = build_explainer(c)
+    assert build_model(c).dot_dtype == "bfloat16"
+    assert explainer.backbone.dot_dtype == explainer.explainer_head.dot_dtype == "bfloat16"
+    r = load("classifier", "digits,model=resnet18")
+    r.model.matmul_precision = "bfloat16"
+    with pytest.raises(ConfigError, match=r"config.model.matmul_precision='bfloat16': applies to ViTs"):
+        validate(r)

@@ -1,5 +1,7 @@
 """The masked ViT: masking strategies against oracles, and the public parameter counts."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -322,3 +324,98 @@ def test_gelu_and_softmax_are_the_library_functions_with_their_gradients():
     grads = [jax.grad(lambda z, f=f: (f(z) * w).sum() ** 2)(logits) for f in (vit.softmax, jax.nn.softmax)]
     assert np.all(np.isfinite(grads[0]))
     np.testing.assert_allclose(*grads, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_matmuls_round_the_operands_and_sum_in_float32():
+    """`mixed_einsum`: the einsum of the operands rounded to bfloat16, summed in float32 (checked against
+    numpy in float64 on the rounded operands); its gradients the same products with the cotangent rounded
+    too. And it does round: the result differs from the float32 einsum (by bfloat16's ~3 digits)."""
+    from vitshap_jax.models import vit
+
+    def rounded(x):
+        return np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    for spec, sa, sb in (
+        ("ijk,kl->ijl", (3, 5, 40), (40, 6)),  # Dense
+        ("abhd,hdk->abk", (2, 5, 4, 8), (4, 8, 16)),  # the attention's output projection
+        ("bhij,bhjk->bhik", (2, 3, 5, 16), (2, 3, 16, 7)),  # attention products
+    ):
+        a, b = jax.random.normal(k1, sa), jax.random.normal(k2, sb)
+        out = vit.mixed_einsum(spec, a, b, jnp.bfloat16)
+        assert out.dtype == jnp.float32
+        np.testing.assert_allclose(out, np.einsum(spec, rounded(a), rounded(b)), rtol=1e-5, atol=1e-5)
+        assert float(jnp.abs(out - jnp.einsum(spec, a, b)).max()) > 1e-4  # not float32 matmuls
+        g = jax.random.normal(k3, out.shape)
+        ga, gb = jax.grad(
+            lambda a, b, s=spec, g=g: (vit.mixed_einsum(s, a, b, jnp.bfloat16) * g).sum(), (0, 1)
+        )(a, b)
+        ins, res = spec.split("->")
+        ia, ib = ins.split(",")
+        np.testing.assert_allclose(
+            ga, np.einsum(f"{res},{ib}->{ia}", rounded(g), rounded(b)), rtol=1e-5, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            gb, np.einsum(f"{ia},{res}->{ib}", rounded(a), rounded(g)), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_the_einsum_of_a_dot_general_is_the_dot_general():
+    """`dot_general_in`'s translation of flax's dimension numbers (contracting and batch axes) into an
+    einsum spec: float32 results equal `lax.dot_general`'s."""
+    from vitshap_jax.models import vit
+
+    a = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))
+    b = jax.random.normal(jax.random.key(1), (2, 5, 4, 6))
+    for dims in (
+        (((3,), (1,)), ((), ())),
+        (((2, 3), (2, 1)), ((), ())),
+        (((3,), (1,)), ((0,), (0,))),
+        (((3,), (1,)), ((0, 2), (0, 2))),
+    ):
+        spec = vit._einsum_spec(dims, a.ndim, b.ndim)
+        np.testing.assert_allclose(
+            jnp.einsum(spec, a, b), jax.lax.dot_general(a, b, dims), rtol=1e-5, atol=1e-5, err_msg=spec
+        )
+
+
+def test_a_vit_with_bfloat16_matmuls_still_masks_exactly():
+    """`dot_dtype="bfloat16"` (config.model.matmul_precision): the same parameters, outputs within
+    bfloat16's precision of the float32 model's, held-out patches still never read (their pixels change
+    nothing, bit for bit), a coalition with its complement in one sequence still two masked passes, the
+    matmuls in the compiled program bfloat16, and gradients that match the float32 model's closely."""
+    kw = dict(num_classes=5, patch_size=PATCH, hidden_size=32, depth=3, num_heads=4, mlp_dim=64)
+    f32, bf16 = ViT(**kw), ViT(**kw, dot_dtype="bfloat16")
+    images, masks = _images(jax.random.key(1)), _random_masks(jax.random.key(2), 6)
+    params = _random_params(f32, jax.random.key(0))
+    assert jax.tree.structure(bf16.init(jax.random.key(0), images[:1])["params"]) == jax.tree.structure(
+        params
+    )
+    out = bf16.apply({"params": params}, images, masks)
+    reference = f32.apply({"params": params}, images, masks)
+    assert out.dtype == jnp.float32
+    scale = float(jnp.abs(reference).max())
+    error = float(jnp.abs(out - reference).max())
+    assert 1e-5 * scale < error < 3e-2 * scale, (error, scale)
+    noise = jax.random.normal(jax.random.key(3), images.shape)
+    pixels = jnp.asarray(
+        np.kron(np.asarray(masks).reshape(6, IMAGE // PATCH, IMAGE // PATCH), np.ones((PATCH, PATCH)))
+    )
+    other = images + noise * (1 - pixels)[..., None]  # only held-out pixels change
+    np.testing.assert_array_equal(out, bf16.apply({"params": params}, other, masks))
+    both = bf16.apply({"params": params}, images, masks, with_complement=True)
+    np.testing.assert_allclose(both[:, 0], out, atol=2e-3 * scale)
+    np.testing.assert_allclose(both[:, 1], bf16.apply({"params": params}, images, ~masks), atol=2e-3 * scale)
+    hlo = jax.jit(lambda p: bf16.apply({"params": p}, images, masks)).lower(params).as_text()
+    dots = re.findall(r"stablehlo.dot_general .*: \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)", hlo)
+    assert sum(d == ("bf16", "bf16") for d in dots) == 8 * 3, (
+        dots
+    )  # q, k, v, out, 2 products, 2 MLP; 3 blocks
+    assert sum(d == ("f32", "f32") for d in dots) == 1, dots  # the classification head
+    grads = [
+        jax.grad(lambda p, m=m: (m.apply({"params": p}, images, masks) ** 2).sum())(params)
+        for m in (f32, bf16)
+    ]
+    gscale = max(float(jnp.abs(u).max()) for u in jax.tree.leaves(grads[0]))
+    for u, v in zip(*(jax.tree.leaves(g) for g in grads), strict=True):  # within 2% of the largest
+        np.testing.assert_allclose(v, u, rtol=0.05, atol=0.02 * gscale)

@@ -47,6 +47,13 @@ ARCHITECTURE_OPTIONS = {
 }
 
 
+def dot_dtype(config) -> str | None:
+    """The ViT's `dot_dtype` for `config.model.matmul_precision` (None: float32 matmuls); configs
+    written before the field existed are float32."""
+    precision = _as_config(config).model.get("matmul_precision", "float32")
+    return None if precision == "float32" else precision
+
+
 def compute_dtype(name: str):
     """The compute dtype of `config.model.dtype`: "auto" is bfloat16 on GPU and TPU, float32 on CPU."""
     if name == "auto":
@@ -107,6 +114,7 @@ def build_model(config, *, masking: str | None = None):
         masking=masking_of(config, masking),
         dtype=compute_dtype(m.dtype),
         remat=m.get("remat", False),
+        dot_dtype=dot_dtype(config),
         **{k: m.get(k, default) for k, default in ARCHITECTURE_OPTIONS.items()},
     )
 
@@ -137,6 +145,7 @@ def build_explainer(config):
         mlp_ratio=e.mlp_ratio,
         activation=e.activation,
         dtype=compute_dtype(m.dtype),
+        dot_dtype=dot_dtype(config),
         num_prefix_tokens=backbone.num_prefix_tokens,
     )
     return Explainer(backbone=backbone, explainer_head=head)

@@ -13,10 +13,12 @@ initialized from the surrogate's parameters by copying; the head lives under `ex
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vitshap_jax.models.vit import _LN_EPS, Encoder1DBlock, ViT
+from vitshap_jax.models.vit import _LN_EPS, Encoder1DBlock, ViT, dot_general_in
 
 ACTIVATIONS = {"gelu": lambda x: nn.gelu(x, approximate=False), "relu": nn.relu}
 
@@ -30,6 +32,7 @@ class ExplainerHead(nn.Module):
     mlp_ratio: int = 4
     activation: str = "gelu"
     dtype: jnp.dtype = jnp.float32
+    dot_dtype: str | None = None  # the ViT's (models/vit.py)
     num_prefix_tokens: int = 1  # class, distillation and register tokens before the patches
 
     @nn.compact
@@ -37,15 +40,16 @@ class ExplainerHead(nn.Module):
         """`tokens [B, P + n, D]` -> `phi_raw [B, n, C]` in (-1, 1), float32."""
         x = tokens
         for i in range(self.head_blocks):
-            x = Encoder1DBlock(self.num_heads, self.mlp_dim, dtype=self.dtype, name=f"block_{i}")(
-                x, None, deterministic=not train
-            )
+            x = Encoder1DBlock(
+                self.num_heads, self.mlp_dim, dtype=self.dtype, dot_dtype=self.dot_dtype, name=f"block_{i}"
+            )(x, None, deterministic=not train)
         x = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm")(x[:, self.num_prefix_tokens :])
         width = self.mlp_ratio * tokens.shape[-1]
         act = ACTIVATIONS[self.activation]
+        dense = functools.partial(nn.Dense, dtype=self.dtype, dot_general=dot_general_in(self.dot_dtype))
         for i in range(self.mlp_layers - 1):
-            x = act(nn.Dense(width, dtype=self.dtype, name=f"mlp_{i}")(x))
-        x = nn.Dense(self.num_classes, dtype=self.dtype, name=f"mlp_{self.mlp_layers - 1}")(x)
+            x = act(dense(width, name=f"mlp_{i}")(x))
+        x = dense(self.num_classes, name=f"mlp_{self.mlp_layers - 1}")(x)
         return jnp.tanh(x).astype(jnp.float32)
 
 

@@ -67,6 +67,74 @@ def _softmax_backward(y, g):
 softmax.defvjp(_softmax_forward, _softmax_backward)
 
 
+def _einsum_spec(dimension_numbers, lhs_ndim: int, rhs_ndim: int) -> str:
+    """The einsum spec of a `lax.dot_general` (its output order: batch, lhs free, rhs free)."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    letters = iter("abcdefghijklmnopqrstuvwxyz")
+    lhs = [next(letters) for _ in range(lhs_ndim)]
+    rhs = [next(letters) for _ in range(rhs_ndim)]
+    for i, j in zip((*lc, *lb), (*rc, *rb), strict=True):
+        rhs[j] = lhs[i]
+    out = [lhs[i] for i in lb]
+    out += [lhs[i] for i in range(lhs_ndim) if i not in (*lc, *lb)]
+    out += [rhs[j] for j in range(rhs_ndim) if j not in (*rc, *rb)]
+    return f"{''.join(lhs)},{''.join(rhs)}->{''.join(out)}"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def mixed_einsum(spec: str, a, b, dot_dtype):
+    """`einsum(spec, a, b)` with both operands rounded to `dot_dtype` (bfloat16) and the products
+    summed in float32, the result float32: TPU's default matmul precision, which XLA:CPU does not apply
+    by itself (`jax.default_matmul_precision` is ignored there). The backward pass does the same (the
+    cotangent rounded to `dot_dtype`, float32 gradients), so forward and backward both run the CPU's
+    bfloat16 matmul kernels (1.3-2x the float32 rate here: docs/performance.md). `spec` is two operands,
+    no index in one operand alone that the output lacks."""
+    return jnp.einsum(spec, a.astype(dot_dtype), b.astype(dot_dtype), preferred_element_type=jnp.float32)
+
+
+def _mixed_einsum_forward(spec, a, b, dot_dtype):
+    a16, b16 = a.astype(dot_dtype), b.astype(dot_dtype)
+    out = jnp.einsum(spec, a16, b16, preferred_element_type=jnp.float32)
+    return out, (a16, b16, jnp.zeros((), a.dtype), jnp.zeros((), b.dtype))  # dtypes as residuals
+
+
+def _mixed_einsum_backward(spec, dot_dtype, residuals, g):
+    a16, b16, a_like, b_like = residuals
+    ins, out = spec.split("->")
+    sa, sb = ins.split(",")
+    g16 = g.astype(dot_dtype)
+    ga = jnp.einsum(f"{out},{sb}->{sa}", g16, b16, preferred_element_type=jnp.float32)
+    gb = jnp.einsum(f"{sa},{out}->{sb}", a16, g16, preferred_element_type=jnp.float32)
+    return ga.astype(a_like.dtype), gb.astype(b_like.dtype)
+
+
+mixed_einsum.defvjp(_mixed_einsum_forward, _mixed_einsum_backward)
+
+
+def dot_general_in(dot_dtype):
+    """A `dot_general` for flax's Dense layers that runs in `mixed_einsum`'s precision, or None (flax's
+    own) when `dot_dtype` is None."""
+    if dot_dtype is None:
+        return None
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        del precision, preferred_element_type
+        spec = _einsum_spec(dimension_numbers, lhs.ndim, rhs.ndim)
+        return mixed_einsum(spec, lhs, rhs, jnp.dtype(dot_dtype)).astype(jnp.result_type(lhs, rhs))
+
+    return dot_general
+
+
+def matmul(a, b, dot_dtype=None):
+    """`a @ b` over the last two axes (leading axes batched, same shapes), in `mixed_einsum`'s precision
+    when `dot_dtype` is given."""
+    if dot_dtype is None:
+        return a @ b
+    lead = "".join("abcdefgh"[: a.ndim - 2])
+    spec = f"{lead}ij,{lead}jk->{lead}ik"
+    return mixed_einsum(spec, a, b, jnp.dtype(dot_dtype)).astype(jnp.result_type(a, b))
+
+
 # The MLP's activation: exact GELU (google-research, timm, HF ViT, DINOv2), its tanh approximation, and
 # OpenAI CLIP's "quick GELU" x * sigmoid(1.702 x).
 ACTIVATIONS = {
@@ -98,12 +166,14 @@ class MlpBlock(nn.Module):
     dropout_rate: float = 0.0
     dtype: jnp.dtype = jnp.float32
     act: str = "gelu"
+    dot_dtype: str | None = None
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
         dense = functools.partial(
             nn.Dense,
             dtype=self.dtype,
+            dot_general=dot_general_in(self.dot_dtype),
             kernel_init=nn.initializers.xavier_uniform(),
             bias_init=nn.initializers.normal(stddev=1e-6),
         )
@@ -130,6 +200,7 @@ class MultiHeadDotProductAttention(nn.Module):
     num_heads: int
     dtype: jnp.dtype = jnp.float32
     inspect: bool = False
+    dot_dtype: str | None = None
 
     @nn.compact
     def __call__(self, x, mask=None, queries=None):
@@ -142,6 +213,7 @@ class MultiHeadDotProductAttention(nn.Module):
             nn.DenseGeneral,
             features=(self.num_heads, width // self.num_heads),
             dtype=self.dtype,
+            dot_general=dot_general_in(self.dot_dtype),
             kernel_init=nn.initializers.xavier_uniform(),
         )
         # [B, heads, T, head_dim]: XLA:CPU runs batched matmuls with leading batch dimensions several
@@ -154,18 +226,19 @@ class MultiHeadDotProductAttention(nn.Module):
         if mask is not None and queries is not None and mask.shape[2] > 1:
             mask = mask[:, :, jnp.array(queries)]
         q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-        logits = (q @ k.swapaxes(-1, -2)).astype(jnp.float32)
+        logits = matmul(q, k.swapaxes(-1, -2), self.dot_dtype).astype(jnp.float32)
         if mask is not None:
             logits = logits + jnp.where(mask, 0.0, -1e30).astype(jnp.float32)
         weights = softmax(logits)
         if self.inspect:
             self.sow("intermediates", "attention", weights)
             weights = self.perturb("attention", weights)
-        y = (weights.astype(v.dtype) @ v).transpose(0, 2, 1, 3)
+        y = matmul(weights.astype(v.dtype), v, self.dot_dtype).transpose(0, 2, 1, 3)
         return nn.DenseGeneral(
             features=width,
             axis=(-2, -1),
             dtype=self.dtype,
+            dot_general=dot_general_in(self.dot_dtype),
             kernel_init=nn.initializers.xavier_uniform(),
             name="out",
         )(y)
@@ -184,6 +257,7 @@ class Encoder1DBlock(nn.Module):
     act: str = "gelu"
     ln_eps: float = _LN_EPS
     layer_scale: bool = False
+    dot_dtype: str | None = None
 
     @nn.compact
     def __call__(self, x, mask, deterministic: bool = True, queries=None):
@@ -197,15 +271,24 @@ class Encoder1DBlock(nn.Module):
 
         y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="LayerNorm_0")(x)
         y = MultiHeadDotProductAttention(
-            self.num_heads, dtype=self.dtype, inspect=self.inspect, name="MultiHeadDotProductAttention_1"
+            self.num_heads,
+            dtype=self.dtype,
+            inspect=self.inspect,
+            dot_dtype=self.dot_dtype,
+            name="MultiHeadDotProductAttention_1",
         )(y, mask, queries)
         if queries is not None:
             x = x[:, jnp.array(queries)]
         x = x + nn.Dropout(self.dropout_rate)(scaled("ls1", y), deterministic=deterministic)
         y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="LayerNorm_2")(x)
-        y = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype, act=self.act, name="MlpBlock_3")(
-            y, deterministic=deterministic
-        )
+        y = MlpBlock(
+            self.mlp_dim,
+            self.dropout_rate,
+            dtype=self.dtype,
+            act=self.act,
+            dot_dtype=self.dot_dtype,
+            name="MlpBlock_3",
+        )(y, deterministic=deterministic)
         return x + scaled("ls2", y)
 
 
@@ -255,6 +338,7 @@ class Encoder(nn.Module):
     final_norm: bool = True
     num_pos_prefix: int = 1
     remat: bool = False
+    dot_dtype: str | None = None
 
     @nn.compact
     def __call__(
@@ -294,6 +378,7 @@ class Encoder(nn.Module):
                 act=self.act,
                 ln_eps=self.ln_eps,
                 layer_scale=self.layer_scale,
+                dot_dtype=self.dot_dtype,
                 name=f"encoderblock_{i}",
             )(x, mask, deterministic, outputs if i == self.depth - 1 else None)
         if outputs is not None and self.depth == 0:
@@ -331,6 +416,9 @@ class ViT(nn.Module):
       remat: recompute each block's activations in the backward pass instead of keeping them
         (`nn.remat`): the same values and gradients with less memory and more compute. Not an
         architecture option: the parameters are the same.
+      dot_dtype: None, or "bfloat16": the transformer's matmuls (projections, attention products,
+        MLP) take operands rounded to bfloat16 and sum in float32 (`mixed_einsum`), the rest in `dtype`.
+        Not an architecture option either.
     """
 
     num_classes: int
@@ -355,6 +443,7 @@ class ViT(nn.Module):
     act: str = "gelu"
     ln_eps: float = _LN_EPS
     remat: bool = False
+    dot_dtype: str | None = None
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -407,6 +496,7 @@ class ViT(nn.Module):
             final_norm=not self.fc_norm,
             num_pos_prefix=pos_prefix,
             remat=self.remat,
+            dot_dtype=self.dot_dtype,
         )
         if self.fc_norm:
             self.norm_pooled = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype)
