@@ -124,7 +124,7 @@ def forward_path(variant: str, batch: int):
     return jax.jit(lambda p, x, m: model.apply({"params": p}, x, m)), (params, images, mask)
 
 
-def classifier_path(variant: str, batch: int):
+def classifier_path(variant: str, batch: int, matmul_precision: str = "float32"):
     from configs import classifier as classifier_config
     from vitshap_jax import parallel
     from vitshap_jax.models import build_model
@@ -132,6 +132,7 @@ def classifier_path(variant: str, batch: int):
 
     config = classifier_config.get_config(f"imagenette,model={variant}")
     config.model.dtype = "float32"
+    config.model.matmul_precision = matmul_precision
     mesh = parallel.make_mesh()
     model = build_model(config)
     images = np.random.default_rng(0).standard_normal((batch, 224, 224, 3)).astype(np.float32)

@@ -26,13 +26,17 @@ with its own random coalition (half the patches), through
 
 Both get the same weights (ours converted from timm's state dict through `models/pretrained.py`), and
 the logits are compared first. Prints images/s of both (median of `--repeats` after a warm-up) and our
-speed as a fraction of PyTorch's. Set the same malloc environment for both sides when comparing
-(`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`; see issue 16): this script does not.
+speed as a fraction of PyTorch's. `--matmul_precision=bfloat16` compares the two at bfloat16 matmuls:
+ours with `config.model.matmul_precision=bfloat16` (bfloat16 operands, float32 sums and outputs),
+PyTorch under `torch.autocast("cpu", torch.bfloat16)` (its way: matmuls in bfloat16, their outputs
+bfloat16 too); run it once per precision. Set the same malloc environment for both sides when
+comparing (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`; see issue 16): this script does not.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -62,10 +66,20 @@ def timed(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def compare(variant: str, images: np.ndarray, keep: np.ndarray, repeats: int) -> str:
+def precision_context(precision: str):
+    """PyTorch's bfloat16 matmuls on CPU (autocast), or nothing for float32."""
+    if precision == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def compare(
+    variant: str, images: np.ndarray, keep: np.ndarray, repeats: int, precision: str = "float32"
+) -> str:
     batch = len(images)
     ref = timm.create_model(f"vit_{variant}_patch16_224", pretrained=False, num_classes=10).eval()
-    ours = ViT(num_classes=10, patch_size=16, **VIT_VARIANTS[variant])
+    dot_dtype = None if precision == "float32" else precision
+    ours = ViT(num_classes=10, patch_size=16, dot_dtype=dot_dtype, **VIT_VARIANTS[variant])
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "model.safetensors")
         save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
@@ -77,8 +91,8 @@ def compare(variant: str, images: np.ndarray, keep: np.ndarray, repeats: int) ->
     x_torch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
     def torch_forward():
-        with torch.no_grad():
-            return ref.forward_head(ref.forward_features(x_torch, attn_mask=bias))
+        with torch.no_grad(), precision_context(precision):
+            return ref.forward_head(ref.forward_features(x_torch, attn_mask=bias)).float()
 
     forward = jax.jit(lambda prm, x, m: ours.apply({"params": prm}, x, m))
     x_jax, m_jax = jnp.asarray(images), jnp.asarray(keep)
@@ -89,7 +103,8 @@ def compare(variant: str, images: np.ndarray, keep: np.ndarray, repeats: int) ->
     gap = np.abs(np.asarray(jax_forward()) - torch_forward().numpy()).max()
     t_torch, t_jax = timed(torch_forward, repeats), timed(jax_forward, repeats)
     return (
-        f"ViT-{variant} masked forward, batch {batch}: PyTorch+timm {batch / t_torch:.1f} images/s, "
+        f"ViT-{variant} masked forward, batch {batch}, {precision} matmuls: "
+        f"PyTorch+timm {batch / t_torch:.1f} images/s, "
         f"vitshap_jax {batch / t_jax:.1f} images/s ({t_torch / t_jax:.2f}x PyTorch); "
         f"max |logit difference| {gap:.1e}"
     )
@@ -142,7 +157,9 @@ def torch_flops(fn) -> float:
     return counter.get_total_flops() + attention[0]
 
 
-def torch_step_time(variant: str, batch: int, coalitions: int, repeats: int) -> tuple[float, float]:
+def torch_step_time(
+    variant: str, batch: int, coalitions: int, repeats: int, precision: str = "float32"
+) -> tuple[float, float]:
     """(seconds per explainer train step in PyTorch, median of `repeats` after a warm-up; FLOPs of one
     step)."""
     classes, n = 10, 196
@@ -160,14 +177,15 @@ def torch_step_time(variant: str, batch: int, coalitions: int, repeats: int) -> 
     def step():
         half = torch.rand(batch, coalitions // 2, n, generator=gen) < 0.5
         masks = torch.cat([half, ~half], 1)  # paired (sizes uniform here: the cost is the same)
-        with torch.no_grad():
+        with torch.no_grad(), precision_context(precision):
             ends = torch.stack([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
             grand_null = torch.stack([values(x[i : i + 1].expand(2, -1, -1, -1), ends) for i in range(batch)])
             v = torch.stack(
                 [values(x[i : i + 1].expand(coalitions, -1, -1, -1), masks[i]) for i in range(batch)]
             )
-        grand, null = grand_null[:, 0], grand_null[:, 1]
-        raw = explainer(x)
+        grand, null, v = grand_null[:, 0].float(), grand_null[:, 1].float(), v.float()
+        with precision_context(precision):
+            raw = explainer(x).float()
         phi = raw + ((grand - null) - raw.sum(1))[:, None] / n
         pred = null[:, None] + torch.einsum("bmn,bnc->bmc", masks.float(), phi)
         loss = n * ((pred - v) ** 2).mean()
@@ -178,14 +196,16 @@ def torch_step_time(variant: str, batch: int, coalitions: int, repeats: int) -> 
     return timed(step, repeats), torch_flops(step)
 
 
-def torch_classifier_time(variant: str, batch: int, repeats: int) -> float:
+def torch_classifier_time(variant: str, batch: int, repeats: int, precision: str = "float32") -> float:
     model = timm.create_model(f"vit_{variant}_patch16_224", pretrained=False, num_classes=10).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(batch, 3, 224, 224, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
 
     def step():
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        with precision_context(precision):
+            logits = model(x).float()
+        loss = torch.nn.functional.cross_entropy(logits, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -193,10 +213,10 @@ def torch_classifier_time(variant: str, batch: int, repeats: int) -> float:
     return timed(step, repeats)
 
 
-def jax_classifier_time(variant: str, batch: int, repeats: int) -> float:
+def jax_classifier_time(variant: str, batch: int, repeats: int, precision: str = "float32") -> float:
     from profile_ops import classifier_path  # the classifier stage's jitted train step
 
-    step, (state, data) = classifier_path(variant, batch)
+    step, (state, data) = classifier_path(variant, batch, precision)
     holder = {"state": state}
 
     def run():
@@ -206,14 +226,25 @@ def jax_classifier_time(variant: str, batch: int, repeats: int) -> float:
     return timed(run, repeats)
 
 
-def jax_step_time(variant: str, batch: int, coalitions: int, packed: bool, repeats: int):
+def jax_step_time(
+    variant: str, batch: int, coalitions: int, packed: bool, repeats: int, precision: str = "float32"
+):
     """(seconds per explainer step, its FLOPs by XLA's cost analysis, elementwise ops included)."""
     from explainer_step import measure
 
     from vitshap_jax import parallel
 
     _, seconds, cost, _ = measure(
-        variant, batch, coalitions, "float32", packed, repeats, parallel.make_mesh(), True, 224
+        variant,
+        batch,
+        coalitions,
+        "float32",
+        packed,
+        repeats,
+        parallel.make_mesh(),
+        True,
+        224,
+        matmul_precision=precision,
     )
     return seconds, cost
 
@@ -226,20 +257,27 @@ def main():
     p.add_argument("--step_batch", type=int, default=2, help="images per explainer step (0: skip)")
     p.add_argument("--coalitions", type=int, default=32)
     p.add_argument("--classifier_batch", type=int, default=32, help="images per classifier step (0: skip)")
+    p.add_argument(
+        "--matmul_precision",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="bfloat16: ours with config.model.matmul_precision=bfloat16, PyTorch under CPU autocast",
+    )
     args = p.parse_args()
+    precision = args.matmul_precision
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__} ({threads} threads), timm {timm.__version__}; jax {jax.__version__}")
     rng = np.random.default_rng(0)
     images = rng.standard_normal((args.batch, 224, 224, 3)).astype(np.float32)
     keep = rng.random((args.batch, 196)) < 0.5
     for variant in args.models.split(","):
-        print(compare(variant, images, keep, args.repeats), flush=True)
+        print(compare(variant, images, keep, args.repeats, precision), flush=True)
     for variant in args.models.split(",") if args.step_batch else []:
         b, m = args.step_batch, args.coalitions
-        t_torch, f_torch = torch_step_time(variant, b, m, args.repeats)
-        t_plain, f_plain = jax_step_time(variant, b, m, False, args.repeats)
-        t_packed, f_packed = jax_step_time(variant, b, m, True, args.repeats)
-        head = f"ViT-{variant} explainer step, batch {b} x {m} coalitions"
+        t_torch, f_torch = torch_step_time(variant, b, m, args.repeats, precision)
+        t_plain, f_plain = jax_step_time(variant, b, m, False, args.repeats, precision)
+        t_packed, f_packed = jax_step_time(variant, b, m, True, args.repeats, precision)
+        head = f"ViT-{variant} explainer step, batch {b} x {m} coalitions, {precision} matmuls"
         print(
             f"{head}: PyTorch+timm {b / t_torch:.2f} images/s, vitshap_jax {b / t_plain:.2f} plain masked "
             f"({t_torch / t_plain:.2f}x), {b / t_packed:.2f} packed ({t_torch / t_packed:.2f}x PyTorch)",
@@ -261,11 +299,12 @@ def main():
     for variant in args.models.split(",") if args.classifier_batch else []:
         b = args.classifier_batch
         t_torch, t_jax = (
-            torch_classifier_time(variant, b, args.repeats),
-            jax_classifier_time(variant, b, args.repeats),
+            torch_classifier_time(variant, b, args.repeats, precision),
+            jax_classifier_time(variant, b, args.repeats, precision),
         )
         print(
-            f"ViT-{variant} classifier step, batch {b}: PyTorch+timm {b / t_torch:.1f} images/s, "
+            f"ViT-{variant} classifier step, batch {b}, {precision} matmuls: "
+            f"PyTorch+timm {b / t_torch:.1f} images/s, "
             f"vitshap_jax {b / t_jax:.1f} images/s ({t_torch / t_jax:.2f}x PyTorch)",
             flush=True,
         )

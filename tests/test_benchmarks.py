@@ -23,10 +23,32 @@ def run(script, *args):
 
 def test_explainer_step_benchmark_prints_both_paths_and_the_ratio():
     out = run(
-        "explainer_step.py", "--models=micro", "--image_size=32", "--batch=2", "--coalitions=4", "--steps=1"
+        "explainer_step.py",
+        "--models=micro",
+        "--image_size=32",
+        "--batch=2",
+        "--coalitions=4",
+        "--steps=1",
+        "--matmul_precision=float32,bfloat16",
     )
-    assert "plain masked passes" in out and "pairs in n+2 tokens" in out
-    assert "ViT-micro: speedup of the visible-token path" in out
+    assert out.count("plain masked passes, ") == 2 and out.count("pairs in n+2 tokens, ") == 2
+    assert out.count("ViT-micro: speedup of the visible-token path") == 2
+    assert "ViT-micro pairs in n+2 tokens: bfloat16 / float32 matmuls" in out
+
+
+def test_matmul_precision_benchmark_on_a_trained_run(trained_run):
+    out = run(
+        "matmul_precision.py",
+        "--models=micro",
+        "--batch=2",
+        "--image_size=32",
+        "--repeats=1",
+        f"--workdir={trained_run}",
+        "--images=2",
+    )
+    assert out.count("GFLOP/s: float32") == 3
+    assert "ViT-micro masked forward, batch 2, 32 px: float32 matmuls" in out
+    assert "exact Shapley values of 2 test images (16 players" in out and "mean squared difference" in out
 
 
 def test_explainer_step_benchmark_reports_flops_against_the_matmul_peak():

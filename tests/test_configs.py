@@ -96,7 +96,7 @@ def test_parse_arg_rules():
         (
             "model.matmul_precision",
             "tf32",
-            r"config.model.matmul_precision='tf32': must be one of float32, bfloat16",
+            r"config.model.matmul_precision='tf32': must be one of auto, float32, bfloat16",
         ),
         ("optim.lr", float("inf"), r"config.optim.lr=inf: must be a finite number"),
         ("optim.weight_decay", float("nan"), r"config.optim.weight_decay=nan: must be a finite number"),
@@ -134,17 +134,25 @@ def test_pipeline_config_holds_the_three_stages(dataset):
         validate(c)
 
 
-def test_matmul_precision_reaches_every_matmul_of_the_vit_and_is_refused_for_a_resnet():
+def test_matmul_precision_reaches_every_matmul_of_the_vit_and_is_refused_for_a_resnet(monkeypatch):
+    from vitshap_jax import models
     from vitshap_jax.models import build_explainer, build_model
 
     c = load("explainer", "digits")
-    assert build_model(c).dot_dtype is None  # the default: float32 matmuls
+    assert c.model.matmul_precision == "auto"  # the default: bfloat16 where the CPU has bfloat16 dots
+    for fast in (True, False):
+        monkeypatch.setattr(models, "cpu_has_bfloat16_dots", lambda fast=fast: fast)
+        assert build_model(c).dot_dtype == ("bfloat16" if fast else None)
+    c.model.matmul_precision = "float32"
+    assert build_model(c).dot_dtype is None
+    assert models.dot_dtype({"model": {"depth": 4}}) is None  # a run recorded before the field: float32
     c.model.matmul_precision = "bfloat16"
     validate(c)
     explainer = build_explainer(c)
     assert build_model(c).dot_dtype == "bfloat16"
     assert explainer.backbone.dot_dtype == explainer.explainer_head.dot_dtype == "bfloat16"
     r = load("classifier", "digits,model=resnet18")
+    validate(r)  # "auto": float32 convolutions for a ResNet
     r.model.matmul_precision = "bfloat16"
     with pytest.raises(ConfigError, match=r"config.model.matmul_precision='bfloat16': applies to ViTs"):
         validate(r)

@@ -250,6 +250,8 @@ def test_runs_recorded_before_a_field_existed_still_resume():
     assert common.settings_diff(old, new) == []
     new["model"]["from_checkpoint"] = "/weights/vit.npz"  # recorded by newer runs; where, not what
     assert common.settings_diff(old, new) == []
+    new["model"]["matmul_precision"] = "bfloat16"  # a free field: another precision resumes the run
+    assert common.settings_diff(old, new) == []
     new["model"]["pool"] = "avg"
     new["optim"]["lr"] = 2e-3
     assert common.settings_diff(old, new) == ["model.pool: 'token' -> 'avg'", "optim.lr: 0.001 -> 0.002"]

@@ -61,7 +61,7 @@ def default_masking(architecture: str) -> str:
 DATASETS = ("digits", "imagenette", "pet", "mura", "cifar10", "cifar100", "folder")
 TARGETS = ("multiclass", "binary")
 DTYPES = ("auto", "float32", "bfloat16")
-MATMUL_PRECISIONS = ("float32", "bfloat16")  # the operands of a ViT's matmuls (models/vit.py: mixed_einsum)
+MATMUL_PRECISIONS = ("auto", "float32", "bfloat16")  # a ViT's matmul operands (models: dot_dtype)
 ACTIVATIONS = ("gelu", "relu")
 PRETRAINED_SUFFIXES = (".npz", ".safetensors")  # or a Hugging Face save_pretrained directory
 BAD_IMAGE_POLICIES = ("fail", "skip")  # what preparing a dataset does with an unreadable image
@@ -325,7 +325,7 @@ def validate(config) -> None:
     if "matmul_precision" in m:
         _one_of(config, "model.matmul_precision", MATMUL_PRECISIONS)
         _require(
-            architecture != "resnet" or m.matmul_precision == "float32",
+            architecture != "resnet" or m.matmul_precision != "bfloat16",
             "model.matmul_precision",
             m.matmul_precision,
             "applies to ViTs; a ResNet runs its convolutions in config.model.dtype",

@@ -2,6 +2,8 @@
 and loading of public pretrained weights. `build_model` / `build_explainer` make them from a stage config
 (a ConfigDict, or a run's recorded config as a dict)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from ml_collections import config_dict
@@ -25,6 +27,8 @@ __all__ = [
     "build_model",
     "checkpoint_architecture",
     "compute_dtype",
+    "cpu_has_bfloat16_dots",
+    "dot_dtype",
     "load_pretrained",
     "load_pretrained_into",
     "num_patches",
@@ -47,10 +51,26 @@ ARCHITECTURE_OPTIONS = {
 }
 
 
+@functools.cache
+def cpu_has_bfloat16_dots() -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16, read from
+    Linux's /proc/cpuinfo), with which XLA:CPU runs bfloat16 matmuls 1.3-2x faster than float32 ones."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = {word for line in f if line.startswith("flags") for word in line.split()}
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def dot_dtype(config) -> str | None:
-    """The ViT's `dot_dtype` for `config.model.matmul_precision` (None: float32 matmuls); configs
-    written before the field existed are float32."""
+    """The ViT's `dot_dtype` for `config.model.matmul_precision` (None: the backend's own precision,
+    float32 on CPU): "auto" is "bfloat16" on a CPU backend with bfloat16 dot instructions
+    (`cpu_has_bfloat16_dots`), else None. Configs written before the field existed are float32."""
     precision = _as_config(config).model.get("matmul_precision", "float32")
+    if precision == "auto":
+        fast = jax.default_backend() == "cpu" and cpu_has_bfloat16_dots()
+        return "bfloat16" if fast and architecture(config) == "vit" else None
     return None if precision == "float32" else precision
 
 

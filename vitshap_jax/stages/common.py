@@ -439,6 +439,9 @@ FREE_FIELDS = (
     "dataset.read_threads",
     "dataset.prefetch",
     "model.remat",
+    # How the matmuls round, not which model: a run resumes under another precision, as it does on
+    # another machine (where "auto" may resolve otherwise).
+    "model.matmul_precision",
     "model.variant",  # a name; the shape fields it stands for are compared
     "dataset.data_dir",
     "dataset.manual_dir",
