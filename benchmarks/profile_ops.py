@@ -4,6 +4,8 @@
     python benchmarks/profile_ops.py --path=classifier --model=tiny --batch=32
     python benchmarks/profile_ops.py --path=explainer --model=tiny --batch=2 [--packed=false]
 
+Each with `--matmul_precision=bfloat16` for the ViT's matmuls with bfloat16 operands (`mixed_einsum`).
+
 Runs the path's real jitted function (`forward`: the masked ViT surrogate forward, each image its own
 coalition of half the patches; `classifier`: the classifier stage's train step; `explainer`: the
 explainer stage's train step, 32 paired coalitions per image) under `jax.profiler.trace`, reads every
@@ -112,10 +114,16 @@ def profile(fn, args: tuple, runs: int, stateful: bool) -> tuple[dict, float, st
     return durations, wall, hlo
 
 
-def forward_path(variant: str, batch: int):
+def forward_path(variant: str, batch: int, matmul_precision: str = "float32"):
     width, depth, heads = (VIT_VARIANTS[variant][k] for k in ("hidden_size", "depth", "num_heads"))
     model = ViT(
-        num_classes=10, patch_size=16, hidden_size=width, depth=depth, num_heads=heads, mlp_dim=4 * width
+        num_classes=10,
+        patch_size=16,
+        hidden_size=width,
+        depth=depth,
+        num_heads=heads,
+        mlp_dim=4 * width,
+        dot_dtype=None if matmul_precision == "float32" else matmul_precision,
     )
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.standard_normal((batch, 224, 224, 3)).astype(np.float32))
@@ -146,12 +154,14 @@ def classifier_path(variant: str, batch: int, matmul_precision: str = "float32")
     return common.jit_train_step(fn, mesh), (state, data)
 
 
-def explainer_path(variant: str, batch: int, packed: bool):
+def explainer_path(variant: str, batch: int, packed: bool, matmul_precision: str = "float32"):
     from explainer_step import step_setup
 
     from vitshap_jax import parallel
 
-    step, state, data, s_params = step_setup(variant, batch, 32, "float32", packed, parallel.make_mesh(), 224)
+    step, state, data, s_params = step_setup(
+        variant, batch, 32, "float32", packed, parallel.make_mesh(), 224, matmul_precision=matmul_precision
+    )
     return step, (state, data, s_params)
 
 
@@ -163,14 +173,16 @@ def main():
     p.add_argument("--packed", default="true", choices=("true", "false"), help="explainer path only")
     p.add_argument("--runs", type=int, default=2, help="profiled runs (the mean is reported)")
     p.add_argument("--top", type=int, default=12, help="slowest single ops listed")
+    p.add_argument("--matmul_precision", default="float32", choices=("float32", "bfloat16"))
     args = p.parse_args()
+    precision = args.matmul_precision
 
     if args.path == "forward":
-        fn, fn_args = forward_path(args.model, args.batch)
+        fn, fn_args = forward_path(args.model, args.batch, precision)
     elif args.path == "classifier":
-        fn, fn_args = classifier_path(args.model, args.batch)
+        fn, fn_args = classifier_path(args.model, args.batch, precision)
     else:
-        fn, fn_args = explainer_path(args.model, args.batch, args.packed == "true")
+        fn, fn_args = explainer_path(args.model, args.batch, args.packed == "true", precision)
     durations, wall, hlo = profile(fn, fn_args, args.runs, stateful=args.path != "forward")
     sources = op_sources(hlo)
     groups = collections.Counter()
@@ -178,8 +190,8 @@ def main():
         groups[classify(sources.get(op, op))] += ms
     total = sum(durations.values())
     print(
-        f"{args.path}, ViT-{args.model}, batch {args.batch}, {jax.devices()[0].platform}, "
-        f"jax {jax.__version__}: "
+        f"{args.path}, ViT-{args.model}, batch {args.batch}, {precision} matmuls, "
+        f"{jax.devices()[0].platform}, jax {jax.__version__}: "
         f"{wall * 1000:.0f} ms per run (wall), {total:.0f} ms in {len(durations)} ops"
     )
     print(f"{'ms':>9} {'share':>6}  pass      module                 primitive")
