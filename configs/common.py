@@ -229,7 +229,7 @@ def base_config(stage: str, opts: config_dict.ConfigDict, *, inherit: bool = Fal
     c.model.norm = "group"  # ResNet: "group" (GroupNorm) or "affine" (frozen BatchNorm; imported weights)
     c.model.dtype = "auto"  # compute dtype: "float32", "bfloat16", or "auto" (bfloat16 on GPU/TPU, else
     # float32); parameters, logits and losses stay float32
-    # "bfloat16": a ViT's matmuls round their operands to bfloat16 and sum in float32 (TPU's default
+    # "bfloat16": a ViT's dense layers round their operands to bfloat16 and sum in float32 (TPU's default
     # precision), the rest in model.dtype: a 1.4-1.6x faster ViT on CPU, Shapley values within ~1e-5;
     # "auto": bfloat16 on a CPU with bfloat16 dot instructions, else float32 (docs/performance.md)
     c.model.matmul_precision = "auto"

@@ -21,16 +21,12 @@ def run(script, *args):
     return out.stdout
 
 
+# explainer_step.py at toy sizes: the micro ViT on 32 px, 2 images x 4 coalitions, one timed step
+TOY_STEP = ("--models=micro", "--image_size=32", "--batch=2", "--coalitions=4", "--steps=1")
+
+
 def test_explainer_step_benchmark_prints_both_paths_and_the_ratio():
-    out = run(
-        "explainer_step.py",
-        "--models=micro",
-        "--image_size=32",
-        "--batch=2",
-        "--coalitions=4",
-        "--steps=1",
-        "--matmul_precision=float32,bfloat16",
-    )
+    out = run("explainer_step.py", *TOY_STEP, "--matmul_precision=float32,bfloat16")
     assert out.count("plain masked passes, ") == 2 and out.count("pairs in n+2 tokens, ") == 2
     assert out.count("ViT-micro: speedup of the visible-token path") == 2
     assert "ViT-micro pairs in n+2 tokens: bfloat16 / float32 matmuls" in out
@@ -56,11 +52,7 @@ def test_explainer_step_benchmark_reports_flops_against_the_matmul_peak():
     # exercised on CPU at toy sizes; its numbers only mean something on an accelerator.
     out = run(
         "explainer_step.py",
-        "--models=micro",
-        "--image_size=32",
-        "--batch=2",
-        "--coalitions=4",
-        "--steps=1",
+        *TOY_STEP,
         "--flops",
         "--peak_size=256",
     )

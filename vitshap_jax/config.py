@@ -61,7 +61,7 @@ def default_masking(architecture: str) -> str:
 DATASETS = ("digits", "imagenette", "pet", "mura", "cifar10", "cifar100", "folder")
 TARGETS = ("multiclass", "binary")
 DTYPES = ("auto", "float32", "bfloat16")
-MATMUL_PRECISIONS = ("auto", "float32", "bfloat16")  # a ViT's matmul operands (models: dot_dtype)
+MATMUL_PRECISIONS = ("auto", "float32", "bfloat16")  # a ViT's dense-layer operands (models: dot_dtype)
 ACTIVATIONS = ("gelu", "relu")
 PRETRAINED_SUFFIXES = (".npz", ".safetensors")  # or a Hugging Face save_pretrained directory
 BAD_IMAGE_POLICIES = ("fail", "skip")  # what preparing a dataset does with an unreadable image
