@@ -392,8 +392,13 @@ def test_a_vit_with_bfloat16_matmuls_still_masks_exactly():
     assert jax.tree.structure(bf16.init(jax.random.key(0), images[:1])["params"]) == jax.tree.structure(
         params
     )
-    out = bf16.apply({"params": params}, images, masks)
-    reference = f32.apply({"params": params}, images, masks)
+    # jitted: op by op the pieces below take half a minute
+    apply = jax.jit(
+        lambda p, x, m, model, both=False: model.apply({"params": p}, x, m, with_complement=both),
+        static_argnums=(3, 4),
+    )
+    out = apply(params, images, masks, bf16)
+    reference = apply(params, images, masks, f32)
     assert out.dtype == jnp.float32
     scale = float(jnp.abs(reference).max())
     error = float(jnp.abs(out - reference).max())
@@ -403,16 +408,16 @@ def test_a_vit_with_bfloat16_matmuls_still_masks_exactly():
         np.kron(np.asarray(masks).reshape(6, IMAGE // PATCH, IMAGE // PATCH), np.ones((PATCH, PATCH)))
     )
     other = images + noise * (1 - pixels)[..., None]  # only held-out pixels change
-    np.testing.assert_array_equal(out, bf16.apply({"params": params}, other, masks))
-    both = bf16.apply({"params": params}, images, masks, with_complement=True)
+    np.testing.assert_array_equal(out, apply(params, other, masks, bf16))
+    both = apply(params, images, masks, bf16, True)
     np.testing.assert_allclose(both[:, 0], out, atol=2e-3 * scale)
-    np.testing.assert_allclose(both[:, 1], bf16.apply({"params": params}, images, ~masks), atol=2e-3 * scale)
+    np.testing.assert_allclose(both[:, 1], apply(params, images, ~masks, bf16), atol=2e-3 * scale)
     hlo = jax.jit(lambda p: bf16.apply({"params": p}, images, masks)).lower(params).as_text()
     dots = re.findall(r"stablehlo.dot_general .*: \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)", hlo)
     assert sum(d == ("bf16", "bf16") for d in dots) == 6 * 3, dots  # q, k, v, out, 2 MLP; 3 blocks
     assert sum(d == ("f32", "f32") for d in dots) == 2 * 3 + 1, dots  # the attention products, the head
     grads = [
-        jax.grad(lambda p, m=m: (m.apply({"params": p}, images, masks) ** 2).sum())(params)
+        jax.jit(jax.grad(lambda p, m=m: (m.apply({"params": p}, images, masks) ** 2).sum()))(params)
         for m in (f32, bf16)
     ]
     gscale = max(float(jnp.abs(u).max()) for u in jax.tree.leaves(grads[0]))
