@@ -88,8 +88,8 @@ def forward(variant: str, batch: int, size: int, repeats: int) -> str:
 
 
 def shapley_values(workdir: str, images: int) -> str:
+    from benchmarks.training_signals import exact_in_groups
     from vitshap_jax.runs import load_explainer
-    from vitshap_jax.shapley import exact_shapley
     from vitshap_jax.shapley.game import surrogate_game
 
     run = load_explainer(workdir)
@@ -103,9 +103,7 @@ def shapley_values(workdir: str, images: int) -> str:
         module = run.surrogate.clone(dot_dtype=None if precision == "float32" else precision)
         game = surrogate_game(module, run.surrogate_params, run.target, packed=True)
         start = time.perf_counter()
-        values[precision] = np.concatenate(
-            [np.asarray(exact_shapley(game, x[i : i + 32], n)) for i in range(0, len(x), 32)]
-        )
+        values[precision] = exact_in_groups(game, x, n)
         times[precision] = time.perf_counter() - start
     mse = ((values["bfloat16"] - values["float32"]) ** 2).mean()
     speedup = times["float32"] / times["bfloat16"]
