@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import sys
 import time
@@ -56,8 +57,13 @@ def step_setup(
     size: int,
     remat: bool = False,
     matmul_precision: str = "float32",
+    signal: str = "wls",
+    sampler: str = "shapley",
+    warmup_steps: int | None = None,
 ):
     config = explainer_config.get_config(f"imagenette,model={variant}")
+    if warmup_steps is not None:
+        config.optim.warmup_steps = warmup_steps
     config.model.dtype = dtype
     config.model.remat = remat
     config.model.matmul_precision = matmul_precision
@@ -79,12 +85,49 @@ def step_setup(
         num_coalitions=coalitions,
         paired=True,
         packed=packed,
+        signal=signal,
+        sampler=sampler,
     )
     step = common.jit_train_step(fn, mesh, num_frozen=1)
     labels = np.zeros(batch, np.int32)
     data = parallel.global_batch({"image": images, "label": labels}, mesh)
     s_params = jax.device_put(s_params, parallel.replicated(mesh))
     return step, state, data, s_params
+
+
+def _subjaxprs(params):
+    """The jaxprs inside an equation's parameters (jit bodies, custom-derivative rules, loop bodies,
+    cond branches), as lists: a tuple of branches is one list, counted by its costliest member."""
+    for value in params.values():
+        group = value if isinstance(value, (tuple, list)) else (value,)
+        found = [getattr(v, "jaxpr", v) for v in group]
+        found = [j for j in found if hasattr(j, "eqns")]
+        if found:
+            yield found
+
+
+def matmul_flops(jaxpr) -> float:
+    """FLOPs of the matrix products (dot_general, convolutions) in a jaxpr, 2 per multiply-add, nested
+    jaxprs included (scan bodies times their length; a while loop's body once; a cond's costliest
+    branch). The convention of model-FLOP utilisation, the same on every backend: XLA's cost analysis
+    of a GPU program does not see the matmuls it hands to cuBLAS."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        out = eqn.outvars[0].aval.shape
+        if name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(out) * math.prod(lhs[d] for d in contract)
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape  # per output element: the kernel of one output feature
+            features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+            total += 2.0 * math.prod(out) * math.prod(rhs) / features
+        times = eqn.params.get("length", 1) if name == "scan" else 1
+        for group in _subjaxprs(eqn.params):
+            total += times * max(matmul_flops(j) for j in group)
+    return total
 
 
 def memory_report(compiled) -> str:
@@ -109,29 +152,49 @@ def measure(
     remat=False,
     memory=False,
     matmul_precision="float32",
+    signal="wls",
+    sampler="shapley",
+    losses=None,
+    warmup_steps=None,
 ):
     """(images/s, seconds per step, FLOPs per step or None, memory report or None); `steps=0` only
-    compiles (for --memory)."""
+    compiles (for --memory). A list `losses` receives the training loss after each step run."""
     step, state, data, s_params = step_setup(
-        variant, batch, coalitions, dtype, packed, mesh, size, remat, matmul_precision
+        variant,
+        batch,
+        coalitions,
+        dtype,
+        packed,
+        mesh,
+        size,
+        remat,
+        matmul_precision,
+        signal,
+        sampler,
+        warmup_steps,
     )
-    step = step.lower(state, data, s_params).compile()  # compiled once: analysed, then timed
+    lowered, step_fn = step.lower(state, data, s_params), step
+    start = time.perf_counter()
+    step = lowered.compile()  # compiled once: analysed, then timed
+    compile_seconds = time.perf_counter() - start
     cost = report = None
     if flops:
-        analysis = step.cost_analysis()
-        cost = (analysis[0] if isinstance(analysis, list) else analysis).get("flops")
+        cost = matmul_flops(jax.make_jaxpr(step_fn)(state, data, s_params))
     if memory:
-        report = memory_report(step)
+        report = memory_report(step) + f", compiled in {compile_seconds:.0f} s"
     if steps == 0:
         return float("nan"), float("nan"), cost, report
     state, m = step(state, data, s_params)  # warm-up step
     jax.block_until_ready(m)
+    losses = [] if losses is None else losses
+    losses.append(float(m["loss"]))
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         state, m = step(state, data, s_params)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - start)
+        losses.append(float(m["loss"]))
     seconds = float(np.median(times))
     return batch / seconds, seconds, cost, report
 
@@ -153,7 +216,16 @@ def main():
         default="float32",
         help="config.model.matmul_precision, or several (float32,bfloat16): each measured, ratios printed",
     )
+    p.add_argument(
+        "--signals",
+        default="",
+        help="instead of plain vs packed: the packed step under each training signal, e.g. "
+        "wls,wls:reference_compat,kernelshap,permutation (signal[:sampler]); images/s and the loss "
+        "on one fixed random batch after the warm-up step and after --steps more",
+    )
     args = p.parse_args()
+    if args.signals:
+        return signals_report(args)
     precisions = args.matmul_precision.split(",")
     mesh = parallel.make_mesh()
     kind, count = jax.devices()[0].device_kind, len(jax.devices())
@@ -201,6 +273,48 @@ def main():
                     ratio = rows[precision, packed][0] / rows[precisions[0], packed][0]
                     path = "pairs in n+2 tokens" if packed else "plain masked passes"
                     print(f"ViT-{variant} {path}: {precision} / {precisions[0]} matmuls {ratio:.2f}x")
+
+
+def signals_report(args):
+    """The packed explainer step under each training signal: speed and whether it trains.
+
+    Random weights and one fixed batch of random images, so the loss falls only by fitting that batch's
+    game (at the configured learning rate from the first step: no warmup); the losses of different
+    signals are on different scales (WLS vs regression) and are not compared with each other.
+    `permutation` needs 2 (n - 1) evaluations per image: it gets max(--coalitions, that), printed."""
+    mesh = parallel.make_mesh()
+    n = (args.image_size // 16) ** 2
+    kind, count = jax.devices()[0].device_kind, len(jax.devices())
+    print(f"device: {kind} x {count} ({jax.default_backend()}), jax {jax.__version__}")
+    for variant in args.models.split(","):
+        for spec in args.signals.split(","):
+            signal, _, sampler = spec.partition(":")
+            coalitions = max(args.coalitions, 2 * (n - 1)) if signal == "permutation" else args.coalitions
+            losses = []
+            ips, sec, _, _ = measure(
+                variant,
+                args.batch,
+                coalitions,
+                args.dtype,
+                True,
+                args.steps,
+                mesh,
+                False,
+                args.image_size,
+                args.remat,
+                False,
+                args.matmul_precision.split(",")[0],
+                signal,
+                sampler or "shapley",
+                losses,
+                warmup_steps=1,  # the configured learning rate from the first step (no 500-step warmup)
+            )
+            print(
+                f"ViT-{variant} {args.image_size}px signal {spec}, {coalitions} evaluations per image: "
+                f"{ips:.2f} images/s ({sec:.3f} s/step, batch {args.batch}); loss {losses[0]:.4g} after the "
+                f"warm-up step, {losses[-1]:.4g} after {len(losses)} steps",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -1,39 +1,86 @@
-#!/usr/bin/env bash
-# The GPU check of issue 16 as one prepared script (a few minutes on one GPU): the explainer's train
-# step at 224 px in bfloat16 and float32 with achieved FLOP/s against the measured bf16 matmul peak,
-# XLA's memory analysis of the step per model size with and without remat, the masked forward's
-# time per batch and where it goes (profile_ops.py). (torch_reference.py runs PyTorch on the CPU only:
-# not part of this check.)
+# The GPU checks of issues 16 and 18 as one prepared script, its parts in order of importance, each cut
+# off by its own time limit and all by BUDGET seconds (default 540), so a slow part cannot starve the
+# rest of the record:
+#   1. step-bf16: the explainer's train step at 224 px in bfloat16 (ViT-S, ViT-B, batch 32 x 32 paired
+#      coalitions; plain masked passes and packed pairs), achieved matmul FLOP/s against the measured
+#      bf16 matmul peak, XLA's memory analysis and compile time of each step;
+#   2. torch-f32: ours against PyTorch + timm on the same GPU (torch_reference.py --device=cuda):
+#      masked forward, explainer step, classifier step, FLOPs of each side;
+#   3. profile: where the packed ViT-S explainer step's time goes (profile_ops.py; not yet run on a GPU);
+#   4. signals: the packed ViT-S step under each training signal (issue 18), images/s and the loss;
+#   5. torch-bf16: the forward and classifier comparison with bfloat16 matmuls (PyTorch autocast);
+#   6. memory: ViT-L's step compiled with and without remat (XLA's memory analysis).
+# On the H200 (2026-11-27, docs/gpu-runs/) compiling dominated: each 224 px explainer step took tens of
+# seconds to compile (XLA's GEMM autotuning; turning it off made the kernels 10x slower), so all parts
+# do not fit one 10-minute call. Two calls of about 9 minutes each:
+#   PARTS="step-bf16 torch-f32 profile" bash benchmarks/gpu_check.sh WHEELS_DIR
+#   PARTS="signals torch-bf16 memory" bash benchmarks/gpu_check.sh WHEELS_DIR
 #
 #   bash benchmarks/gpu_check.sh [WHEELS_DIR]      # on the GPU machine, from the repository root
 #   SMOKE=1 bash benchmarks/gpu_check.sh            # the same code paths at toy sizes (any CPU)
-#   PYTHON=.venv/bin/python ...                     # another interpreter than `python`
+#   PYTHON=.venv/bin/python BUDGET=400 PARTS="step-bf16 signals" ...   # interpreter, seconds, parts
 #
 # WHEELS_DIR: wheels to install first with --no-deps (the device image lacks grain,
 # tensorflow-datasets, ml_collections and array_record: ../shared/wheels-cp312, copied into the
 # checkout and carried). Output: one log per part on stdout, each line prefixed by its part.
 set -uo pipefail
-py=${PYTHON:-python}
+py=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+start=$SECONDS
+budget=${BUDGET:-540}
+parts=${PARTS:-step-bf16 torch-f32 profile signals torch-bf16 memory}
 if [ -n "${1:-}" ]; then
-  $py -m pip install --quiet --no-deps "$1"/*.whl || echo "gpu_check: installing wheels from $1 failed"
+  $py -m pip install --quiet --no-deps --no-index "$1"/*.whl || echo "gpu_check: installing wheels from $1 failed"
 fi
-$py -c "import jax; print('gpu_check: jax', jax.__version__, jax.devices())"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+# What float32 matmuls do on this backend (TF32 rounds operands to 10 mantissa bits: error ~1e-3).
+$py - <<'EOF'
+import jax, jax.numpy as jnp, numpy as np
+a = np.random.default_rng(0).standard_normal((512, 512)).astype(np.float32)
+err = np.abs(np.asarray(jax.jit(lambda x: x @ x)(jnp.asarray(a))) - a.astype(np.float64) @ a).max()
+print(f"gpu_check: jax {jax.__version__}, {jax.devices()}; float32 512^2 matmul max error {err:.1e}")
+EOF
 if [ -n "${SMOKE:-}" ]; then
-  models=tiny; big=tiny; batch=2; size=32; fwd_batch=4; peak=256
+  models=tiny; big=tiny; batch=2; size=32; peak=256; tsize=(--models=tiny --batch=2 --step_batch=1
+    --coalitions=2 --classifier_batch=2 --repeats=1); device=cpu
 else
-  models=small,base; big=base,large; batch=32; size=224; fwd_batch=64; peak=4096
+  models=small,base; big=large; batch=32; size=224; peak=8192; tsize=(--models=small --batch=64
+    --step_batch=32 --classifier_batch=64 --repeats=3); device=cuda
 fi
-part() { local name=$1; shift; echo "== $name: $*"; "$@" 2>&1 | grep -v -E "^(WARNING|I[0-9]{4}|W[0-9]{4})" | sed "s/^/$name: /"; }
-for dtype in bfloat16 float32; do
-  part "step-$dtype" $py benchmarks/explainer_step.py --models=$models --batch=$batch --steps=3 \
-    --image_size=$size --dtype=$dtype --flops --peak_size=$peak
-done
-for remat in "" --remat; do
-  part "memory${remat}" $py benchmarks/explainer_step.py --models=$big --batch=$batch --steps=0 \
-    --image_size=$size --dtype=bfloat16 --memory $remat
-done
-if [ -z "${SMOKE:-}" ]; then
-  part forward $py benchmarks/profile_ops.py --path=forward --model=small --batch=$fwd_batch --top=5
-  part explainer-profile $py benchmarks/profile_ops.py --path=explainer --model=small --batch=$batch --top=5
+# part NAME LIMIT CMD...: run CMD under min(LIMIT, what is left of BUDGET) seconds, output prefixed.
+part() {
+  local name=$1 limit=$2; shift 2
+  [[ " $parts " == *" $name "* ]] || return 0
+  local left=$((budget - (SECONDS - start)))
+  ((left < limit)) && limit=$left
+  if ((limit < 10)); then echo "== $name: skipped (budget of ${budget}s spent)"; return 0; fi
+  echo "== $name (at $((SECONDS - start))s, limit ${limit}s): $*"
+  timeout -k 5 "$limit" "$@" 2>&1 | grep --line-buffered -v -E "^(WARNING|I[0-9]{4}|W[0-9]{4})" |
+    sed -u "s/^/$name: /"
+  local rc=${PIPESTATUS[0]}
+  ((rc == 124 || rc == 137)) && echo "== $name: cut off at its limit (${limit}s)"
+  ((rc != 0 && rc != 124 && rc != 137)) && echo "== $name: exit status $rc"
+  return 0
+}
+part step-bf16 240 $py benchmarks/explainer_step.py --models=$models --batch=$batch --steps=3 \
+  --image_size=$size --dtype=bfloat16 --flops --memory --peak_size=$peak
+if $py -c "import torch, timm" 2>/dev/null; then
+  part torch-f32 200 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 $py benchmarks/torch_reference.py \
+    "${tsize[@]}" --device=$device
+else
+  echo "== torch-f32, torch-bf16: skipped (no torch + timm for $py)"
 fi
+[ -z "${SMOKE:-}" ] && part profile 120 $py benchmarks/profile_ops.py --path=explainer --model=small \
+  --batch=$batch --top=8
+part signals 240 $py benchmarks/explainer_step.py --models=${models%%,*} --batch=$batch --steps=5 \
+  --image_size=$size --dtype=bfloat16 --signals=wls,wls:reference_compat,kernelshap,permutation
+if $py -c "import torch, timm" 2>/dev/null; then
+  part torch-bf16 120 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 $py benchmarks/torch_reference.py \
+    "${tsize[@]}" --step_batch=0 --device=$device --matmul_precision=bfloat16
+fi
+part memory 120 $py benchmarks/explainer_step.py --models=$big --batch=$batch --steps=0 \
+  --image_size=$size --dtype=bfloat16 --memory
+part memory 120 $py benchmarks/explainer_step.py --models=$big --batch=$batch --steps=0 \
+  --image_size=$size --dtype=bfloat16 --memory --remat
+echo "gpu_check: done in $((SECONDS - start))s"

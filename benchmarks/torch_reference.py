@@ -55,21 +55,30 @@ from safetensors.torch import save_file  # noqa: E402
 from vitshap_jax.config import VIT_VARIANTS  # noqa: E402
 from vitshap_jax.models import ViT, load_pretrained  # noqa: E402
 
+DEVICE = torch.device("cpu")  # PyTorch's side; --device=cuda moves it to the GPU
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
 
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up (compiles ours)
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
 
 
 def precision_context(precision: str):
-    """PyTorch's bfloat16 matmuls on CPU (autocast), or nothing for float32."""
+    """PyTorch's bfloat16 matmuls (autocast on its device), or nothing for float32."""
     if precision == "bfloat16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(DEVICE.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -88,7 +97,8 @@ def compare(
     # The reference's mask: -inf on held-out patch keys (the class token always visible).
     visible = torch.from_numpy(np.concatenate([np.ones((batch, 1), bool), keep], 1))
     bias = torch.zeros(batch, 1, 197, 197).masked_fill(~visible[:, None, None, :], float("-inf"))
-    x_torch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    x_torch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(DEVICE)
+    ref, bias = ref.to(DEVICE), bias.to(DEVICE)
 
     def torch_forward():
         with torch.no_grad(), precision_context(precision):
@@ -100,7 +110,7 @@ def compare(
     def jax_forward():
         return jax.block_until_ready(forward(params, x_jax, m_jax))
 
-    gap = np.abs(np.asarray(jax_forward()) - torch_forward().numpy()).max()
+    gap = np.abs(np.asarray(jax_forward()) - torch_forward().cpu().numpy()).max()
     t_torch, t_jax = timed(torch_forward, repeats), timed(jax_forward, repeats)
     return (
         f"ViT-{variant} masked forward, batch {batch}, {precision} matmuls: "
@@ -137,7 +147,8 @@ class TorchExplainer(torch.nn.Module):
 def torch_flops(fn) -> float:
     """FLOPs of one call of `fn` in PyTorch: torch's FlopCounterMode (linear layers, convolutions and
     their gradients) plus the attention products, which it does not count for the fused
-    `scaled_dot_product_attention` on CPU: 4 T_q T_k d per head (QK^T and PV), x3 with a gradient."""
+    `scaled_dot_product_attention` on CPU: 4 T_q T_k d per head (QK^T and PV), x3 with a gradient
+    (added only where the counter saw no attention kernel: on CUDA it counts the fused ones)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     attention = [0.0]
@@ -154,6 +165,9 @@ def torch_flops(fn) -> float:
             fn()
     finally:
         torch.nn.functional.scaled_dot_product_attention = original
+    counted_ops = {str(op) for ops in counter.get_flop_counts().values() for op in ops}
+    if any("attention" in op for op in counted_ops):
+        return counter.get_total_flops()
     return counter.get_total_flops() + attention[0]
 
 
@@ -163,22 +177,25 @@ def torch_step_time(
     """(seconds per explainer train step in PyTorch, median of `repeats` after a warm-up; FLOPs of one
     step)."""
     classes, n = 10, 196
-    surrogate = timm.create_model(f"vit_{variant}_patch16_224", pretrained=False, num_classes=classes).eval()
-    explainer = TorchExplainer(variant, classes)
+    surrogate = timm.create_model(f"vit_{variant}_patch16_224", pretrained=False, num_classes=classes)
+    surrogate = surrogate.eval().to(DEVICE)
+    explainer = TorchExplainer(variant, classes).to(DEVICE)
     opt = torch.optim.AdamW(explainer.parameters(), lr=1e-5)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, 224, 224, generator=gen)
+    x = torch.randn(batch, 3, 224, 224, generator=gen).to(DEVICE)
 
     def values(images, keep):  # softmax outputs of the surrogate with `keep [M, n]` visible
-        visible = torch.cat([torch.ones(len(keep), 1, dtype=torch.bool), keep], 1)
-        bias = torch.zeros(len(keep), 1, n + 1, n + 1).masked_fill(~visible[:, None, None, :], float("-inf"))
+        visible = torch.cat([torch.ones(len(keep), 1, dtype=torch.bool, device=DEVICE), keep], 1)
+        bias = torch.zeros(len(keep), 1, n + 1, n + 1, device=DEVICE).masked_fill(
+            ~visible[:, None, None, :], float("-inf")
+        )
         return surrogate.forward_head(surrogate.forward_features(images, attn_mask=bias)).softmax(-1)
 
     def step():
-        half = torch.rand(batch, coalitions // 2, n, generator=gen) < 0.5
+        half = torch.rand(batch, coalitions // 2, n, generator=gen).to(DEVICE) < 0.5
         masks = torch.cat([half, ~half], 1)  # paired (sizes uniform here: the cost is the same)
         with torch.no_grad(), precision_context(precision):
-            ends = torch.stack([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
+            ends = torch.stack([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)]).to(DEVICE)
             grand_null = torch.stack([values(x[i : i + 1].expand(2, -1, -1, -1), ends) for i in range(batch)])
             v = torch.stack(
                 [values(x[i : i + 1].expand(coalitions, -1, -1, -1), masks[i]) for i in range(batch)]
@@ -197,10 +214,13 @@ def torch_step_time(
 
 
 def torch_classifier_time(variant: str, batch: int, repeats: int, precision: str = "float32") -> float:
-    model = timm.create_model(f"vit_{variant}_patch16_224", pretrained=False, num_classes=10).train()
+    model = (
+        timm.create_model(f"vit_{variant}_patch16_224", pretrained=False, num_classes=10).train().to(DEVICE)
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(batch, 3, 224, 224, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+    x, y = x.to(DEVICE), y.to(DEVICE)
 
     def step():
         with precision_context(precision):
@@ -261,12 +281,28 @@ def main():
         "--matmul_precision",
         default="float32",
         choices=("float32", "bfloat16"),
-        help="bfloat16: ours with config.model.matmul_precision=bfloat16, PyTorch under CPU autocast",
+        help="bfloat16: ours with config.model.matmul_precision=bfloat16, PyTorch under autocast",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="PyTorch's device (ours runs on JAX's default backend: match them). On cuda, float32 "
+        "matmuls may use TF32 on both sides, as each library does by default there (JAX's DEFAULT "
+        "precision; torch.backends.cuda.matmul.allow_tf32 set to match)",
     )
     args = p.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     precision = args.matmul_precision
     threads = torch.get_num_threads()
-    print(f"torch {torch.__version__} ({threads} threads), timm {timm.__version__}; jax {jax.__version__}")
+    print(
+        f"torch {torch.__version__} ({threads} threads, {DEVICE}), timm {timm.__version__}; "
+        f"jax {jax.__version__} ({jax.default_backend()})"
+    )
     rng = np.random.default_rng(0)
     images = rng.standard_normal((args.batch, 224, 224, 3)).astype(np.float32)
     keep = rng.random((args.batch, 196)) < 0.5

@@ -26,8 +26,8 @@ TOY_STEP = ("--models=micro", "--image_size=32", "--batch=2", "--coalitions=4", 
 
 
 def test_explainer_step_benchmark_prints_both_paths_the_ratios_and_the_flops():
-    # Both precisions side by side, and the GPU part of the benchmark (FLOP/s from XLA's cost analysis
-    # vs a measured bf16 matmul peak), exercised on CPU at toy sizes: its numbers only mean something
+    # Both precisions side by side, and the GPU part of the benchmark (matmul FLOP/s vs a measured
+    # bf16 matmul peak), exercised on CPU at toy sizes: its numbers only mean something
     # on an accelerator.
     out = run(
         "explainer_step.py", *TOY_STEP, "--matmul_precision=float32,bfloat16", "--flops", "--peak_size=256"
@@ -37,6 +37,62 @@ def test_explainer_step_benchmark_prints_both_paths_the_ratios_and_the_flops():
     assert "ViT-micro pairs in n+2 tokens: bfloat16 / float32 matmuls" in out
     assert "measured bfloat16 matmul peak (256^2)" in out
     assert out.count("of the bf16 peak") == 4  # both paths, both precisions
+
+
+def test_explainer_step_signals_mode_trains_under_each_signal():
+    # The GPU check of issue 18 at toy sizes: the packed step under each signal, and the loss on the
+    # fixed batch falls over the steps (the configured learning rate from the first step).
+    out = run("explainer_step.py", *TOY_STEP[:-1], "--steps=4", "--signals=wls:reference_compat,kernelshap")
+    lines = [line for line in out.splitlines() if " signal " in line]
+    assert [line.split(" signal ")[1].split(",")[0] for line in lines] == [
+        "wls:reference_compat",
+        "kernelshap",
+    ]
+    for line in lines:
+        first, last = (float(part.split()[0]) for part in line.split("loss ")[1].split(", "))
+        assert last < 0.5 * first, line
+
+
+def test_matmul_flops_counts_products_in_nested_jaxprs():
+    # The FLOP count behind --flops (explainer_step.matmul_flops), against hand counts: a batched
+    # einsum, a grouped strided convolution, a scan (body x length), a cond (its costliest branch),
+    # a custom VJP and its gradient (the backward's two products), inside a jit.
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from explainer_step import matmul_flops
+
+    def count(fn, *shapes):
+        return matmul_flops(jax.make_jaxpr(fn)(*(jnp.ones(s) for s in shapes)))
+
+    assert count(lambda a, b: jnp.einsum("bij,bjk->bik", a, b), (3, 4, 5), (3, 5, 6)) == 2 * 3 * 4 * 5 * 6
+
+    def conv(x, w):  # 2 groups of 2 input channels, 6 outputs, 2 x 2 kernel, stride 2: 4 x 4 outputs
+        dims = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(
+            x, w, (2, 2), "VALID", dimension_numbers=dims, feature_group_count=2
+        )
+
+    assert count(conv, (1, 8, 8, 4), (2, 2, 2, 6)) == 2 * (4 * 4 * 6) * (2 * 2 * 2)
+
+    def scanned(x, w):
+        return jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=5)[0]
+
+    assert count(scanned, (2, 3), (3, 3)) == 5 * 2 * 2 * 3 * 3
+
+    def branches(p, x, w):
+        return jax.lax.cond(p.sum() > 0, lambda: x @ w @ w, lambda: x @ w)
+
+    assert count(branches, (1,), (2, 3), (3, 3)) == 2 * (2 * 2 * 3 * 3)
+
+    @jax.custom_vjp
+    def product(x, w):
+        return x @ w
+
+    product.defvjp(lambda x, w: (x @ w, (x, w)), lambda res, g: (g @ res[1].T, res[0].T @ g))
+    loss = jax.jit(jax.value_and_grad(lambda x, w: product(x, w).sum(), argnums=(0, 1)))
+    assert count(loss, (2, 3), (3, 4)) == 3 * (2 * 2 * 3 * 4)  # forward + both cotangent products
 
 
 def test_matmul_precision_benchmark_on_a_trained_run(trained_run):
