@@ -7,8 +7,8 @@ For each ViT variant at 224 px (patch 16, 196 players): the explainer stage's re
 explainer forward and backward, AdamW update) with `packed=False` (every coalition a masked pass of
 n + 1 tokens) and `packed=True` (each coalition with its complement in one pass of n + 2 tokens).
 Parameters are random (the speed does not depend on them). Prints images/s of both and their ratio,
-measured side by side in one run; with --flops, also the achieved FLOP/s (XLA's cost analysis of the
-compiled step) against a measured bfloat16 matmul peak; with --memory, XLA's memory analysis of each
+measured side by side in one run; with --flops, also the achieved FLOP/s (the step's matmul FLOPs,
+`matmul_flops`) against a measured bfloat16 matmul peak; with --memory, XLA's memory analysis of each
 compiled step (its peak estimate and temporaries; `--steps=0` compiles without running, so sizes that
 would not fit can be read too); --remat turns on `config.model.remat` (the explainer's blocks).
 """

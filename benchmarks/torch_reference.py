@@ -11,8 +11,9 @@
    explainer stage's real jitted step (`benchmarks/explainer_step.py`), plain masked passes and packed
    pairs. Weights are random for both (speed does not depend on them).
    Also the work of each: FLOPs per step (PyTorch: torch's FlopCounterMode plus the attention
-   products it does not count; ours: XLA's cost analysis of the compiled step, elementwise ops
-   included) and the FLOP/s each achieves, so a ratio can be read as less work or faster work.
+   products it does not count; ours: the step's matmul FLOPs counted from its jaxpr,
+   `explainer_step.matmul_flops`) and the FLOP/s each achieves, so a ratio can be read as less work
+   or faster work.
 3. The classifier's train step, `--classifier_batch` full images: timm forward, cross-entropy,
    backward, AdamW in PyTorch; the classifier stage's jitted `train_step` (same loss, AdamW with
    clipping, no masking) in ours.
@@ -249,7 +250,7 @@ def jax_classifier_time(variant: str, batch: int, repeats: int, precision: str =
 def jax_step_time(
     variant: str, batch: int, coalitions: int, packed: bool, repeats: int, precision: str = "float32"
 ):
-    """(seconds per explainer step, its FLOPs by XLA's cost analysis, elementwise ops included)."""
+    """(seconds per explainer step, its matmul FLOPs)."""
     from explainer_step import measure
 
     from vitshap_jax import parallel
