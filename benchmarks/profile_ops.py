@@ -13,7 +13,8 @@ executed HLO op's duration from the trace (`hlo_op` of each event) and the op's 
 HLO's metadata (`op_name`: the Flax module path and the jax primitive; `transpose(jvp(...))` marks the
 backward pass), and prints the time per group (pass, module kind, primitive) with its share, then the
 slowest single ops. On CPU the events are the thunks XLA:CPU runs (fusions, library matmuls); the sum
-is the step's time minus dispatch and thread-pool waits.
+is the step's time minus dispatch and thread-pool waits. On a GPU or TPU only the device's own events
+count (`accelerator_pids`).
 """
 
 from __future__ import annotations
@@ -107,11 +108,24 @@ def profile(fn, args: tuple, runs: int, stateful: bool) -> tuple[dict, float, st
         wall = (time.perf_counter() - start) / runs
         events = trace_events(d)
     durations = collections.Counter()
+    devices = accelerator_pids(events)
     for e in events:
         op = (e.get("args") or {}).get("hlo_op")
-        if e.get("ph") == "X" and op:
+        if e.get("ph") == "X" and op and (not devices or e.get("pid") in devices):
             durations[op] += e.get("dur", 0) / 1000 / runs
     return durations, wall, hlo
+
+
+def accelerator_pids(events: list[dict]) -> set:
+    """The trace's processes of GPU or TPU devices (named `/device:GPU:0` and the like): there the
+    kernels' own times, not the host threads that launch them (empty on CPU, where the host runs the
+    ops). Written for the GPU before this script ran on one."""
+    names = {
+        e.get("pid"): str((e.get("args") or {}).get("name", ""))
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    return {pid for pid, name in names.items() if re.search(r"/device:(GPU|TPU)", name)}
 
 
 def forward_path(variant: str, batch: int, matmul_precision: str = "float32"):

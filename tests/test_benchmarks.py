@@ -124,3 +124,15 @@ def test_explain_vs_kernelshap_benchmark_on_a_trained_run(trained_run):
     assert "(smallest budget, to 16 evaluations)" in out or "did not reach the explainer's error" in out
     # The explainer's training cost, read from its log, and the break-even.
     assert "surrogate evaluations; break-even after" in out
+
+
+def test_profile_ops_counts_only_device_events_where_a_device_has_them():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from profile_ops import accelerator_pids
+
+    def named(pid, name):
+        return {"ph": "M", "name": "process_name", "pid": pid, "args": {"name": name}}
+
+    gpu_trace = [named(1, "/host:CPU"), named(7, "/device:GPU:0 (stream 13)"), {"ph": "X", "pid": 7}]
+    assert accelerator_pids(gpu_trace) == {7}
+    assert accelerator_pids([named(1, "/host:CPU"), named(2, "python3")]) == set()
