@@ -4,16 +4,18 @@
 #   1. step-bf16: the explainer's train step at 224 px in bfloat16 (ViT-S, ViT-B, batch 32 x 32 paired
 #      coalitions; plain masked passes and packed pairs), achieved matmul FLOP/s against the measured
 #      bf16 matmul peak, XLA's memory analysis and compile time of each step;
-#   2. torch-f32: ours against PyTorch + timm on the same GPU (torch_reference.py --device=cuda):
+#   2. attention: our attention core against jax.nn.dot_product_attention, XLA's and cuDNN's fused
+#      kernel, at the step's shapes (attention_impl.py): speed, and exactness for the masked model;
+#   3. torch-f32: ours against PyTorch + timm on the same GPU (torch_reference.py --device=cuda):
 #      masked forward, explainer step, classifier step, FLOPs of each side;
-#   3. profile: where the packed ViT-S explainer step's time goes (profile_ops.py; not yet run on a GPU);
-#   4. signals: the packed ViT-S step under each training signal (issue 18), images/s and the loss;
-#   5. torch-bf16: the forward and classifier comparison with bfloat16 matmuls (PyTorch autocast);
-#   6. memory: ViT-L's step compiled with and without remat (XLA's memory analysis).
+#   4. profile: where the packed ViT-S explainer step's time goes (profile_ops.py; not yet run on a GPU);
+#   5. signals: the packed ViT-S step under each training signal (issue 18), images/s and the loss;
+#   6. torch-bf16: the forward and classifier comparison with bfloat16 matmuls (PyTorch autocast);
+#   7. memory: ViT-L's step compiled with and without remat (XLA's memory analysis).
 # On the H200 (2026-11-27, docs/gpu-runs/) compiling dominated: each 224 px explainer step took tens of
 # seconds to compile (XLA's GEMM autotuning; turning it off made the kernels 10x slower), so all parts
 # do not fit one 10-minute call. Two calls of about 9 minutes each:
-#   PARTS="step-bf16 torch-f32 profile" bash benchmarks/gpu_check.sh WHEELS_DIR
+#   PARTS="step-bf16 attention torch-f32 profile" bash benchmarks/gpu_check.sh WHEELS_DIR
 #   PARTS="signals torch-bf16 memory" bash benchmarks/gpu_check.sh WHEELS_DIR
 #
 #   bash benchmarks/gpu_check.sh [WHEELS_DIR]      # on the GPU machine, from the repository root
@@ -29,7 +31,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 start=$SECONDS
 budget=${BUDGET:-540}
-parts=${PARTS:-step-bf16 torch-f32 profile signals torch-bf16 memory}
+parts=${PARTS:-step-bf16 attention torch-f32 profile signals torch-bf16 memory}
 if [ -n "${1:-}" ]; then
   $py -m pip install --quiet --no-deps --no-index "$1"/*.whl || echo "gpu_check: installing wheels from $1 failed"
 fi
@@ -65,6 +67,8 @@ part() {
 }
 part step-bf16 240 $py benchmarks/explainer_step.py --models=$models --batch=$batch --steps=3 \
   --image_size=$size --dtype=bfloat16 --flops --memory --peak_size=$peak
+part attention 90 $py benchmarks/attention_impl.py --models=$models --sequences=$((batch * 32)) \
+  --dtype=bfloat16
 if $py -c "import torch, timm" 2>/dev/null; then
   part torch-f32 200 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 $py benchmarks/torch_reference.py \
     "${tsize[@]}" --device=$device

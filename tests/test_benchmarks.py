@@ -53,6 +53,15 @@ def test_explainer_step_signals_mode_trains_under_each_signal():
         assert last < 0.5 * first, line
 
 
+def test_attention_benchmark_compares_the_implementations_and_checks_exactness():
+    out = run("attention_impl.py", "--models=tiny", "--sequences=4", "--repeats=1", "--dtype=float32")
+    lines = [line for line in out.splitlines() if line.startswith("ViT-tiny")]
+    assert len(lines) == 4  # ours and XLA's, masked and packed (no GPU: no cuDNN)
+    for line in lines:
+        assert float(line.split("from ours ")[1].split(",")[0]) < 1e-5, line
+    assert sum("exact for the masked model: True" in line for line in lines) == 2
+
+
 def test_matmul_flops_counts_products_in_nested_jaxprs():
     # The FLOP count behind --flops (explainer_step.matmul_flops), against hand counts: a batched
     # einsum, a grouped strided convolution, a scan (body x length), a cond (its costliest branch),
