@@ -260,3 +260,19 @@ def test_mura_inconsistent_or_missing_csv_is_an_error(tmp_path):
     os.remove(tmp_path / "MURA-v1.1" / "valid_image_paths.csv")
     with pytest.raises(DataNotFoundError, match=r"valid_image_paths\.csv is missing"):
         data.prepare("mura", str(tmp_path), str(tmp_path / "prepared"))
+
+
+@pytest.mark.parametrize("name", sorted(data.BUILDERS))
+def test_a_builder_of_an_unprepared_folder_leaves_no_temporary_folder(tmp_path, monkeypatch, name):
+    # tfds's own DatasetInfo makes an empty /tmp/tmp*tfds folder per builder of an unprepared folder
+    # (its GCS lookup, off here); ours skips that lookup.
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    source = tmp_path / "source"
+    source.mkdir()
+    builder = data.builder(name, str(tmp_path / "prepared"), manual_dir=str(source))
+    assert builder.info.name and not builder.is_prepared()
+    assert os.listdir(scratch) == []

@@ -110,6 +110,15 @@ def find_download(manual_dir: str, candidates: list[str], dataset: str, instruct
     raise DataNotFoundError(f"{dataset}: expected {expected}. {instructions}")
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+    """tfds's DatasetInfo for a dataset prepared from local files only. tfds looks up published
+    metadata on GCS for a builder whose folder is not prepared yet, and leaves an empty temporary
+    folder (`/tmp/tmp*tfds`) behind even when GCS is off, as it is here: one per builder made."""
+
+    def initialize_from_bucket(self) -> None:
+        pass  # nothing of ours is published there
+
+
 class ImageBuilder(tfds.core.GeneratorBasedBuilder):
     """A builder of an image dataset from a user's local download.
 

@@ -26,7 +26,7 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
-from vitshap_jax.data.base import DataNotFoundError, Files, ImageBuilder, find_download
+from vitshap_jax.data.base import DataNotFoundError, Files, ImageBuilder, LocalDatasetInfo, find_download
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 VALIDATION_EVERY = 10  # the k-th image of a class with k % 10 == 9 goes to validation
@@ -100,7 +100,7 @@ class CifarBuilder(ImageBuilder, skip_registration=True):
         # Label names are set from the meta file when the data is prepared.
         features = {"image": tfds.features.Image(shape=(32, 32, 3), encoding_format="png")}
         features |= {feature: tfds.features.ClassLabel() for feature in self._label_features()}
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description=self.SUMMARY,
             features=tfds.features.FeaturesDict(features),

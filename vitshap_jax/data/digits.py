@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
-from vitshap_jax.data.base import ImageBuilder
+from vitshap_jax.data.base import ImageBuilder, LocalDatasetInfo
 
 SPLIT_SIZES = {"test": 270, "validation": 270}  # the rest is "train"
 
@@ -29,7 +29,7 @@ class Digits(ImageBuilder):
     RELEASE_NOTES = {"1.0.0": "sklearn digits, fixed 1257/270/270 split."}
 
     def _info(self):
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description="scikit-learn's 8x8 handwritten digits",
             features=tfds.features.FeaturesDict(

@@ -51,7 +51,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from vitshap_jax.config import SPLITS
-from vitshap_jax.data.base import DataNotFoundError, Files, ImageBuilder, is_hidden
+from vitshap_jax.data.base import DataNotFoundError, Files, ImageBuilder, LocalDatasetInfo, is_hidden
 from vitshap_jax.files import absolute
 
 SPLIT_FOLDERS = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
@@ -400,7 +400,7 @@ class Folder(ImageBuilder):
         super().__init__(config=config, **kwargs)
 
     def _info(self):
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description=f"Images from {self.builder_config.source}",
             features=tfds.features.FeaturesDict(

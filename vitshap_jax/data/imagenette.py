@@ -13,7 +13,7 @@ import zlib
 
 import tensorflow_datasets as tfds
 
-from vitshap_jax.data.base import Files, ImageBuilder, find_download
+from vitshap_jax.data.base import Files, ImageBuilder, LocalDatasetInfo, find_download
 
 # WordNet ids of the 10 classes, in label order, with readable names.
 CLASSES = {
@@ -48,7 +48,7 @@ class Imagenette(ImageBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
 
     def _info(self):
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description="Imagenette: 10 easily classified ImageNet classes (fast.ai)",
             features=tfds.features.FeaturesDict(

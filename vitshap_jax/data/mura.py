@@ -19,7 +19,7 @@ import zlib
 
 import tensorflow_datasets as tfds
 
-from vitshap_jax.data.base import DataNotFoundError, Files, ImageBuilder, find_download
+from vitshap_jax.data.base import DataNotFoundError, Files, ImageBuilder, LocalDatasetInfo, find_download
 
 BODY_PARTS = ("XR_ELBOW", "XR_FINGER", "XR_FOREARM", "XR_HAND", "XR_HUMERUS", "XR_SHOULDER", "XR_WRIST")
 ROOT = "MURA-v1.1"
@@ -52,7 +52,7 @@ class Mura(ImageBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
 
     def _info(self):
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description="MURA: musculoskeletal radiographs labelled normal/abnormal per study",
             features=tfds.features.FeaturesDict(

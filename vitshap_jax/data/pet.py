@@ -12,7 +12,7 @@ import zlib
 
 import tensorflow_datasets as tfds
 
-from vitshap_jax.data.base import DataNotFoundError, Files, ImageBuilder, find_download
+from vitshap_jax.data.base import DataNotFoundError, Files, ImageBuilder, LocalDatasetInfo, find_download
 
 # The 37 breeds in the order of their official class ids (1..37).
 BREEDS = (
@@ -65,7 +65,7 @@ class Pet(ImageBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
 
     def _info(self):
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description="The Oxford-IIIT Pet dataset: 37 cat and dog breeds",
             features=tfds.features.FeaturesDict(
