@@ -14,9 +14,11 @@
 #   7. memory: ViT-L's step compiled with and without remat (XLA's memory analysis).
 # On the H200 (2026-11-27, docs/gpu-runs/) compiling dominated: each 224 px explainer step took tens of
 # seconds to compile (XLA's GEMM autotuning; turning it off made the kernels 10x slower), so all parts
-# do not fit one 10-minute call. Two calls of about 9 minutes each:
-#   PARTS="step-bf16 attention torch-f32 profile" bash benchmarks/gpu_check.sh WHEELS_DIR
-#   PARTS="signals torch-bf16 memory" bash benchmarks/gpu_check.sh WHEELS_DIR
+# do not fit one 10-minute call, nor two in a 15-minute device budget (each call's start takes ~35 s, and
+# a machine is not started with under 4 minutes left). So, in that order:
+#   BUDGET=480 PARTS="step-bf16 attention torch-f32" bash benchmarks/gpu_check.sh WHEELS_DIR
+#   BUDGET=300 PARTS="profile signals memory" bash benchmarks/gpu_check.sh WHEELS_DIR
+# (timeout_s a minute above BUDGET; torch-bf16 when time is left).
 #
 #   bash benchmarks/gpu_check.sh [WHEELS_DIR]      # on the GPU machine, from the repository root
 #   SMOKE=1 bash benchmarks/gpu_check.sh            # the same code paths at toy sizes (any CPU)
