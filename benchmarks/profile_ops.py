@@ -107,12 +107,20 @@ def profile(fn, args: tuple, runs: int, stateful: bool) -> tuple[dict, float, st
                 run()
         wall = (time.perf_counter() - start) / runs
         events = trace_events(d)
-    durations = collections.Counter()
+
+    def collect(pids):
+        durations = collections.Counter()
+        for e in events:
+            op = (e.get("args") or {}).get("hlo_op")
+            if e.get("ph") == "X" and op and (pids is None or e.get("pid") in pids):
+                durations[op] += e.get("dur", 0) / 1000 / runs
+        return durations
+
     devices = accelerator_pids(events)
-    for e in events:
-        op = (e.get("args") or {}).get("hlo_op")
-        if e.get("ph") == "X" and op and (not devices or e.get("pid") in devices):
-            durations[op] += e.get("dur", 0) / 1000 / runs
+    durations = collect(devices or None)
+    if devices and not durations:
+        print("profile_ops: no device event names its HLO op; counting the host's events instead")
+        durations = collect(None)
     return durations, wall, hlo
 
 
