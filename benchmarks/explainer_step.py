@@ -223,10 +223,15 @@ def main():
         "wls,wls:reference_compat,kernelshap,permutation (signal[:sampler]); images/s and the loss "
         "on one fixed random batch after the warm-up step and after --steps more",
     )
+    p.add_argument("--paths", default="plain,packed", help="plain, packed or both (ratios need both)")
     args = p.parse_args()
     if args.signals:
         return signals_report(args)
     precisions = args.matmul_precision.split(",")
+    paths = args.paths.split(",")
+    if not paths or set(paths) - {"plain", "packed"}:
+        p.error(f"--paths={args.paths}: plain, packed or plain,packed")
+    packings = [path == "packed" for path in paths]
     mesh = parallel.make_mesh()
     kind, count = jax.devices()[0].device_kind, len(jax.devices())
     print(f"device: {kind} x {count} ({jax.default_backend()}), jax {jax.__version__}")
@@ -235,7 +240,7 @@ def main():
         print(f"measured bfloat16 matmul peak ({args.peak_size}^2): {peak / 1e12:.3f} TFLOP/s")
     for variant in args.models.split(","):
         rows = {}
-        for precision, packed in ((pr, pa) for pr in precisions for pa in (False, True)):
+        for precision, packed in ((pr, pa) for pr in precisions for pa in packings):
             rows[precision, packed] = measure(
                 variant,
                 args.batch,
@@ -262,14 +267,15 @@ def main():
             if report:
                 line += f"; {report}"
             print(line, flush=True)
-        if args.steps:
+        if args.steps and len(set(packings)) == 2:
             for precision in precisions:
                 speedup = rows[precision, True][0] / rows[precision, False][0]
                 print(
                     f"ViT-{variant}: speedup of the visible-token path {speedup:.2f}x ({precision} matmuls)"
                 )
+        if args.steps:
             for precision in precisions[1:]:
-                for packed in (False, True):
+                for packed in sorted(set(packings)):
                     ratio = rows[precision, packed][0] / rows[precisions[0], packed][0]
                     path = "pairs in n+2 tokens" if packed else "plain masked passes"
                     print(f"ViT-{variant} {path}: {precision} / {precisions[0]} matmuls {ratio:.2f}x")
