@@ -21,13 +21,14 @@ import argparse
 import functools
 import os
 import sys
-import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from matmul_precision import seconds  # noqa: E402  (median after a warm-up call)
 
 from vitshap_jax.config import VIT_VARIANTS  # noqa: E402
 from vitshap_jax.models.vit import attention  # noqa: E402
@@ -59,16 +60,6 @@ def inputs(rng, sequences, tokens, heads, dtype, packed):
     return q, k, v, jnp.asarray(mask)
 
 
-def seconds(fn, args, repeats):
-    jax.block_until_ready(fn(*args))  # compiles
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def exact_for_the_masked_model(fn, q, k, v, mask, rng):
     """Held-out keys' k and v replaced by other values leave every output bit as it was (key masks)."""
     held_out = ~np.asarray(mask)[:, 0, 0, :, None, None]  # [S, T, 1, 1]
@@ -93,7 +84,10 @@ def compare(variant, sequences, dtype, repeats, implementations, packed, rng):
         )
         try:
             out = np.asarray(forward(*args), np.float32)
-            times[name] = (seconds(forward, args, repeats), seconds(backward, args, repeats))
+            times[name] = (
+                seconds(forward, *args, repeats=repeats),
+                seconds(backward, *args, repeats=repeats),
+            )
         except Exception as error:  # cuDNN refusing a shape or dtype: reported, the others still run
             print(f"{shape}: {name} not run: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
             continue
