@@ -1,9 +1,10 @@
+#!/usr/bin/env bash
 # The GPU checks of issues 16 and 18 as one prepared script, its parts in order of importance, each cut
 # off by its own time limit and all by BUDGET seconds (default 540), so a slow part cannot starve the
 # rest of the record:
 #   1. step-bf16: the explainer's train step at 224 px in bfloat16 (batch 32 x 32 paired coalitions;
-#      ViT-S with plain masked passes and packed pairs, ViT-B packed only), achieved matmul FLOP/s against the measured
-#      bf16 matmul peak, XLA's memory analysis and compile time of each step;
+#      ViT-S with plain masked passes and packed pairs, ViT-B packed only), achieved matmul FLOP/s
+#      against the measured bf16 matmul peak, XLA's memory analysis and compile time of each step;
 #   2. attention: our attention core against jax.nn.dot_product_attention, XLA's and cuDNN's fused
 #      kernel, at the step's shapes (attention_impl.py): speed, and exactness for the masked model;
 #   3. torch-f32: ours against PyTorch + timm on the same GPU (torch_reference.py --device=cuda):
