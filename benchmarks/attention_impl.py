@@ -60,13 +60,13 @@ def inputs(rng, sequences, tokens, heads, dtype, packed):
     return q, k, v, jnp.asarray(mask)
 
 
-def exact_for_the_masked_model(fn, q, k, v, mask, rng):
-    """Held-out keys' k and v replaced by other values leave every output bit as it was (key masks)."""
+def exact_for_the_masked_model(forward, q, k, v, mask, rng):
+    """Held-out keys' k and v replaced by other values leave every output bit as it was (key masks);
+    `forward` the implementation, jitted."""
     held_out = ~np.asarray(mask)[:, 0, 0, :, None, None]  # [S, T, 1, 1]
     other = [jnp.asarray(rng.standard_normal(x.shape), x.dtype) for x in (k, v)]
     k2, v2 = (jnp.where(held_out, o, x) for o, x in zip(other, (k, v), strict=True))
-    f = jax.jit(fn)
-    return bool(jnp.array_equal(f(q, k, v, mask), f(q, k2, v2, mask)))
+    return bool(jnp.array_equal(forward(q, k, v, mask), forward(q, k2, v2, mask)))
 
 
 def compare(variant, sequences, dtype, repeats, implementations, packed, rng):
@@ -93,7 +93,9 @@ def compare(variant, sequences, dtype, repeats, implementations, packed, rng):
             continue
         reference = out if reference is None else reference
         exact = (
-            "" if packed else f", exact for the masked model: {exact_for_the_masked_model(fn, *args, rng)}"
+            ""
+            if packed
+            else f", exact for the masked model: {exact_for_the_masked_model(forward, *args, rng)}"
         )
         fwd, bwd = times[name]
         base = times[next(iter(times))]

@@ -175,13 +175,13 @@ def measure(
         sampler,
         warmup_steps,
     )
-    lowered, step_fn = step.lower(state, data, s_params), step
+    traced = step.trace(state, data, s_params)  # traced once: its jaxpr counted, then compiled and timed
     start = time.perf_counter()
-    step = lowered.compile()  # compiled once: analysed, then timed
+    step = traced.lower().compile()
     compile_seconds = time.perf_counter() - start
     cost = report = None
     if flops:
-        cost = matmul_flops(jax.make_jaxpr(step_fn)(state, data, s_params))
+        cost = matmul_flops(traced.jaxpr)
     if memory:
         report = memory_report(step) + f", compiled in {compile_seconds:.0f} s"
     if steps == 0:
