@@ -27,7 +27,10 @@ the budget (an eighth each) for 75 epochs (the same twice the steps).
 `precomputed-v4shared-e150-lr2e-3-mini` is `precomputed-v4shared-e150-lr2e-3` with a backbone of the
 `mini` shape instead of the surrogate's, from scratch; `...-mix5` the same with the extra views blended
 with another image (`explainer.view_mix=0.5`), as `precomputed-v8shared-e75-lr2e-3-mix5` with 8 views;
-`precomputed-v4shared-e150-lr4e-3` the same at lr 4e-3.
+`precomputed-v4shared-e150-lr4e-3` the same at lr 4e-3. `distill-v16-e38-lr2e-3` and
+`distill-v32-e38-lr2e-3` distill the explainers given as `--teachers` (`explainer.teachers`: the labels
+are the mean of their outputs on 16 or 32 fixed views per image; their evaluations are counted as the
+student's) for about the steps of `precomputed-v4shared-e150-lr2e-3`, or twice them.
 `--diagnose` first prints, for the run's own explainer on the first `--images` test and train images,
 its MSE, the uniform efficient attribution's and the median correlation with the exact values of the
 predicted class, and adds each configuration's MSE on those train images to its row (`train_mse`).
@@ -144,6 +147,11 @@ CONFIGS = {
     # Extra views blended with a crop of another image (explainer.view_mix): inputs between classes.
     "precomputed-v4shared-e150-lr2e-3-mix5": _views(4, 150, **{"explainer.view_mix": 0.5}),
     "precomputed-v8shared-e75-lr2e-3-mix5": _views(8, 75, **{"explainer.view_mix": 0.5}),
+    # Distillation (explainer.teachers = --teachers): the labels are the mean of finished explainers'
+    # outputs on 16 or 32 fixed views per image (no surrogate evaluation), about the steps of
+    # precomputed-v4shared-e150-lr2e-3 (16 x 38 epochs = 608 image-epochs), or twice them.
+    "distill-v16-e38-lr2e-3": _views(16, 38, teachers=True),
+    "distill-v32-e38-lr2e-3": _views(32, 38, teachers=True),
 }
 GROUPS = {
     "signals": [k for k in CONFIGS if not k.startswith(("wls-32-", "precomputed"))],
@@ -172,6 +180,10 @@ def train(name, seed, args, surrogate_dir, mesh):
     c.explainer.update(dict(signal=signal, sampler=sampler, num_coalitions=coalitions))
     c.train.epochs = max(1, round(args.epochs * scale))
     views = overrides.pop("views", 1)
+    if overrides.pop("teachers", False):
+        if not args.teachers:
+            raise SystemExit(f"--configs={name} distills finished explainers: give them as --teachers")
+        c.explainer.teachers = args.teachers
     if signal == "precomputed":  # wls-32's surrogate evaluations, spent before training
         budget = args.epochs * (coalitions + 2) / (views if overrides.pop("shared_budget", False) else 1)
         c.explainer.target_evals = 2 * round(budget / 2)  # per view
@@ -188,7 +200,7 @@ def train(name, seed, args, surrogate_dir, mesh):
     timing = os.path.join(path, "benchmark_seconds.json")
     if os.path.exists(timing):
         return path, json.load(open(timing))["seconds"], c
-    if signal == "precomputed":
+    if signal == "precomputed" and not c.explainer.teachers:
         share_labels(c, args.out, seed, path)
     start = time.perf_counter()
     explainer_stage.run(c, path, mesh)
@@ -222,6 +234,8 @@ def share_labels(c, out: str, seed: int, path: str) -> None:
 def evals_per_image(c, n: int) -> int:
     """Surrogate evaluations per training image over the whole run (v(all) and v(empty) included)."""
     e = c.explainer
+    if e.get("teachers"):  # the teachers' evaluations (their labels cost none)
+        return sum(evals_per_image(TrainedRun.load(t).config, n) for t in e.teachers.split(","))
     if e.signal == "precomputed":
         return e.target_evals * e.target_views
     per_step = (
@@ -283,6 +297,11 @@ def main():
         "--ensemble",
         action="store_true",
         help="also the mean of all the runs' outputs (every configuration and seed given) as one explainer",
+    )
+    p.add_argument(
+        "--teachers",
+        default="",
+        help="comma-separated finished explainer runs (of --workdir's surrogate) for the distill-* configs",
     )
     p.add_argument(
         "--diagnose",

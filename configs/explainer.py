@@ -38,6 +38,9 @@ def get_config(arg=None):
     c.explainer.target_views = 1
     # target_views > 1: blend each extra view with a crop of another image, weight uniform in [0, this)
     c.explainer.view_mix = 0.0
+    # signal=precomputed: comma-separated explainer runs (workdirs) trained against this same surrogate;
+    # the labels are then the mean of their outputs (distillation) instead of KernelSHAP estimates
+    c.explainer.teachers = ""
     # Coalition sampler of wls and kernelshap: "shapley" (exact kernel) or "reference_compat" (wls only).
     c.explainer.sampler = "shapley"
     c.explainer.packed = True  # run each coalition pair as one n + 2 token sequence (attention masking)

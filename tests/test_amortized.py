@@ -6,6 +6,7 @@ import functools
 import itertools
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -177,6 +178,9 @@ def test_signal_and_sampler_are_validated():
             validate(c)
     c.explainer.update(dict(target_views=3, view_mix=0.5))
     validate(c)
+    c.explainer.update(dict(signal="wls", target_views=1, view_mix=0.0, teachers="runs/a"))
+    with pytest.raises(ConfigError, match="config.explainer.teachers='runs/a': labels the views of signal"):
+        validate(c)
 
 
 @pytest.mark.parametrize(
@@ -329,8 +333,32 @@ def test_precomputed_targets_are_the_exact_values_when_the_budget_enumerates(tmp
     again = explainer.precompute_targets(e, None, source, mesh, str(tmp_path / "explainer"))  # no game
     np.testing.assert_array_equal(again, targets)
     e.explainer.target_evals = 256
-    with pytest.raises(common.StageError, match=r"at config.explainer.target_evals=256 \(training images x"):
+    with pytest.raises(common.StageError, match=r"from KernelSHAP at config.explainer.target_evals=256: it"):
         explainer.precompute_targets(e, None, source, mesh, str(tmp_path / "explainer"))
     e.explainer.target_evals = 512
     with pytest.raises(common.StageError, match=f"holds {2 * n} targets .* not {n} of 9"):
         explainer.precompute_targets(e, None, split, mesh, str(tmp_path / "explainer"))  # one view
+
+    # Distillation: the explainer above as the teacher of another (explainer.teachers); the labels are its
+    # outputs on the same fixed views, with no surrogate evaluation.
+    d = shrink(tiny("explainer", "digits", tmp_path / "tfds"))
+    d.upstream = first["path"]
+    d.explainer.update(dict(signal="precomputed", target_views=2, teachers=str(tmp_path)))
+    student = tmp_path / "student"
+    explainer.run(d, str(student), mesh)
+    labels = np.load(student / "explainer" / explainer.TARGETS_FILE)
+    assert int(labels["evals"]) == 0 and str(labels["teachers"]) == str(tmp_path)
+    # Equal up to bfloat16 matmul operands (matmul_precision=auto on this CPU): the batches differ, and
+    # a last-bit difference before a cast can flip a bfloat16 rounding (0.4%) in a rare image.
+    teacher = np.asarray(run(images)["phi"])
+    difference = np.abs(labels["targets"][picked] - teacher)
+    assert difference.max() < 1e-3 and np.median(difference) < 1e-7
+    assert ((labels["targets"][picked] - truth) ** 2).mean() > 100 * (difference**2).mean()  # not the truth
+    d.explainer.teachers = f"{tmp_path},{tmp_path}"
+    one, two = (re.escape(f"config.explainer.teachers={t}") for t in (tmp_path, f"{tmp_path},{tmp_path}"))
+    with pytest.raises(common.StageError, match=f"from the mean of {one}, not .* from the mean of {two}:"):
+        explainer.precompute_targets(d, None, source, mesh, str(student / "explainer"), [run, run])
+    up = json.load(open(tmp_path / "classifier" / "config.json"))
+    other = jax.tree.map(lambda a: a + 1.0, run.surrogate_params)
+    with pytest.raises(common.StageError, match="teachers: .* parameters differ from this stage's surrogate"):
+        explainer.load_teachers(d, other, up, mesh)

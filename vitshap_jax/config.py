@@ -396,6 +396,13 @@ def validate(config) -> None:
             views,
             f"applies to signal=precomputed only (signal={e.signal} augments every epoch)",
         )
+        teachers = e.get("teachers", "")
+        _require(
+            not teachers or e.signal == "precomputed",
+            "explainer.teachers",
+            teachers,
+            f"labels the views of signal=precomputed (signal={e.signal}): set explainer.signal=precomputed",
+        )
         mix = e.get("view_mix", 0.0)
         _require(0.0 <= mix < 1.0, "explainer.view_mix", mix, "must be in [0, 1)")
         _require(

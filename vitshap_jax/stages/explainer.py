@@ -29,7 +29,9 @@ images are then read without augmentation (the estimates are of the images as ev
 evaluates the surrogate nowhere (efficiency's v(all) - v(empty) is the target's sum). With
 `target_views` = K > 1 the training set is K fixed views of every image (the image and K - 1 random
 crops drawn once, `data.loader.FixedViews`), each with its own label: augmentation that keeps its
-labels, at K times their cost; an epoch then passes over all K x N views.
+labels, at K times their cost; an epoch then passes over all K x N views. With `teachers` (finished
+explainer runs against the same surrogate) the labels are the mean of their outputs instead:
+distillation of an ensemble into one explainer, whose labels cost no surrogate evaluation.
 
 Validation reports the WLS loss with Shapley-kernel coalitions fixed per image, whatever the signal and
 sampler (so it is comparable across them), and the efficiency gap
@@ -51,6 +53,7 @@ from absl import logging
 from vitshap_jax import losses, parallel, shapley
 from vitshap_jax.config import ConfigError
 from vitshap_jax.data.loader import FixedViews, per_example
+from vitshap_jax.files import absolute
 from vitshap_jax.models import (
     build_explainer,
     build_model,
@@ -58,6 +61,7 @@ from vitshap_jax.models import (
     num_patches,
     transfer_params,
 )
+from vitshap_jax.runs import TrainedRun
 from vitshap_jax.shapley import amortized, kernelshap
 from vitshap_jax.shapley.game import coalition_values, grand_and_null, surrogate_game
 from vitshap_jax.shapley.sampling import SAMPLERS, eval_keys
@@ -139,31 +143,111 @@ def eval_step(
 TARGETS_FILE = "targets.npz"
 
 
-def precompute_targets(config, game, source, mesh, path: str) -> np.ndarray:
-    """The standard KernelSHAP estimate `[N, n, C]` of every image of `source` (the training split, or
-    its `FixedViews` with `explainer.target_views` > 1, read as evaluation reads it) under `game`,
-    `config.explainer.target_evals` evaluations each: the labels of
-    `signal="precomputed"`. Batches of `config.train.batch_size` images sharded over the mesh, the
-    surrogate evaluated on `num_coalitions / 2` pairs per image at a time (a training step's load).
-    Saved as `{path}/targets.npz` (`targets`, `evals`, and the `seconds` computing them took; process 0,
-    written whole or not at all) and read back from there when the stage resumes."""
+def teacher_paths(config) -> list[str]:
+    """`config.explainer.teachers` as absolute paths, in the given order."""
+    return [absolute(p.strip()) for p in config.explainer.get("teachers", "").split(",") if p.strip()]
+
+
+def load_teachers(config, surrogate_params, surrogate_config: dict, mesh) -> list[TrainedRun]:
+    """The finished explainer runs of `config.explainer.teachers`, placed on `mesh`, after checking that
+    each explains this stage's game: the same dataset, image size and patches, and a surrogate with the
+    same model config and the same parameters as this stage's (`surrogate_params`), so their mean output
+    is an estimate of the same Shapley values."""
+    teachers = []
+    d = config.dataset
+    for path in teacher_paths(config):
+        run = TrainedRun.load(path)
+        field = "config.explainer.teachers"
+        shape = (run.config.dataset.name, run.image_size, run.patch_size)
+        if shape != (d.name, d.image_size, config.model.patch_size):
+            raise common.StageError(
+                f"{field}: {path} explains {shape[0]} at {shape[1]} px with {shape[2]} px patches, this "
+                f"stage {d.name} at {d.image_size} px with {config.model.patch_size} px patches: give "
+                "explainer runs of this dataset and surrogate"
+            )
+        same = run.surrogate_config.get("model") == surrogate_config.get("model") and all(
+            a.shape == b.shape and np.array_equal(a, b)
+            for a, b in zip(
+                jax.tree.leaves(jax.device_get(run.surrogate_params)),
+                jax.tree.leaves(jax.device_get(surrogate_params)),
+                strict=True,
+            )
+        )
+        if not same:
+            raise common.StageError(
+                f"{field}: {path} was trained against the surrogate in {run.surrogate_dir}, whose model or "
+                "parameters differ from this stage's surrogate: a teacher must explain the same game (train "
+                "it with --config.upstream at this stage's surrogate)"
+            )
+        teachers.append(run.placed(parallel.replicated(mesh)))
+    return teachers
+
+
+def teacher_targets(config, teachers: list[TrainedRun], source, mesh) -> np.ndarray:
+    """The mean of the teachers' outputs `[N, n, C]` on every image of `source` (as evaluation reads
+    it): efficient for the shared surrogate, as each teacher's is."""
+
+    def estimate(batch):
+        return {"phi": sum(t(batch["image"])["phi"] for t in teachers) / len(teachers)}
+
+    return per_example(estimate, (), config, source, mesh)["phi"]
+
+
+def precompute_targets(config, game, source, mesh, path: str, teachers=()) -> np.ndarray:
+    """The labels of `signal="precomputed"` `[N, n, C]` for every image of `source` (the training split,
+    or its `FixedViews` with `explainer.target_views` > 1, read as evaluation reads it): the standard
+    KernelSHAP estimate under `game`, `config.explainer.target_evals` evaluations each, or with
+    `teachers` (`load_teachers`) the mean of their outputs (distillation). KernelSHAP runs in batches of
+    `config.train.batch_size` images sharded over the mesh, the surrogate evaluated on
+    `num_coalitions / 2` pairs per image at a time (a training step's load).
+    Saved as `{path}/targets.npz` (`targets`, `evals` (0 for teachers), `teachers` (their paths, comma-
+    separated), and the `seconds` computing them took; process 0, written whole or not at all) and read
+    back from there when the stage resumes."""
     e = config.explainer
     file = os.path.join(path, TARGETS_FILE)
     n = num_patches(config.dataset.image_size, config.model.patch_size)
+    names = ",".join(teacher_paths(config))
+
+    def source_of(teachers: str, evals: int) -> str:
+        if teachers:
+            return f"the mean of config.explainer.teachers={teachers}"
+        return f"KernelSHAP at config.explainer.target_evals={evals}"
+
+    want = source_of(names, e.target_evals)
     if os.path.exists(file):
         with np.load(file) as saved:
             targets, evals = saved["targets"], int(saved["evals"])
-        if len(targets) == len(source) and targets.shape[1] == n and evals == e.target_evals:
-            logging.info("explainer: KernelSHAP targets read back from %s", file)
+            have = source_of(str(saved["teachers"]) if "teachers" in saved else "", evals)
+        if len(targets) == len(source) and targets.shape[1] == n and have == want:
+            logging.info("explainer: targets (%s) read back from %s", want, file)
             return targets
         raise common.StageError(
-            f"{file} holds {len(targets)} targets of {targets.shape[1]} players at {evals} evaluations, "
-            f"not {len(source)} of {n} at config.explainer.target_evals={e.target_evals} (training images "
-            f"x config.explainer.target_views): it is a cache of this run's labels; delete it to compute "
-            "them again"
+            f"{file} holds {len(targets)} targets of {targets.shape[1]} players from {have}, not "
+            f"{len(source)} of {n} (training images x config.explainer.target_views) from {want}: it is a "
+            "cache of this run's labels; delete it to compute them again"
         )
+    if bool(names) != bool(teachers):
+        raise ValueError(f"config.explainer.teachers={e.teachers!r} but {len(teachers)} teachers given")
+    start = time.perf_counter()
+    if teachers:
+        targets = teacher_targets(config, teachers, source, mesh)
+    else:
+        targets = kernelshap_targets(config, game, source, mesh)
+    if jax.process_index() == 0:
+        with open(f"{file}.tmp", "wb") as f:
+            seconds = np.float64(time.perf_counter() - start)  # for the cost accounting of benchmarks
+            evals = np.int64(0 if teachers else e.target_evals)
+            np.savez(f, targets=targets, evals=evals, teachers=np.str_(names), seconds=seconds)
+        os.replace(f"{file}.tmp", file)
+    return targets
+
+
+def kernelshap_targets(config, game, source, mesh) -> np.ndarray:
+    """The standard KernelSHAP estimate of every image of `source` (`precompute_targets`)."""
+    e = config.explainer
+    n = num_patches(config.dataset.image_size, config.model.patch_size)
     key = jax.random.fold_in(jax.random.key(config.seed), 3)
-    start, numbers = time.perf_counter(), itertools.count()
+    numbers = itertools.count()
     batches = -(-len(source) // config.train.batch_size)
 
     def estimate(batch):
@@ -180,13 +264,7 @@ def precompute_targets(config, game, source, mesh, path: str) -> np.ndarray:
         )
         return {"phi": phi}
 
-    targets = per_example(estimate, (), config, source, mesh)["phi"]  # in split order, padding removed
-    if jax.process_index() == 0:
-        with open(f"{file}.tmp", "wb") as f:
-            seconds = np.float64(time.perf_counter() - start)  # for the cost accounting of benchmarks
-            np.savez(f, targets=targets, evals=np.int64(e.target_evals), seconds=seconds)
-        os.replace(f"{file}.tmp", file)
-    return targets
+    return per_example(estimate, (), config, source, mesh)["phi"]  # in split order, padding removed
 
 
 def initial_params(config, explainer, surrogate_config: dict, surrogate_params):
@@ -239,6 +317,7 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
             mix=e.get("view_mix", 0.0),
         )
         splits = {**splits, "train": train}
+    teachers = load_teachers(config, surrogate_params, up, mesh) if e.signal == "precomputed" else []
     path = common.stage_dir(workdir, "explainer", config, up)  # after every check: nothing written on failure
     explainer = build_explainer(config)
     params = initial_params(config, explainer, up, surrogate_params)
@@ -253,7 +332,7 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     frozen = (surrogate_params,)
     if e.signal == "precomputed":
         game = surrogate_game(surrogate, surrogate_params, target, packed=e.packed)
-        targets = precompute_targets(config, game, splits["train"], mesh, path)
+        targets = precompute_targets(config, game, splits["train"], mesh, path, teachers)
         frozen += (jax.device_put(jnp.asarray(targets), parallel.replicated(mesh)),)
     step = common.jit_train_step(
         functools.partial(train_step, tx=tx, **signal, **kw), mesh, num_frozen=len(frozen)
