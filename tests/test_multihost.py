@@ -1,10 +1,14 @@
-"""Two local CPU processes train together through jax.distributed (launch.py --distributed) and end
-with the parameters a single process with the same number of devices reaches."""
+"""Two local CPU processes train together through jax.distributed (launch.py --distributed), are
+preempted (SIGTERM to one of them: both save and stop at the same step), resume, and end with the
+parameters a single process with the same number of devices reaches without a stop."""
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +40,7 @@ def _command(workdir, data_dir, *extra):
         "--config.dataset.read_threads=1",
         "--config.train.epochs=1",
         "--config.train.batch_size=16",
-        "--config.train.log_every_steps=1000",
+        "--config.train.log_every_steps=5",  # where the processes agree to stop after a SIGTERM
         "--config.optim.lr=1e-3",
         "--config.optim.warmup_steps=10",
         *overrides,
@@ -58,13 +62,12 @@ def _best_params(stage_dir):
     return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
 
 
-def test_two_processes_train_together_like_one(tmp_path):
-    data_dir = str(tmp_path / "tfds")
-    data.prepare("digits", data_dir=data_dir)  # before the processes start: they must not race to prepare
+def _start_pair(tmp_path, data_dir, attempt):
+    """The two processes of one multi-host run (`{tmp_path}/multi`), each logging to its own file: with
+    pipes, a process whose pipe nobody drains blocks on a full buffer, stops joining the collectives, and
+    its peer waits forever."""
     port = _free_port()
-    # Each process logs to its own file: with pipes, a process whose pipe nobody drains blocks on a full
-    # buffer, stops joining the collectives, and its peer waits forever.
-    logs = [open(tmp_path / f"process{i}.log", "w") for i in range(2)]  # noqa: SIM115 -- closed below
+    logs = [open(tmp_path / f"process{i}-{attempt}.log", "w") for i in range(2)]  # noqa: SIM115 -- closed by _finish
     procs = [
         subprocess.Popen(
             _command(
@@ -83,6 +86,10 @@ def test_two_processes_train_together_like_one(tmp_path):
         )
         for i in range(2)
     ]
+    return procs, logs
+
+
+def _finish(procs, logs, tmp_path, attempt) -> list[str]:
     try:
         for p in procs:
             p.wait(timeout=300)
@@ -90,10 +97,36 @@ def test_two_processes_train_together_like_one(tmp_path):
         for p, log in zip(procs, logs, strict=True):
             p.kill()
             log.close()
-    outputs = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
+    return [(tmp_path / f"process{i}-{attempt}.log").read_text() for i in range(2)]
+
+
+def test_two_processes_train_together_like_one(tmp_path):
+    data_dir = str(tmp_path / "tfds")
+    data.prepare("digits", data_dir=data_dir)  # before the processes start: they must not race to prepare
+    # Preemption: SIGTERM to process 1 once its loop has started (its handler is installed, the first
+    # step compiles); the processes agree at the next logged step to stop, both save and exit 143.
+    procs, logs = _start_pair(tmp_path, data_dir, "first")
+    deadline = time.monotonic() + 240
+    while "training steps 1 to" not in (tmp_path / "process1-first.log").read_text():
+        assert time.monotonic() < deadline and procs[1].poll() is None, (
+            tmp_path / "process1-first.log"
+        ).read_text()[-3000:]
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = _finish(procs, logs, tmp_path, "first")
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 128 + signal.SIGTERM, out[-3000:]
+    stopped = [re.search(r"stopped by SIGTERM after step (\d+) of (\d+);", out) for out in outputs]
+    assert all(stopped), outputs[0][-3000:]
+    step, total = stopped[0].groups()
+    assert stopped[1].groups() == (step, total) and int(step) < int(total)  # the same step, before the end
+    assert "process 1/2, 2 devices" in outputs[1]
+    # Rerun unchanged: both resume from that step and finish.
+    procs, logs = _start_pair(tmp_path, data_dir, "again")
+    outputs = _finish(procs, logs, tmp_path, "again")
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
-    assert "process 1/2, 2 devices" in outputs[1]
+    assert f"resuming at step {step} of {total}" in outputs[0]
     single = subprocess.run(
         _command(tmp_path / "single", data_dir),
         cwd=ROOT,

@@ -182,6 +182,9 @@ def fit(task: Task, config, stage_dir: str, mesh, train_source, *, stop_after: i
     batches = DeviceIterator(loader, mesh)
     writer = _Metrics(stage_dir, start)
     signals = _StopSignals()
+    logging.info(
+        "%s: training steps %d to %d (SIGTERM or Ctrl-C saves and stops)", stage_dir, start + 1, total
+    )
     bar = None
     if sys.stderr.isatty() and jax.process_index() == 0:
         from tqdm import tqdm
