@@ -30,7 +30,9 @@ with another image (`explainer.view_mix=0.5`), as `precomputed-v8shared-e75-lr2e
 `precomputed-v4shared-e150-lr4e-3` the same at lr 4e-3. `distill-v16-e38-lr2e-3` and
 `distill-v32-e38-lr2e-3` distill the explainers given as `--teachers` (`explainer.teachers`: the labels
 are the mean of their outputs on 16 or 32 fixed views per image; their evaluations are counted as the
-student's) for about the steps of `precomputed-v4shared-e150-lr2e-3`, or twice them.
+student's) for about the steps of `precomputed-v4shared-e150-lr2e-3`, or twice them. `...-n629` and
+`...-n315` train that configuration on the first half or quarter of the training images
+(`dataset.train_examples`) for the same steps: the learning curve.
 `--diagnose` first prints, for the run's own explainer on the first `--images` test and train images,
 its MSE, the uniform efficient attribution's and the median correlation with the exact values of the
 predicted class, and adds each configuration's MSE on those train images to its row (`train_mse`).
@@ -43,7 +45,8 @@ digits preset's (AdamW, lr 5e-4, cosine) with warmup 10% of the steps. Reported 
 wall-clock seconds of the stage (compilation and per-epoch validation included), surrogate evaluations
 per training image, the validation WLS loss of the best checkpoint (Shapley-kernel coalitions, the same
 for every signal), and the mean squared error of the explainer's values (every class) against the exact
-Shapley values of the surrogate's game on the first `--images` test images; with the standard
+Shapley values of the surrogate's game on the first `--images` test images (kept in `{out}` with the
+KernelSHAP curve, for the next invocation); with the standard
 KernelSHAP's error on the same images at doubling budgets (`--kernelshap_seeds` runs each), the budget
 at which KernelSHAP matches each explainer (log-log interpolation). The rows (results.json) also split
 the MSE between the test images whose surrogate's top class is below 0.9 (`mse_unsure`: the error of the
@@ -152,6 +155,10 @@ CONFIGS = {
     # precomputed-v4shared-e150-lr2e-3 (16 x 38 epochs = 608 image-epochs), or twice them.
     "distill-v16-e38-lr2e-3": _views(16, 38, teachers=True),
     "distill-v32-e38-lr2e-3": _views(32, 38, teachers=True),
+    # Learning curve: the first half or quarter of the training images (dataset.train_examples), with
+    # twice or four times the epochs (the same steps) and the same labels per image.
+    "precomputed-v4shared-e150-lr2e-3-n629": _views(4, 300, **{"dataset.train_examples": 629}),
+    "precomputed-v4shared-e150-lr2e-3-n315": _views(4, 600, **{"dataset.train_examples": 315}),
 }
 GROUPS = {
     "signals": [k for k in CONFIGS if not k.startswith(("wls-32-", "precomputed"))],
@@ -192,7 +199,7 @@ def train(name, seed, args, surrogate_dir, mesh):
     for key, value in overrides.items():
         section, field = key.split(".")
         c[section][field] = value
-    steps = common.total_steps(c, args.train_images * views)
+    steps = common.total_steps(c, (c.dataset.train_examples or args.train_images) * views)
     c.optim.warmup_steps = max(1, int(steps * warmup_fraction))
     c.train.log_every_steps = 1000
     validate(c)
@@ -338,25 +345,33 @@ def main():
         print(diagnose(main_run, train_images, train_truth, "train"), flush=True)
     unsure = np.asarray(main_run(images)["v_all"]).max(-1) < 0.9
     print(f"{unsure.sum()} of {len(images)} test images with the surrogate's top class below 0.9 (unsure)")
-    curve, curve_unsure = {}, {}
-    for budget in KERNELSHAP_BUDGETS:
-        errors = []
-        for s in range(args.kernelshap_seeds):
-            phi, info = kernelshap(
-                game,
-                images,
-                n,
-                key=jax.random.key(100 + s),
-                threshold=None,
-                max_evals=budget,
-                pairs_per_step=64,
-            )
-            errors.append(((np.asarray(phi) - truth) ** 2).mean((1, 2)))
-        curve[info["evals"]] = float(np.mean(errors))
-        curve_unsure[info["evals"]] = float(np.mean(errors, 0)[unsure].mean())
+    # The KernelSHAP curve depends only on the images (their truth) and the seeds: kept next to the truth.
+    curve_file = os.path.join(args.out, f"kernelshap-{len(images)}-seeds{args.kernelshap_seeds}.json")
+    if os.path.exists(curve_file):
+        saved = json.load(open(curve_file))
+        curve, curve_unsure = ({int(b): e for b, e in saved[k].items()} for k in ("all", "unsure"))
+    else:
+        curve, curve_unsure = {}, {}
+        for budget in KERNELSHAP_BUDGETS:
+            errors = []
+            for s in range(args.kernelshap_seeds):
+                phi, info = kernelshap(
+                    game,
+                    images,
+                    n,
+                    key=jax.random.key(100 + s),
+                    threshold=None,
+                    max_evals=budget,
+                    pairs_per_step=64,
+                )
+                errors.append(((np.asarray(phi) - truth) ** 2).mean((1, 2)))
+            curve[info["evals"]] = float(np.mean(errors))
+            curve_unsure[info["evals"]] = float(np.mean(errors, 0)[unsure].mean())
+        json.dump({"all": curve, "unsure": curve_unsure}, open(curve_file, "w"))
+    for evals in curve:
         print(
-            f"KernelSHAP (standard) {info['evals']:>5} evaluations: MSE {curve[info['evals']]:.3e} "
-            f"(unsure images {curve_unsure[info['evals']]:.3e})",
+            f"KernelSHAP (standard) {evals:>5} evaluations: MSE {curve[evals]:.3e} "
+            f"(unsure images {curve_unsure[evals]:.3e})",
             flush=True,
         )
 

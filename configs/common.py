@@ -202,6 +202,7 @@ def base_config(stage: str, opts: config_dict.ConfigDict, *, inherit: bool = Fal
     # Train: random-resized-crop area in [this, 1] (1: none).
     c.dataset.crop_scale_min = preset["crop_scale_min"]
     c.dataset.hflip = preset["hflip"]  # train: random horizontal flips
+    c.dataset.train_examples = 0  # 0: the whole training split; N: its first N examples (learning curves)
     # Pixel normalization: "inception" ([-1, 1]), "imagenet", "clip", or "auto" (what the pretrained
     # checkpoint states, else inception); the run records the one it used.
     c.dataset.normalization = "auto"

@@ -8,6 +8,7 @@ import pytest
 
 from tests.helpers import load
 from vitshap_jax import data, parallel
+from vitshap_jax.config import ConfigError, validate
 from vitshap_jax.data import loader, transforms
 
 
@@ -292,3 +293,26 @@ def test_mixed_views_blend_a_crop_with_another_image_drawn_once(train_source):
     assert 0 <= min(values) and max(values) < 0.5 + 1e-2 and abs(np.mean(values) - 0.25) < 0.03
     with pytest.raises(ValueError, match="mix=1.0"):
         loader.FixedViews(source, 2, seed=0, crop_scale_min=0.5, hflip=True, mix=1.0)
+
+
+def test_train_examples_cuts_the_training_split_to_its_first_examples(config, train_source):
+    """`dataset.train_examples=N` (learning curves): the training split's first N examples, the same ones
+    as the whole split's; the other splits whole; more than the split has, or a negative N, is refused."""
+    c = config.copy_and_resolve_references()
+    c.dataset.train_examples = 100
+    first = data.open_split(c, "train")
+    assert len(first) == 100
+    for i in (0, 57, 99):
+        np.testing.assert_array_equal(first[i]["image"], train_source[i]["image"])
+        assert first[i]["label"] == train_source[i]["label"]
+    with pytest.raises(IndexError):
+        first[100]
+    assert len(data.open_split(c, "test")) == len(data.open_split(config, "test"))
+    c.dataset.train_examples = len(train_source) + 1
+    with pytest.raises(
+        ValueError, match=f"train_examples={len(train_source) + 1} but .* has {len(train_source)}"
+    ):
+        data.open_split(c, "train")
+    c.dataset.train_examples = -1
+    with pytest.raises(ConfigError, match="config.dataset.train_examples=-1: must be >= 0"):
+        validate(c)

@@ -280,6 +280,8 @@ def validate(config) -> None:
         f"must be >= config.dataset.image_size={d.image_size} (resize, then center crop)",
     )
     _require(0 < d.crop_scale_min <= 1, "dataset.crop_scale_min", d.crop_scale_min, "must be in (0, 1]")
+    examples = d.get("train_examples", 0)
+    _require(examples >= 0, "dataset.train_examples", examples, "must be >= 0 (0: the whole training split)")
     for key in ("workers", "read_threads", "prefetch"):
         _require(d[key] >= 0, f"dataset.{key}", d[key], "must be >= 0")
     _require(m.patch_size >= 1, "model.patch_size", m.patch_size, "must be positive")

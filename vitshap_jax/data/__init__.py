@@ -155,8 +155,9 @@ def open_split(config, split: str):
     Prepares the dataset first if needed and possible (digits always; the others when
     `config.dataset.manual_dir` is set). A folder's prepared copy is found from `manual_dir` and
     `config.dataset.split_fractions` (default "0.8,0.1,0.1" when the config has no such field).
+    The training split is cut to its first `config.dataset.train_examples` examples where that is set.
     Raises DataNotFoundError with the command that prepares it, or ValueError when the data's class
-    count differs from `config.dataset.num_classes`.
+    count differs from `config.dataset.num_classes` (or the split has fewer examples than asked for).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
@@ -168,7 +169,31 @@ def open_split(config, split: str):
             f"config.dataset.num_classes={d.num_classes} but the prepared {d.name} data in {b.data_path} has "
             f"{classes} classes: fix the config (the model's head must match the data)"
         )
-    return b.as_data_source(split=split)
+    source = b.as_data_source(split=split)
+    examples = d.get("train_examples", 0)
+    if split == "train" and examples:
+        if examples > len(source):
+            raise ValueError(
+                f"config.dataset.train_examples={examples} but the prepared {d.name} training split in "
+                f"{b.data_path} has {len(source)} examples: lower it (0: all of them)"
+            )
+        return FirstExamples(source, examples)
+    return source
+
+
+class FirstExamples:
+    """The first `count` examples of a random-access `source` (`config.dataset.train_examples`)."""
+
+    def __init__(self, source, count: int):
+        self.source, self.count = source, count
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, i):
+        if not 0 <= int(i) < self.count:
+            raise IndexError(f"example {i} of {self.count}")
+        return self.source[int(i)]
 
 
 def _prepared(config) -> ImageBuilder:
