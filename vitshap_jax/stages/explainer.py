@@ -155,6 +155,7 @@ def load_teachers(config, surrogate_params, surrogate_config: dict, mesh) -> lis
     is an estimate of the same Shapley values."""
     teachers = []
     d = config.dataset
+    ours = jax.tree.leaves(jax.device_get(surrogate_params))  # fetched once, compared with each teacher's
     for path in teacher_paths(config):
         run = TrainedRun.load(path)
         field = "config.explainer.teachers"
@@ -167,11 +168,7 @@ def load_teachers(config, surrogate_params, surrogate_config: dict, mesh) -> lis
             )
         same = run.surrogate_config.get("model") == surrogate_config.get("model") and all(
             a.shape == b.shape and np.array_equal(a, b)
-            for a, b in zip(
-                jax.tree.leaves(jax.device_get(run.surrogate_params)),
-                jax.tree.leaves(jax.device_get(surrogate_params)),
-                strict=True,
-            )
+            for a, b in zip(jax.tree.leaves(jax.device_get(run.surrogate_params)), ours, strict=True)
         )
         if not same:
             raise common.StageError(
