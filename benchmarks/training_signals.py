@@ -72,7 +72,7 @@ import numpy as np  # noqa: E402
 from configs import explainer as explainer_config  # noqa: E402
 from vitshap_jax import parallel  # noqa: E402
 from vitshap_jax.config import VIT_VARIANTS, validate  # noqa: E402
-from vitshap_jax.runs import TrainedRun, load_explainer  # noqa: E402
+from vitshap_jax.runs import TrainedRun, load_explainer, read_explainer_config  # noqa: E402
 from vitshap_jax.shapley import exact_shapley, kernelshap  # noqa: E402
 from vitshap_jax.stages import common  # noqa: E402
 from vitshap_jax.stages import explainer as explainer_stage  # noqa: E402
@@ -242,7 +242,7 @@ def evals_per_image(c, n: int) -> int:
     """Surrogate evaluations per training image over the whole run (v(all) and v(empty) included)."""
     e = c.explainer
     if e.get("teachers"):  # the teachers' evaluations (their labels cost none)
-        return sum(evals_per_image(TrainedRun.load(t).config, n) for t in e.teachers.split(","))
+        return sum(evals_per_image(read_explainer_config(t), n) for t in e.teachers.split(","))
     if e.signal == "precomputed":
         return e.target_evals * e.target_views
     per_step = (

@@ -8,7 +8,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from vitshap_jax.runs import load_explainer
+from vitshap_jax.errors import StageError
+from vitshap_jax.runs import load_explainer, read_explainer_config
 from vitshap_jax.viz.heatmaps import figure_size, save_explanation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,6 +37,10 @@ def test_load_explainer_gives_efficient_values(trained_run):
         np.asarray(out["phi"]).sum(1), np.asarray(out["v_all"] - out["v_empty"]), atol=1e-5
     )
     assert len(explain.class_names) == 10 and explain.class_names[0] == "tench"
+    for where in (trained_run, trained_run / "explainer"):  # the config alone, no parameters loaded
+        assert read_explainer_config(str(where)).to_dict() == explain.config.to_dict()
+    with pytest.raises(StageError, match="no explainer run in"):
+        read_explainer_config(str(trained_run / "surrogate"))
 
 
 def test_explain_command_writes_values_and_pictures_and_reports_bad_files(trained_run, tmp_path):

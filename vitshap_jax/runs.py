@@ -215,6 +215,12 @@ def load_explainer(workdir: str, *, dtype: str | None = None) -> TrainedRun:
     return TrainedRun.load(workdir, dtype=dtype)
 
 
+def read_explainer_config(workdir: str) -> config_dict.ConfigDict:
+    """The config of the explainer run in `workdir` (or that `explainer/` folder itself), without loading
+    its parameters."""
+    return config_dict.ConfigDict(ckpt_lib.read_config(_explainer_dir(workdir)))
+
+
 def _explainer_dir(path: str) -> str:
     path = absolute(path)
     for candidate in (os.path.join(path, "explainer"), path):

@@ -40,6 +40,7 @@ sampler (so it is comparable across them), and the efficiency gap
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import os
@@ -149,13 +150,15 @@ def teacher_paths(config) -> list[str]:
 
 
 def load_teachers(config, surrogate_params, surrogate_config: dict, mesh) -> list[TrainedRun]:
-    """The finished explainer runs of `config.explainer.teachers`, placed on `mesh`, after checking that
-    each explains this stage's game: the same dataset, image size and patches, and a surrogate with the
-    same model config and the same parameters as this stage's (`surrogate_params`), so their mean output
-    is an estimate of the same Shapley values."""
+    """The finished explainer runs of `config.explainer.teachers`, their explainers' parameters placed on
+    `mesh` and their surrogate parameters this stage's (`surrogate_params`), after checking that
+    each explains this stage's game: the same dataset, image size and patches, and a surrogate with the same
+    model config and the same parameters as this stage's (`surrogate_params`), so their mean output is an
+    estimate of the same Shapley values."""
     teachers = []
     d = config.dataset
     ours = jax.tree.leaves(jax.device_get(surrogate_params))  # fetched once, compared with each teacher's
+    shared = jax.device_put(surrogate_params, parallel.replicated(mesh))  # no copy where already placed
     for path in teacher_paths(config):
         run = TrainedRun.load(path)
         field = "config.explainer.teachers"
@@ -176,18 +179,30 @@ def load_teachers(config, surrogate_params, surrogate_config: dict, mesh) -> lis
                 "parameters differ from this stage's surrogate: a teacher must explain the same game (train "
                 "it with --config.upstream at this stage's surrogate)"
             )
-        teachers.append(run.placed(parallel.replicated(mesh)))
+        placed = jax.device_put(run.params["explainer"], parallel.replicated(mesh))
+        teachers.append(dataclasses.replace(run, params={"explainer": placed, "surrogate": shared}))
     return teachers
 
 
 def teacher_targets(config, teachers: list[TrainedRun], source, mesh) -> np.ndarray:
     """The mean of the teachers' outputs `[N, n, C]` on every image of `source` (as evaluation reads
-    it): efficient for the shared surrogate, as each teacher's is."""
+    it): efficient for the shared surrogate, as each teacher's is. The efficient normalization is linear
+    (it adds `(v(all) - v(empty) - sum_i raw_i) / n` to every player), so the mean of the teachers'
+    normalized outputs is the normalization of their mean raw output: the surrogate runs once per image,
+    not once per teacher (`load_teachers` checked that they share it)."""
+    target, surrogate = config.dataset.target, teachers[0].surrogate
 
-    def estimate(batch):
-        return {"phi": sum(t(batch["image"])["phi"] for t in teachers) / len(teachers)}
+    @jax.jit
+    def estimate(surrogate_params, explainer_params, batch):
+        images = batch["image"]
+        grand, null = grand_and_null(surrogate, surrogate_params, images, target)
+        raw = [
+            t.explainer.apply({"params": p}, images) for t, p in zip(teachers, explainer_params, strict=True)
+        ]
+        return {"phi": shapley.additive_efficient_normalization(sum(raw) / len(raw), grand - null)}
 
-    return per_example(estimate, (), config, source, mesh)["phi"]
+    params = [t.params["explainer"] for t in teachers]
+    return per_example(estimate, (teachers[0].surrogate_params, params), config, source, mesh)["phi"]
 
 
 def precompute_targets(config, game, source, mesh, path: str, teachers=()) -> np.ndarray:
