@@ -10,7 +10,9 @@ Parameters are random (the speed does not depend on them). Prints images/s of bo
 measured side by side in one run; with --flops, also the achieved FLOP/s (the step's matmul FLOPs,
 `matmul_flops`) against a measured bfloat16 matmul peak; with --memory, XLA's memory analysis of each
 compiled step (its peak estimate and temporaries; `--steps=0` compiles without running, so sizes that
-would not fit can be read too); --remat turns on `config.model.remat` (the explainer's blocks).
+would not fit can be read too); --remat turns on `config.model.remat` (the explainer's blocks);
+--attention_impl=matmul,cudnn measures each attention core (`config.model.attention_impl`, here the
+surrogate's and the explainer's) and prints the ratios to the first.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def step_setup(
     signal: str = "wls",
     sampler: str = "shapley",
     warmup_steps: int | None = None,
+    attention_impl: str = "matmul",
 ):
     config = explainer_config.get_config(f"imagenette,model={variant}")
     if warmup_steps is not None:
@@ -69,6 +72,7 @@ def step_setup(
     config.model.dtype = dtype
     config.model.remat = remat
     config.model.matmul_precision = matmul_precision
+    config.model.attention_impl = attention_impl
     config.explainer.num_coalitions = coalitions
     surrogate = build_model(config)
     explainer = build_explainer(config)
@@ -158,6 +162,7 @@ def measure(
     sampler="shapley",
     losses=None,
     warmup_steps=None,
+    attention_impl="matmul",
 ):
     """(images/s, seconds per step, FLOPs per step or None, memory report or None); `steps=0` only
     compiles (for --memory). A list `losses` receives the training loss after each step run."""
@@ -174,6 +179,7 @@ def measure(
         signal,
         sampler,
         warmup_steps,
+        attention_impl,
     )
     traced = step.trace(state, data, s_params)  # traced once: its jaxpr counted, then compiled and timed
     start = time.perf_counter()
@@ -226,10 +232,17 @@ def main():
         "on one fixed random batch after the warm-up step and after --steps more",
     )
     p.add_argument("--paths", default="plain,packed", help="plain, packed or both (ratios need both)")
+    p.add_argument(
+        "--attention_impl",
+        default="matmul",
+        help="config.model.attention_impl (matmul, xla, cudnn), or several: each measured, ratios to the "
+        "first printed (cudnn: an NVIDIA GPU and --dtype=bfloat16)",
+    )
     args = p.parse_args()
     if args.signals:
         return signals_report(args)
     precisions = args.matmul_precision.split(",")
+    impls = args.attention_impl.split(",")
     paths = args.paths.split(",")
     if not paths or set(paths) - {"plain", "packed"}:
         p.error(f"--paths={args.paths}: plain, packed or plain,packed")
@@ -242,8 +255,8 @@ def main():
         print(f"measured bfloat16 matmul peak ({args.peak_size}^2): {peak / 1e12:.3f} TFLOP/s")
     for variant in args.models.split(","):
         rows = {}
-        for precision, packed in ((pr, pa) for pr in precisions for pa in packings):
-            rows[precision, packed] = measure(
+        for precision, impl, packed in ((pr, im, pa) for pr in precisions for im in impls for pa in packings):
+            rows[precision, impl, packed] = measure(
                 variant,
                 args.batch,
                 args.coalitions,
@@ -256,11 +269,13 @@ def main():
                 args.remat,
                 args.memory,
                 precision,
+                attention_impl=impl,
             )
-            ips, sec, cost, report = rows[precision, packed]
+            ips, sec, cost, report = rows[precision, impl, packed]
             path = "pairs in n+2 tokens" if packed else "plain masked passes"
             line = f"ViT-{variant} {args.image_size}px {path}{' (remat)' if args.remat else ''}"
-            line += f", {precision} matmuls: " if len(precisions) > 1 else ": "
+            line += f", {precision} matmuls" if len(precisions) > 1 else ""
+            line += f", {impl} attention: " if len(impls) > 1 else ": "
             if args.steps:
                 line += f"{ips:.2f} images/s ({sec:.2f} s/step, "
             line += f"batch {args.batch}, {args.coalitions} coalitions{')' if args.steps else ''}"
@@ -270,17 +285,21 @@ def main():
                 line += f"; {report}"
             print(line, flush=True)
         if args.steps and len(set(packings)) == 2:
-            for precision in precisions:
-                speedup = rows[precision, True][0] / rows[precision, False][0]
+            for precision, impl in ((pr, im) for pr in precisions for im in impls):
+                speedup = rows[precision, impl, True][0] / rows[precision, impl, False][0]
                 print(
-                    f"ViT-{variant}: speedup of the visible-token path {speedup:.2f}x ({precision} matmuls)"
+                    f"ViT-{variant}: speedup of the visible-token path {speedup:.2f}x ({precision} matmuls, "
+                    f"{impl} attention)"
                 )
         if args.steps:
-            for precision in precisions[1:]:
-                for packed in sorted(set(packings)):
-                    ratio = rows[precision, packed][0] / rows[precisions[0], packed][0]
-                    path = "pairs in n+2 tokens" if packed else "plain masked passes"
+            for packed in sorted(set(packings)):
+                path = "pairs in n+2 tokens" if packed else "plain masked passes"
+                for precision in precisions[1:]:
+                    ratio = rows[precision, impls[0], packed][0] / rows[precisions[0], impls[0], packed][0]
                     print(f"ViT-{variant} {path}: {precision} / {precisions[0]} matmuls {ratio:.2f}x")
+                for impl in impls[1:]:
+                    ratio = rows[precisions[0], impl, packed][0] / rows[precisions[0], impls[0], packed][0]
+                    print(f"ViT-{variant} {path}: {impl} / {impls[0]} attention {ratio:.2f}x")
 
 
 def signals_report(args):

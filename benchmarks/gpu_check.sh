@@ -7,6 +7,7 @@
 #      against the measured bf16 matmul peak, XLA's memory analysis and compile time of each step;
 #   2. attention: our attention core against jax.nn.dot_product_attention, XLA's and cuDNN's fused
 #      kernel, at the step's shapes (attention_impl.py): speed, and exactness for the masked model;
+#      attention-step: the packed ViT-S step with config.model.attention_impl=matmul and =cudnn;
 #   3. torch-f32: ours against PyTorch + timm on the same GPU (torch_reference.py --device=cuda):
 #      masked forward, explainer step, classifier step, FLOPs of each side;
 #   4. profile: where the packed ViT-S explainer step's time goes (profile_ops.py; not yet run on a GPU);
@@ -18,7 +19,7 @@
 # do not fit one 10-minute call, nor two in a 15-minute device budget (each call's start takes ~35 s, and
 # a machine is not started with under 4 minutes left). So, in that order:
 #   BUDGET=480 PARTS="step-bf16 attention torch-f32" bash benchmarks/gpu_check.sh WHEELS_DIR
-#   BUDGET=300 PARTS="profile signals memory" bash benchmarks/gpu_check.sh WHEELS_DIR
+#   BUDGET=300 PARTS="attention-step profile signals memory" bash benchmarks/gpu_check.sh WHEELS_DIR
 # (timeout_s a minute above BUDGET; torch-bf16 when time is left).
 #
 #   bash benchmarks/gpu_check.sh [WHEELS_DIR]      # on the GPU machine, from the repository root
@@ -38,7 +39,7 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/gpu_check_jax
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 start=$SECONDS
 budget=${BUDGET:-540}
-parts=${PARTS:-step-bf16 attention torch-f32 profile signals torch-bf16 memory}
+parts=${PARTS:-step-bf16 attention attention-step torch-f32 profile signals torch-bf16 memory}
 if [ -n "${1:-}" ]; then
   $py -m pip install --quiet --no-deps --no-index "$1"/*.whl || echo "gpu_check: installing wheels from $1 failed"
 fi
@@ -52,10 +53,10 @@ print(f"gpu_check: jax {jax.__version__}, {jax.devices()}; float32 512^2 matmul 
 EOF
 if [ -n "${SMOKE:-}" ]; then
   models=micro,tiny; big=tiny; batch=2; size=32; peak=256; tsize=(--models=tiny --batch=2 --step_batch=1
-    --coalitions=2 --classifier_batch=2 --repeats=1); device=cpu
+    --coalitions=2 --classifier_batch=2 --repeats=1); device=cpu; fused=xla
 else
   models=small,base; big=large; batch=32; size=224; peak=8192; tsize=(--models=small --batch=64
-    --step_batch=32 --classifier_batch=64 --repeats=3); device=cuda
+    --step_batch=32 --classifier_batch=64 --repeats=3); device=cuda; fused=cudnn
 fi
 # part NAME LIMIT CMD...: run CMD under min(LIMIT, what is left of BUDGET) seconds, output prefixed.
 part() {
@@ -79,6 +80,9 @@ part step-bf16 150 $py benchmarks/explainer_step.py --models=${models%%,*} --bat
   --flops --memory --peak_size=$peak
 part attention 90 $py benchmarks/attention_impl.py --models=$models --sequences=$((batch * 32)) \
   --dtype=bfloat16
+# The whole packed step with each attention core (config.model.attention_impl; cuDNN needs the GPU).
+part attention-step 100 $py benchmarks/explainer_step.py --models=${models%%,*} --paths=packed \
+  --batch=$batch --steps=3 --image_size=$size --dtype=bfloat16 --memory --attention_impl=matmul,$fused
 if $py -c "import torch, timm" 2>/dev/null; then
   part torch-f32 200 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 $py benchmarks/torch_reference.py \
     "${tsize[@]}" --device=$device

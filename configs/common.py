@@ -234,6 +234,10 @@ def base_config(stage: str, opts: config_dict.ConfigDict, *, inherit: bool = Fal
     # precision), the rest in model.dtype: a 1.4-1.6x faster ViT on CPU, Shapley values within ~1e-5;
     # "auto": bfloat16 on a CPU with bfloat16 dot instructions, else float32 (docs/performance.md)
     c.model.matmul_precision = "auto"
+    # The ViT's attention core: "matmul" (heads-leading batched products, the mask as a -1e30 bias, a
+    # float32 softmax), "xla" or "cudnn" (jax.nn.dot_product_attention; cudnn: NVIDIA GPU, bfloat16).
+    # The same masked model whichever; "auto": matmul (the fastest measured on CPU; docs/performance.md)
+    c.model.attention_impl = "auto"
     # Recompute each block's activations in the backward pass (less memory, more compute; same results)
     c.model.remat = False
     # Pretrained weights: a .npz (big_vision / vision_transformer), a timm .safetensors, or a Hugging

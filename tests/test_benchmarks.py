@@ -39,6 +39,12 @@ def test_explainer_step_benchmark_prints_both_paths_the_ratios_and_the_flops():
     assert out.count("of the bf16 peak") == 4  # both paths, both precisions
 
 
+def test_explainer_step_benchmark_compares_attention_cores():
+    out = run("explainer_step.py", *TOY_STEP, "--paths=packed", "--attention_impl=matmul,xla")
+    assert "pairs in n+2 tokens, matmul attention: " in out and "pairs in n+2 tokens, xla attention: " in out
+    assert "ViT-micro pairs in n+2 tokens: xla / matmul attention" in out
+
+
 def test_explainer_step_signals_mode_trains_under_each_signal():
     # The GPU check of issue 18 at toy sizes: the packed step under each signal, and the loss on the
     # fixed batch falls over the steps (the configured learning rate from the first step).

@@ -1,5 +1,7 @@
 """Stage configs: every stage x dataset loads and validates; options, presets and errors."""
 
+import os
+
 import pytest
 
 from configs import common
@@ -98,6 +100,16 @@ def test_parse_arg_rules():
             "tf32",
             r"config.model.matmul_precision='tf32': must be one of auto, float32, bfloat16",
         ),
+        (
+            "model.attention_impl",
+            "flash",
+            r"config.model.attention_impl='flash': must be one of auto, matmul, xla, cudnn",
+        ),
+        (
+            "model.attention_impl",
+            "cudnn",
+            r"config.model.attention_impl='cudnn': .*NVIDIA GPU, and this backend is cpu",
+        ),
         ("optim.lr", float("inf"), r"config.optim.lr=inf: must be a finite number"),
         ("optim.weight_decay", float("nan"), r"config.optim.weight_decay=nan: must be a finite number"),
         ("model.ln_eps", float("inf"), r"config.model.ln_eps=inf: must be a finite number"),
@@ -156,3 +168,39 @@ def test_matmul_precision_reaches_every_matmul_of_the_vit_and_is_refused_for_a_r
     r.model.matmul_precision = "bfloat16"
     with pytest.raises(ConfigError, match=r"config.model.matmul_precision='bfloat16': applies to ViTs"):
         validate(r)
+
+
+def test_attention_impl_reaches_every_attention_and_the_upstream_model(tmp_path, monkeypatch):
+    """`model.attention_impl`: "auto" is the matmul core; a choice reaches the backbone, the explainer
+    head and the upstream model a stage builds (whose recorded config stays as it was); cuDNN is refused
+    with float32 compute (and, on this CPU, at all); a rerun may change it (FREE_FIELDS)."""
+    from vitshap_jax import checkpoints as ckpt_lib
+    from vitshap_jax import models, parallel
+    from vitshap_jax.files import write_json
+    from vitshap_jax.models import build_explainer, build_model
+    from vitshap_jax.stages import common as stages
+
+    c = load("explainer", "digits")
+    assert c.model.attention_impl == "auto" and build_model(c).attention_impl == "matmul"
+    assert models.attention_impl({"model": {"depth": 4}}) == "matmul"  # recorded before the field
+    c.model.attention_impl = "xla"
+    validate(c)
+    explainer = build_explainer(c)
+    assert explainer.backbone.attention_impl == explainer.explainer_head.attention_impl == "xla"
+    c.model.update(dict(attention_impl="cudnn", dtype="float32"))
+    with pytest.raises(ConfigError, match=r"attention_impl='cudnn': cuDNN's fused attention takes bfloat16"):
+        validate(c)
+    with pytest.raises(
+        ConfigError, match=r"attention_impl='cudnn': cuDNN's fused attention runs on an NVIDIA"
+    ):
+        build_model(c)
+    assert "model.attention_impl" in stages.FREE_FIELDS
+    # The upstream model of a stage computes with this stage's core; its record is unchanged.
+    up = load("surrogate", "digits")
+    up.model.attention_impl = "matmul"
+    os.makedirs(tmp_path / "surrogate")
+    write_json(str(tmp_path / "surrogate" / ckpt_lib.CONFIG_FILE), up.to_dict())
+    monkeypatch.setattr(ckpt_lib, "load_best_params", lambda path, target: target)  # no checkpoint needed
+    c.model.update(dict(attention_impl="xla", dtype="auto"))
+    _, recorded, model = stages.upstream_params(c, str(tmp_path), "surrogate", parallel.make_mesh())
+    assert model.attention_impl == "xla" and recorded["model"]["attention_impl"] == "matmul"

@@ -423,3 +423,52 @@ def test_a_vit_with_bfloat16_matmuls_still_masks_exactly():
     gscale = max(float(jnp.abs(u).max()) for u in jax.tree.leaves(grads[0]))
     for u, v in zip(*(jax.tree.leaves(g) for g in grads), strict=True):  # within 2% of the largest
         np.testing.assert_allclose(v, u, rtol=0.05, atol=0.02 * gscale)
+
+
+def test_the_library_attention_core_is_the_same_masked_model(setup):
+    """`attention_impl="xla"` (`jax.nn.dot_product_attention`; "cudnn" is the same call on a GPU): the
+    same parameters, the outputs and gradients of the default "matmul" core for masked passes, packed
+    pairs and the class-token-only last block; held-out patches never read (bit for bit); and like
+    dropping the tokens. The explainer head's blocks take the same core; an unknown core is an error."""
+    from vitshap_jax.models import ExplainerHead
+
+    images, masks, key = setup
+    matmul, library = _model("attention"), _model("attention", attention_impl="xla")
+    params = _random_params(matmul, key)
+    assert jax.tree.structure(library.init(key, images[:1])["params"]) == jax.tree.structure(params)
+    apply = jax.jit(
+        lambda p, x, m, model, both=False: model.apply({"params": p}, x, m, with_complement=both),
+        static_argnums=(3, 4),
+    )
+    for both in (False, True):
+        ours, theirs = (apply(params, images, masks, model, both) for model in (matmul, library))
+        np.testing.assert_allclose(theirs, ours, atol=2e-5, rtol=1e-5)
+        assert float(jnp.abs(ours).max()) > 0.1
+    pixels = jnp.asarray(
+        np.kron(np.asarray(masks).reshape(6, IMAGE // PATCH, IMAGE // PATCH), np.ones((PATCH, PATCH)))
+    )
+    other = images + jax.random.normal(jax.random.key(3), images.shape) * (1 - pixels)[..., None]
+    # Only held-out pixels change (for a pair, those the complement reads: its half may change).
+    np.testing.assert_array_equal(apply(params, images, masks, library), apply(params, other, masks, library))
+    pair, changed = (apply(params, x, masks, library, True) for x in (images, other))
+    np.testing.assert_array_equal(pair[:, 0], changed[:, 0])
+    masked = apply(params, images, masks, library)
+    for i in (2,):  # a middle coalition (the other sizes: the tests above, for the same masking)
+        visible = np.flatnonzero(np.asarray(masks[i]))[None]
+        alone = matmul.apply({"params": params}, images[i : i + 1], patch_indices=jnp.asarray(visible))
+        np.testing.assert_allclose(np.asarray(masked[i]), np.asarray(alone[0]), atol=2e-5, rtol=1e-5)
+    grads = [
+        jax.jit(
+            jax.grad(lambda p, m=m: (m.apply({"params": p}, images, masks, with_complement=True) ** 2).sum())
+        )(params)
+        for m in (matmul, library)
+    ]
+    for u, v in zip(*(jax.tree.leaves(g) for g in grads), strict=True):
+        np.testing.assert_allclose(v, u, rtol=1e-4, atol=1e-5)
+    tokens = jax.random.normal(key, (2, N + 1, 32))
+    heads = [ExplainerHead(5, 4, 64, attention_impl=impl) for impl in ("matmul", "xla")]
+    head_params = heads[0].init(key, tokens)["params"]
+    head_params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(key, a.shape), head_params)
+    np.testing.assert_allclose(*(h.apply({"params": head_params}, tokens) for h in heads), atol=1e-5)
+    with pytest.raises(ValueError, match="attention impl='flash': must be one of matmul, xla, cudnn"):
+        _model("attention", attention_impl="flash").init(key, images[:1])

@@ -62,6 +62,7 @@ DATASETS = ("digits", "imagenette", "pet", "mura", "cifar10", "cifar100", "folde
 TARGETS = ("multiclass", "binary")
 DTYPES = ("auto", "float32", "bfloat16")
 MATMUL_PRECISIONS = ("auto", "float32", "bfloat16")  # a ViT's dense-layer operands (models: dot_dtype)
+ATTENTION_IMPLS = ("matmul", "xla", "cudnn")  # a ViT's attention core (models/vit.py); config: "auto" too
 ACTIVATIONS = ("gelu", "relu")
 PRETRAINED_SUFFIXES = (".npz", ".safetensors")  # or a Hugging Face save_pretrained directory
 BAD_IMAGE_POLICIES = ("fail", "skip")  # what preparing a dataset does with an unreadable image
@@ -324,6 +325,25 @@ def validate(config) -> None:
     maskings = {k for ms in MASKINGS.values() for k in ms} if inheriting else MASKINGS[architecture]
     _one_of(config, "model.masking", ("auto", *sorted(maskings, key=lambda k: (k != "attention", k))))
     _one_of(config, "model.dtype", DTYPES)
+    if "attention_impl" in m:
+        _one_of(config, "model.attention_impl", ("auto", *ATTENTION_IMPLS))
+        _require(
+            m.attention_impl != "cudnn" or m.dtype != "float32",
+            "model.attention_impl",
+            m.attention_impl,
+            "cuDNN's fused attention takes bfloat16 or float16 inputs: use it with "
+            "config.model.dtype=bfloat16 (or auto, bfloat16 on a GPU)",
+        )
+        if m.attention_impl == "cudnn":
+            import jax
+
+            _require(
+                jax.default_backend() in ("gpu", "cuda"),
+                "model.attention_impl",
+                m.attention_impl,
+                "cuDNN's fused attention runs on an NVIDIA GPU, and this backend is "
+                f"{jax.default_backend()}: use auto (or matmul, xla) here",
+            )
     if "matmul_precision" in m:
         _one_of(config, "model.matmul_precision", MATMUL_PRECISIONS)
         _require(

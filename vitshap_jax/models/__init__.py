@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_dict
 
-from vitshap_jax.config import default_masking, num_outputs
+from vitshap_jax.config import ConfigError, default_masking, num_outputs
 from vitshap_jax.models.explainer_head import Explainer, ExplainerHead
 from vitshap_jax.models.pretrained import PretrainedMismatchError, load_pretrained, read_architecture
 from vitshap_jax.models.vit import MASKING_STRATEGIES, ViT, num_patches
@@ -27,6 +27,7 @@ __all__ = [
     "build_model",
     "checkpoint_architecture",
     "compute_dtype",
+    "attention_impl",
     "cpu_has_bfloat16_dots",
     "dot_dtype",
     "load_pretrained",
@@ -73,6 +74,20 @@ def dot_dtype(config) -> str | None:
         fast = jax.default_backend() == "cpu" and cpu_has_bfloat16_dots()
         return "bfloat16" if fast and architecture(config) == "vit" else None
     return None if precision == "float32" else precision
+
+
+def attention_impl(config) -> str:
+    """The ViT's attention core for `config.model.attention_impl` (`ATTENTION_IMPLS`): "auto" is
+    "matmul" on every backend (the fastest measured on CPU, docs/performance.md (i); on a GPU not yet
+    compared end to end). Configs written before the field existed are "matmul". "cudnn" needs an
+    NVIDIA GPU: elsewhere a `ConfigError` says so."""
+    impl = _as_config(config).model.get("attention_impl", "auto")
+    if impl == "cudnn" and jax.default_backend() not in ("gpu", "cuda"):
+        raise ConfigError(
+            f"config.model.attention_impl='cudnn': cuDNN's fused attention runs on an NVIDIA GPU, and this "
+            f"backend is {jax.default_backend()}: use auto (or matmul, xla) here"
+        )
+    return "matmul" if impl == "auto" else impl
 
 
 def compute_dtype(name: str):
@@ -136,6 +151,7 @@ def build_model(config, *, masking: str | None = None):
         dtype=compute_dtype(m.dtype),
         remat=m.get("remat", False),
         dot_dtype=dot_dtype(config),
+        attention_impl=attention_impl(config),
         **{k: m.get(k, default) for k, default in ARCHITECTURE_OPTIONS.items()},
     )
 
@@ -167,6 +183,7 @@ def build_explainer(config):
         activation=e.activation,
         dtype=compute_dtype(m.dtype),
         dot_dtype=dot_dtype(config),
+        attention_impl=attention_impl(config),
         num_prefix_tokens=backbone.num_prefix_tokens,
     )
     return Explainer(backbone=backbone, explainer_head=head)

@@ -33,6 +33,7 @@ class ExplainerHead(nn.Module):
     activation: str = "gelu"
     dtype: jnp.dtype = jnp.float32
     dot_dtype: str | None = None  # the ViT's (models/vit.py)
+    attention_impl: str = "matmul"  # the ViT's
     num_prefix_tokens: int = 1  # class, distillation and register tokens before the patches
 
     @nn.compact
@@ -41,7 +42,12 @@ class ExplainerHead(nn.Module):
         x = tokens
         for i in range(self.head_blocks):
             x = Encoder1DBlock(
-                self.num_heads, self.mlp_dim, dtype=self.dtype, dot_dtype=self.dot_dtype, name=f"block_{i}"
+                self.num_heads,
+                self.mlp_dim,
+                dtype=self.dtype,
+                dot_dtype=self.dot_dtype,
+                attention_impl=self.attention_impl,
+                name=f"block_{i}",
             )(x, None, deterministic=not train)
         x = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name="norm")(x[:, self.num_prefix_tokens :])
         width = self.mlp_ratio * tokens.shape[-1]

@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vitshap_jax.config import MASKING_STRATEGIES, POOLING
+from vitshap_jax.config import ATTENTION_IMPLS, MASKING_STRATEGIES, POOLING
 
 _LN_EPS = 1e-6  # the value of both google-research ViT and timm ViT checkpoints
 
@@ -204,12 +204,22 @@ class MultiHeadDotProductAttention(nn.Module):
     benchmarks/profile_ops.py, docs/performance.md). With `inspect=True` the weights `[B, heads, T, T]`
     are also stored with `sow("intermediates", "attention")` and made differentiable with
     `perturb("attention")` (the attention-based baselines read both).
+
+    `impl` (`ATTENTION_IMPLS`) picks the attention core: "matmul" is the above; "xla" and "cudnn" are
+    `jax.nn.dot_product_attention` with the boolean mask and that `implementation` (cuDNN's fused kernel
+    never writes the [T, T] weights to memory; it takes bfloat16 or float16 inputs on an NVIDIA GPU
+    only, and refuses to differentiate through a masked pass of odd length, such as the 197 tokens of a
+    masked ViT-B/16 being trained: it is for passes that are not differentiated, such as the frozen
+    surrogate's in the explainer's step, or packed pairs of 198 tokens). All are the same masked model:
+    a held-out key's weight is exactly 0. With `inspect` the weights are needed, so the core is
+    "matmul" whatever `impl` says.
     """
 
     num_heads: int
     dtype: jnp.dtype = jnp.float32
     inspect: bool = False
     dot_dtype: str | None = None
+    impl: str = "matmul"
 
     @nn.compact
     def __call__(self, x, mask=None, queries=None):
@@ -225,20 +235,25 @@ class MultiHeadDotProductAttention(nn.Module):
             dot_general=dot_general_in(self.dot_dtype),
             kernel_init=nn.initializers.xavier_uniform(),
         )
-        # [B, heads, T, head_dim]: XLA:CPU runs batched matmuls with leading batch dimensions several
-        # times faster than the [B, T, heads, head_dim] layout (docs/performance.md).
+        if self.impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention impl={self.impl!r}: must be one of {', '.join(ATTENTION_IMPLS)}")
         rows = x if queries is None else x[:, jnp.array(queries)]
-        q, k, v = (
-            proj(name=name)(y).transpose(0, 2, 1, 3)
-            for name, y in (("query", rows), ("key", x), ("value", x))
-        )
         if mask is not None and queries is not None and mask.shape[2] > 1:
             mask = mask[:, :, jnp.array(queries)]
-        weights = attention_weights(q, k, mask)
-        if self.inspect:
-            self.sow("intermediates", "attention", weights)
-            weights = self.perturb("attention", weights)
-        y = (weights.astype(v.dtype) @ v).transpose(0, 2, 1, 3)
+        q, k, v = (proj(name=name)(y) for name, y in (("query", rows), ("key", x), ("value", x)))
+        if self.impl == "matmul" or self.inspect:
+            # [B, heads, T, head_dim]: XLA:CPU runs batched matmuls with leading batch dimensions several
+            # times faster than the [B, T, heads, head_dim] layout (docs/performance.md).
+            q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+            weights = attention_weights(q, k, mask)
+            if self.inspect:
+                self.sow("intermediates", "attention", weights)
+                weights = self.perturb("attention", weights)
+            y = (weights.astype(v.dtype) @ v).transpose(0, 2, 1, 3)
+        else:  # the library's [B, T, heads, head_dim] layout
+            if self.impl == "cudnn" and mask is not None:  # cuDNN takes a bias of [B|1, N|1, Tq, Tk]
+                mask = jnp.broadcast_to(mask, (*mask.shape[:2], q.shape[1], k.shape[1]))
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.impl)
         return nn.DenseGeneral(
             features=width,
             axis=(-2, -1),
@@ -263,6 +278,7 @@ class Encoder1DBlock(nn.Module):
     ln_eps: float = _LN_EPS
     layer_scale: bool = False
     dot_dtype: str | None = None
+    attention_impl: str = "matmul"
 
     @nn.compact
     def __call__(self, x, mask, deterministic: bool = True, queries=None):
@@ -280,6 +296,7 @@ class Encoder1DBlock(nn.Module):
             dtype=self.dtype,
             inspect=self.inspect,
             dot_dtype=self.dot_dtype,
+            impl=self.attention_impl,
             name="MultiHeadDotProductAttention_1",
         )(y, mask, queries)
         if queries is not None:
@@ -344,6 +361,7 @@ class Encoder(nn.Module):
     num_pos_prefix: int = 1
     remat: bool = False
     dot_dtype: str | None = None
+    attention_impl: str = "matmul"
 
     @nn.compact
     def __call__(
@@ -384,6 +402,7 @@ class Encoder(nn.Module):
                 ln_eps=self.ln_eps,
                 layer_scale=self.layer_scale,
                 dot_dtype=self.dot_dtype,
+                attention_impl=self.attention_impl,
                 name=f"encoderblock_{i}",
             )(x, mask, deterministic, outputs if i == self.depth - 1 else None)
         if outputs is not None and self.depth == 0:
@@ -424,6 +443,8 @@ class ViT(nn.Module):
       dot_dtype: None, or "bfloat16": the transformer's dense layers (the q/k/v and output projections,
         the MLP) take operands rounded to bfloat16 and sum in float32 (`mixed_einsum`); the attention
         products and the rest run in `dtype`. Not an architecture option either.
+      attention_impl: the attention core, one of `ATTENTION_IMPLS` (`MultiHeadDotProductAttention`):
+        the same model and parameters whichever. Not an architecture option.
     """
 
     num_classes: int
@@ -449,6 +470,7 @@ class ViT(nn.Module):
     ln_eps: float = _LN_EPS
     remat: bool = False
     dot_dtype: str | None = None
+    attention_impl: str = "matmul"
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -502,6 +524,7 @@ class ViT(nn.Module):
             num_pos_prefix=pos_prefix,
             remat=self.remat,
             dot_dtype=self.dot_dtype,
+            attention_impl=self.attention_impl,
         )
         if self.fc_norm:
             self.norm_pooled = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype)

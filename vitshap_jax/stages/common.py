@@ -444,6 +444,7 @@ FREE_FIELDS = (
     # How the matmuls round, not which model: a run resumes under another precision, as it does on
     # another machine (where "auto" may resolve otherwise).
     "model.matmul_precision",
+    "model.attention_impl",  # which kernel computes the attention, not which model (the same values)
     "model.variant",  # a name; the shape fields it stands for are compared
     "dataset.data_dir",
     "dataset.manual_dir",
@@ -565,8 +566,9 @@ UPSTREAM = {"surrogate": "classifier", "explainer": "surrogate"}
 def upstream_params(config, workdir: str, upstream_stage: str, mesh):
     """The upstream stage's model (built from its own recorded config, with its masking strategy) and
     best parameters, replicated on `mesh`, after checking that the run matches `config` (dataset,
-    classes, normalization, patches: `UPSTREAM_FIELDS`). Looks in `upstream_dir`. Returns (params, the
-    upstream's config as a dict, model)."""
+    classes, normalization, patches: `UPSTREAM_FIELDS`). Looks in `upstream_dir`. The model computes its
+    attention with this stage's `config.model.attention_impl`. Returns (params, the upstream's config as
+    a dict, model)."""
     from vitshap_jax.models import build_model
 
     path = upstream_dir(config, workdir, upstream_stage)
@@ -590,7 +592,10 @@ def upstream_params(config, workdir: str, upstream_stage: str, mesh):
             f"config.{k}={_field(new, k)!r}, the {upstream_stage} has {_field(up, k)!r}" for k in changed
         )
         raise StageError(f"{path}: the {upstream_stage} run does not match this config: {diffs}")
-    model = build_model(up)
+    # The attention core is this stage's choice (the same model whichever, and the upstream's passes are
+    # most of a surrogate's or explainer's step); the returned config stays the upstream's record.
+    impl = config.model.get("attention_impl", "auto")
+    model = build_model({**up, "model": {**up["model"], "attention_impl": impl}})
     target = abstract_params(model, config.dataset.image_size, parallel.replicated(mesh))
     return ckpt_lib.load_best_params(path, target), up, model
 
