@@ -262,7 +262,7 @@ def test_the_table_games_are_of_every_order():
 
 
 def test_the_precomputed_step_regresses_on_each_images_own_target_without_the_surrogate():
-    """signal=precomputed: the step looks its targets up by `batch["index"]` and evaluates no surrogate
+    """signal=precomputed: the step regresses on `batch["target"]` and evaluates no surrogate
     (it runs with no surrogate parameters at all); its loss is the mean squared distance of the
     efficient explainer output to them, zero when the explainer's raw output is the targets."""
     from vitshap_jax.models import build_explainer, build_model
@@ -283,12 +283,12 @@ def test_the_precomputed_step_regresses_on_each_images_own_target_without_the_su
     tx = optax.sgd(0.0)
     state["opt_state"] = tx.init(params)
     step = jax.jit(functools.partial(explainer.train_step, tx=tx, **kw))
-    _, metrics = step(state, {"image": images, "index": index}, None, targets)
+    _, metrics = step(state, {"image": images, "target": targets[index]}, None)
     goal = np.asarray(targets)[np.asarray(index)]
     phi = np.asarray(shapley.additive_efficient_normalization(jnp.asarray(raw), goal.sum(1)))
     np.testing.assert_allclose(float(metrics["loss"]), ((phi - goal) ** 2).mean(), rtol=1e-5)
     own = targets.at[index].set(raw)  # targets that are the explainer's own output: zero loss
-    _, metrics = step(state, {"image": images, "index": index}, None, own)
+    _, metrics = step(state, {"image": images, "target": own[index]}, None)
     assert float(metrics["loss"]) < 1e-10
 
 

@@ -237,6 +237,26 @@ def test_a_train_loader_without_augmentation_reads_images_as_evaluation_does(con
         assert np.allclose(np.asarray(batch["image"]), views, atol=1e-6) is (not augment)
 
 
+def test_targets_travel_with_their_examples_sharded_over_the_devices(config, train_source):
+    """`WithTargets`: each batch carries `targets[index]` as float32 "target", shuffled with its images
+    and split over the mesh's devices like them (8 devices: each holds 8 rows, none the whole table)."""
+    n = len(train_source)
+    targets = np.random.default_rng(0).standard_normal((n, 4, 3)).astype(np.float32)
+    source = loader.WithTargets(train_source, targets)
+    assert len(source) == n and source[5]["label"] == train_source[5]["label"]
+    np.testing.assert_array_equal(source[5]["image"], train_source[5]["image"])
+    mesh = parallel.make_mesh()
+    assert mesh.devices.size == 8
+    batches = loader.DeviceIterator(loader.make_loader(config, source, True, mesh, augment=False), mesh)
+    for batch in itertools.islice(batches, 3):
+        assert batch["target"].dtype == np.float32 and batch["target"].shape == (64, 4, 3)
+        assert [s.data.shape for s in batch["target"].addressable_shards] == [(8, 4, 3)] * 8
+        np.testing.assert_array_equal(np.asarray(batch["target"]), targets[np.asarray(batch["index"])])
+    assert "target" not in _dataset(config, train_source)[0]  # only a source with targets gives them
+    with pytest.raises(ValueError, match="3 targets for 1257 examples"):
+        loader.WithTargets(train_source, targets[:3])
+
+
 def test_fixed_views_are_the_image_then_crops_drawn_once(train_source):
     """`FixedViews` (labels of augmented views, `explainer.target_views`): K x N examples, view 0 the
     image itself, views k > 0 crops of it at its own size, the same pixels at every read and in another

@@ -8,8 +8,9 @@ does not depend on the number of processes or devices. Augmentation draws from a
 
 Every batch is a dict of numpy arrays: `image` float32 `[L, S, S, 3]`, `label` int32 `[L]`, `index` int32
 `[L]` (the example's index in its split; use it to seed per-example randomness such as validation masks),
-and `valid` bool `[L]` (False on the padding that completes the last evaluation batch). L is this
-process's share of the global batch.
+and `valid` bool `[L]` (False on the padding that completes the last evaluation batch); a source whose
+examples carry a "target" (`WithTargets`) adds it, float32 `[L, ...]`. L is this process's share of the
+global batch.
 """
 
 from __future__ import annotations
@@ -80,12 +81,15 @@ def _load(p, *, source, order, transform, g, local, start, total, seed):
     index = int(order[position]) if valid else 0  # padding repeats example 0, flagged invalid
     example = source[index]
     rng = np.random.default_rng([seed, position])
-    return {
+    out = {
         "image": transform(np.asarray(example["image"]), rng),
         "label": np.int32(example["label"]),
         "index": np.int32(index),
         "valid": np.bool_(valid),
     }
+    if "target" in example:
+        out["target"] = np.asarray(example["target"], np.float32)
+    return out
 
 
 def config_transform(config, train: bool):
@@ -265,6 +269,23 @@ class FixedViews:
                 blend = (1.0 - w) * image.astype(np.float32) + w * other.astype(np.float32)
                 image = np.clip(np.rint(blend), 0, 255).astype(image.dtype)
         return {"image": image, "label": example["label"]}
+
+
+class WithTargets:
+    """`source` with `targets[i]` as example i's "target": per-example values computed once (the
+    explainer's fixed labels) that then travel with the batches, sharded over the devices like the
+    images, instead of living on every device whole."""
+
+    def __init__(self, source, targets: np.ndarray):
+        if len(targets) != len(source):
+            raise ValueError(f"{len(targets)} targets for {len(source)} examples")
+        self.source, self.targets = source, targets
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        return {**self.source[i], "target": self.targets[int(i)]}
 
 
 def per_example(eval_step, params: tuple, config, source, mesh) -> dict[str, np.ndarray]:

@@ -24,7 +24,8 @@ permutation pairs as `num_coalitions` evaluations pay for ("permutation", 2 (n -
 docs/explainer_training.md for the comparison at equal compute. "precomputed" is stochastic amortization
 with fixed labels: before training, the standard KernelSHAP estimate of every training image
 (`target_evals` evaluations each, `precompute_targets`, saved in the stage directory as
-`targets.npz`), then `mean((phi - t)^2)` with each image's own estimate in every epoch; the training
+`targets.npz`), then `mean((phi - t)^2)` with each image's own estimate in every epoch (kept on the
+host, each batch carrying its images' estimates to the devices: `data.loader.WithTargets`); the training
 images are then read without augmentation (the estimates are of the images as evaluated) and a step
 evaluates the surrogate nowhere (efficiency's v(all) - v(empty) is the target's sum). With
 `target_views` = K > 1 the training set is K fixed views of every image (the image and K - 1 random
@@ -53,7 +54,7 @@ from absl import logging
 
 from vitshap_jax import losses, parallel, shapley
 from vitshap_jax.config import ConfigError
-from vitshap_jax.data.loader import FixedViews, per_example
+from vitshap_jax.data.loader import FixedViews, WithTargets, per_example
 from vitshap_jax.files import absolute
 from vitshap_jax.models import (
     build_explainer,
@@ -74,7 +75,6 @@ def train_step(
     state,
     batch,
     surrogate_params,
-    targets=None,
     *,
     explainer,
     surrogate,
@@ -96,8 +96,8 @@ def train_step(
             f"config.explainer.num_coalitions={num_coalitions}: signal=permutation needs at least "
             f"{2 * (n - 1)} (one antithetic pair of permutations of {n} players)"
         )
-    if signal == "precomputed":  # each image's own estimate; efficient, so its sum is v(all) - v(empty)
-        goal = targets[batch["index"]]
+    if signal == "precomputed":  # each image's own estimate (`WithTargets`), efficient: v(all) - v(empty)
+        goal = batch["target"]
         total = goal.sum(1)
     else:
         grand, null = grand_and_null(surrogate, surrogate_params, images, target, packed=packed)
@@ -345,7 +345,7 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     if e.signal == "precomputed":
         game = surrogate_game(surrogate, surrogate_params, target, packed=e.packed)
         targets = precompute_targets(config, game, splits["train"], mesh, path, teachers)
-        frozen += (jax.device_put(jnp.asarray(targets), parallel.replicated(mesh)),)
+        splits = {**splits, "train": WithTargets(splits["train"], targets)}  # on the host, sharded per batch
     step = common.jit_train_step(
         functools.partial(train_step, tx=tx, **signal, **kw), mesh, num_frozen=len(frozen)
     )
