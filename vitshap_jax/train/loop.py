@@ -81,7 +81,7 @@ class Task:
     select: the validation metric that picks the best checkpoint, and "min" or "max".
     export: `state -> params` saved as the stage's best checkpoint.
     augment: whether the training images are augmented (False: as evaluation reads them, e.g. when the
-      step looks up something computed per image by `batch["index"]`).
+      batches carry something computed per image, `data.loader.WithTargets`).
     """
 
     state: Any
