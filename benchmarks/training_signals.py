@@ -32,7 +32,10 @@ with another image (`explainer.view_mix=0.5`), as `precomputed-v8shared-e75-lr2e
 are the mean of their outputs on 16 or 32 fixed views per image; their evaluations are counted as the
 student's) for about the steps of `precomputed-v4shared-e150-lr2e-3`, or twice them. `...-n629` and
 `...-n315` train that configuration on the first half or quarter of the training images
-(`dataset.train_examples`) for the same steps: the learning curve.
+(`dataset.train_examples`) for the same steps: the learning curve. `--extra_images=FOLDER` adds a
+folder of more images to every configuration's training set (`explainer.extra_images`);
+`precomputed-v4shared-e30-lr2e-3` with the 5,000 digits of `mnist_as_digits.py` has the steps of the
+150-epoch run.
 `--diagnose` first prints, for the run's own explainer on the first `--images` test and train images,
 its MSE, the uniform efficient attribution's and the median correlation with the exact values of the
 predicted class, and adds each configuration's MSE on those train images to its row (`train_mse`).
@@ -70,7 +73,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import explainer as explainer_config  # noqa: E402
-from vitshap_jax import parallel  # noqa: E402
+from vitshap_jax import data, parallel  # noqa: E402
 from vitshap_jax.config import VIT_VARIANTS, validate  # noqa: E402
 from vitshap_jax.runs import TrainedRun, load_explainer, read_explainer_config  # noqa: E402
 from vitshap_jax.shapley import exact_shapley, kernelshap  # noqa: E402
@@ -159,6 +162,8 @@ CONFIGS = {
     # twice or four times the epochs (the same steps) and the same labels per image.
     "precomputed-v4shared-e150-lr2e-3-n629": _views(4, 300, **{"dataset.train_examples": 629}),
     "precomputed-v4shared-e150-lr2e-3-n315": _views(4, 600, **{"dataset.train_examples": 315}),
+    # With --extra_images of 5,000 more digits (6,257 images): the steps of the 150-epoch run in 30.
+    "precomputed-v4shared-e30-lr2e-3": _views(4, 30),
 }
 GROUPS = {
     "signals": [k for k in CONFIGS if not k.startswith(("wls-32-", "precomputed"))],
@@ -199,7 +204,11 @@ def train(name, seed, args, surrogate_dir, mesh):
     for key, value in overrides.items():
         section, field = key.split(".")
         c[section][field] = value
-    steps = common.total_steps(c, (c.dataset.train_examples or args.train_images) * views)
+    extra = 0
+    if args.extra_images:
+        c.explainer.extra_images = args.extra_images
+        extra = len(data.ImageFiles(args.extra_images))
+    steps = common.total_steps(c, ((c.dataset.train_examples or args.train_images) + extra) * views)
     c.optim.warmup_steps = max(1, int(steps * warmup_fraction))
     c.train.log_every_steps = 1000
     validate(c)
@@ -207,7 +216,7 @@ def train(name, seed, args, surrogate_dir, mesh):
     timing = os.path.join(path, "benchmark_seconds.json")
     if os.path.exists(timing):
         return path, json.load(open(timing))["seconds"], c
-    if signal == "precomputed" and not c.explainer.teachers:
+    if signal == "precomputed" and not c.explainer.teachers and not args.extra_images:
         share_labels(c, args.out, seed, path)
     start = time.perf_counter()
     explainer_stage.run(c, path, mesh)
@@ -309,6 +318,12 @@ def main():
         "--teachers",
         default="",
         help="comma-separated finished explainer runs (of --workdir's surrogate) for the distill-* configs",
+    )
+    p.add_argument(
+        "--extra_images",
+        default="",
+        help="a folder of more training images for every configuration (explainer.extra_images), e.g. "
+        "the MNIST digits of benchmarks/mnist_as_digits.py; --out should then be its own folder",
     )
     p.add_argument(
         "--diagnose",

@@ -41,6 +41,9 @@ def get_config(arg=None):
     # signal=precomputed: comma-separated explainer runs (workdirs) trained against this same surrogate;
     # the labels are then the mean of their outputs (distillation) instead of KernelSHAP estimates
     c.explainer.teachers = ""
+    # A folder of more images to train the explainer on, after the training split (no classes needed:
+    # the surrogate's game is the label); recursively, any format Pillow reads
+    c.explainer.extra_images = ""
     # Coalition sampler of wls and kernelshap: "shapley" (exact kernel) or "reference_compat" (wls only).
     c.explainer.sampler = "shapley"
     c.explainer.packed = True  # run each coalition pair as one n + 2 token sequence (attention masking)

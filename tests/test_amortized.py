@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import PIL.Image
 import pytest
 import scipy.stats
 
@@ -339,6 +340,28 @@ def test_precomputed_targets_are_the_exact_values_when_the_budget_enumerates(tmp
     e.explainer.target_evals = 512
     with pytest.raises(common.StageError, match=f"holds {2 * n} targets .* not {n} of 9"):
         explainer.precompute_targets(e, None, split, mesh, str(tmp_path / "explainer"))  # one view
+
+    # More images (explainer.extra_images): a folder's images follow the (here first 64) training
+    # images, each labelled like them: its exact values as evaluation reads it, whatever its size/mode.
+    folder = tmp_path / "more"
+    (folder / "deep").mkdir(parents=True)
+    pixels = np.random.default_rng(5).integers(0, 255, (20, 14, 3), np.uint8)
+    PIL.Image.fromarray(pixels[:8, :8, 0], "L").save(folder / "a.png")
+    PIL.Image.fromarray(pixels).save(folder / "deep" / "b.png")
+    (folder / "notes.txt").write_text("not an image")
+    x = shrink(tiny("explainer", "digits", tmp_path / "tfds"))
+    x.upstream, x.dataset.train_examples = first["path"], 64
+    x.explainer.update(
+        dict(signal="precomputed", target_evals=512, num_coalitions=64, extra_images=str(folder))
+    )
+    explainer.run(x, str(tmp_path / "more-run"), mesh)
+    more = np.load(tmp_path / "more-run" / "explainer" / explainer.TARGETS_FILE)["targets"]
+    assert more.shape == (66, 9, 10)
+    np.testing.assert_allclose(more[:64], truth[:64], atol=2e-5)  # the first 64 training images
+    extra = np.stack(
+        [run.preprocess(data.read_image(str(f))) for f in (folder / "a.png", folder / "deep" / "b.png")]
+    )
+    np.testing.assert_allclose(more[64:], shapley.exact_shapley(run.game(), jnp.asarray(extra), 9), atol=2e-5)
 
     # Distillation: the explainer above as the teacher of another (explainer.teachers); the labels are its
     # outputs on the same fixed views, with no surrogate evaluation.

@@ -110,6 +110,11 @@ def test_parse_arg_rules():
             "cudnn",
             r"config.model.attention_impl='cudnn': .*NVIDIA GPU, and this backend is cpu",
         ),
+        (
+            "explainer.extra_images",
+            "/nonexistent/images",
+            r"extra_images='/nonexistent/images': no such folder",
+        ),
         ("optim.lr", float("inf"), r"config.optim.lr=inf: must be a finite number"),
         ("optim.weight_decay", float("nan"), r"config.optim.weight_decay=nan: must be a finite number"),
         ("model.ln_eps", float("inf"), r"config.model.ln_eps=inf: must be a finite number"),

@@ -515,3 +515,40 @@ def test_config_names_identify_the_source(tmp_path):
     assert a != folder.config_name(tmp_path / "other" / "Cats & Dogs!", (0.8, 0.1, 0.1))
     assert a != folder.config_name(tmp_path / "Cats & Dogs!", (0.7, 0.2, 0.1))
     assert folder.config_name(tmp_path / "m.CSV", (0.8, 0.1, 0.1)).startswith("m-")
+
+
+def test_image_files_are_an_unlabeled_source_checked_before_use(tmp_path):
+    """`data.ImageFiles` (`explainer.extra_images`): every image under the folder, recursively and
+    sorted, hidden files and other files skipped, decoded to uint8 RGB, label -1; a folder without
+    images, a missing folder and a file Pillow cannot read are errors that name them. `Concatenated`
+    puts sources one after the other."""
+    gray = np.arange(48, dtype=np.uint8).reshape(6, 8)
+    rgb = np.random.default_rng(0).integers(0, 255, (5, 7, 3), np.uint8)
+    write_files(
+        tmp_path / "more",
+        {
+            "b.png": _encode(PIL.Image.fromarray(gray, "L"), "PNG"),
+            "a/z.png": _encode(PIL.Image.fromarray(rgb), "PNG"),
+            "README.txt": b"not an image",
+            ".hidden.png": b"not read",
+            "._b.png": b"a macOS sidecar",
+        },
+    )
+    files = data.ImageFiles(str(tmp_path / "more"))
+    assert [os.path.relpath(p, tmp_path / "more") for p in files.paths] == ["a/z.png", "b.png"]
+    np.testing.assert_array_equal(files[0]["image"], rgb)
+    np.testing.assert_array_equal(files[1]["image"], np.repeat(gray[..., None], 3, -1))
+    assert files[1]["label"] == -1 and len(files) == 2
+    both = data.Concatenated([{"image": 0, "label": 3}] * 3, files)
+    assert len(both) == 5 and both[2]["label"] == 3 and both[3]["label"] == -1
+    np.testing.assert_array_equal(both[4]["image"], files[1]["image"])
+    with pytest.raises(IndexError):
+        both[5]
+    write_files(tmp_path / "more", {"c.jpg": b"broken"})
+    with pytest.raises(BadImageError, match=r"config.explainer.extra_images: .*c.jpg is not an image Pillow"):
+        data.ImageFiles(str(tmp_path / "more"))
+    write_files(tmp_path / "none", {"notes.txt": b"x"})
+    with pytest.raises(DataNotFoundError, match=r"extra_images=.*none': the folder holds no image files"):
+        data.ImageFiles(str(tmp_path / "none"))
+    with pytest.raises(DataNotFoundError, match=r"no such folder"):
+        data.ImageFiles(str(tmp_path / "missing"))

@@ -425,6 +425,15 @@ def validate(config) -> None:
             teachers,
             f"labels the views of signal=precomputed (signal={e.signal}): set explainer.signal=precomputed",
         )
+        extra = e.get("extra_images", "")
+        if extra:
+            e.extra_images = os.path.expanduser(extra)
+            _require(
+                os.path.isdir(e.extra_images),
+                "explainer.extra_images",
+                extra,
+                "no such folder: give a folder of image files (searched recursively)",
+            )
         mix = e.get("view_mix", 0.0)
         _require(0.0 <= mix < 1.0, "explainer.view_mix", mix, "must be in [0, 1)")
         _require(

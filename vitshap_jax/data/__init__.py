@@ -15,13 +15,22 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+import PIL.Image
 from absl import logging
 
 from vitshap_jax.config import SPLITS
-from vitshap_jax.data.base import BadImageError, DataNotFoundError, ImageBuilder, is_empty_dir, read_image
+from vitshap_jax.data.base import (
+    BadImageError,
+    DataNotFoundError,
+    Files,
+    ImageBuilder,
+    is_empty_dir,
+    read_image,
+)
 from vitshap_jax.data.cifar import Cifar10, Cifar100
 from vitshap_jax.data.digits import Digits
-from vitshap_jax.data.folder import DEFAULT_FRACTIONS, Folder
+from vitshap_jax.data.folder import DEFAULT_FRACTIONS, Folder, is_image
 from vitshap_jax.data.imagenette import Imagenette
 from vitshap_jax.data.mura import Mura
 from vitshap_jax.data.pet import Pet
@@ -194,6 +203,58 @@ class FirstExamples:
         if not 0 <= int(i) < self.count:
             raise IndexError(f"example {i} of {self.count}")
         return self.source[int(i)]
+
+
+class ImageFiles:
+    """Every image file under `folder` (recursively, sorted by path; any extension Pillow decodes,
+    hidden files and macOS sidecars skipped) as a random-access source of unlabeled examples: `image`
+    uint8 RGB `[H, W, 3]` (decoded as the datasets decode, `base.read_image`) and `label` -1
+    (`config.explainer.extra_images`: images the explainer learns from, which need no class). Every file
+    is opened once here (its header only), so a file Pillow cannot read is an error before any training,
+    naming it and `field`."""
+
+    def __init__(self, folder: str, field: str = "config.explainer.extra_images"):
+        folder = os.path.abspath(os.path.expanduser(folder))
+        if not os.path.isdir(folder):
+            raise DataNotFoundError(f"{field}={folder!r}: no such folder; give a folder of image files")
+        listed = []
+        for _ in Files(folder).walk(lambda rel: listed.append(rel) and False):
+            pass
+        self.paths = [os.path.join(folder, rel) for rel in sorted(r for r in listed if is_image(r))]
+        if not self.paths:
+            raise DataNotFoundError(f"{field}={folder!r}: the folder holds no image files")
+        for path in self.paths:
+            try:
+                with PIL.Image.open(path) as image:
+                    image.size  # noqa: B018  (the header is read)
+            except (OSError, ValueError, SyntaxError) as error:
+                raise BadImageError(
+                    f"{field}: {path} is not an image Pillow can read ({error}): remove it from {folder}"
+                ) from error
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return {"image": read_image(self.paths[int(i)]), "label": np.int64(-1)}
+
+
+class Concatenated:
+    """Random-access sources one after the other: example i of the second is example len(first) + i."""
+
+    def __init__(self, *sources):
+        self.sources = sources
+        self.starts = np.cumsum([0, *(len(s) for s in sources)])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, i):
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"example {i} of {len(self)}")
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.sources[k][i - int(self.starts[k])]
 
 
 def _prepared(config) -> ImageBuilder:

@@ -32,7 +32,9 @@ evaluates the surrogate nowhere (efficiency's v(all) - v(empty) is the target's 
 crops drawn once, `data.loader.FixedViews`), each with its own label: augmentation that keeps its
 labels, at K times their cost; an epoch then passes over all K x N views. With `teachers` (finished
 explainer runs against the same surrogate) the labels are the mean of their outputs instead:
-distillation of an ensemble into one explainer, whose labels cost no surrogate evaluation.
+distillation of an ensemble into one explainer, whose labels cost no surrogate evaluation. With
+`extra_images` (a folder) its images follow the training split as more training examples under every
+signal: the explainer's targets come from the surrogate, so they need no class.
 
 Validation reports the WLS loss with Shapley-kernel coalitions fixed per image, whatever the signal and
 sampler (so it is comparable across them), and the efficiency gap
@@ -52,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from vitshap_jax import losses, parallel, shapley
+from vitshap_jax import data, losses, parallel, shapley
 from vitshap_jax.config import ConfigError
 from vitshap_jax.data.loader import FixedViews, WithTargets, per_example
 from vitshap_jax.files import absolute
@@ -317,6 +319,8 @@ def run(config, workdir: str, mesh, *, stop_after: int | None = None) -> dict:
     # The surrogate as it was trained: its own architecture and masking (the game it learned).
     surrogate_params, up, surrogate = common.upstream_params(config, workdir, "surrogate", mesh)
     splits = common.open_splits(config, mesh)  # every check before anything is written
+    if e.get("extra_images", ""):  # unlabeled images after the training split (the game needs no class)
+        splits = {**splits, "train": data.Concatenated(splits["train"], data.ImageFiles(e.extra_images))}
     views = e.get("target_views", 1)
     if e.signal == "precomputed" and views > 1:  # labels of fixed augmented views (FixedViews)
         d = config.dataset
