@@ -433,7 +433,7 @@ def test_the_library_attention_core_is_the_same_masked_model(setup):
     from vitshap_jax.models import ExplainerHead
 
     images, masks, key = setup
-    matmul, library = _model("attention"), _model("attention", attention_impl="xla")
+    matmul, library = _model("attention", depth=2), _model("attention", depth=2, attention_impl="xla")
     params = _random_params(matmul, key)
     assert jax.tree.structure(library.init(key, images[:1])["params"]) == jax.tree.structure(params)
     apply = jax.jit(
