@@ -35,7 +35,7 @@ student's) for about the steps of `precomputed-v4shared-e150-lr2e-3`, or twice t
 (`dataset.train_examples`) for the same steps: the learning curve. `--extra_images=FOLDER` adds a
 folder of more images to every configuration's training set (`explainer.extra_images`);
 `precomputed-v4shared-e30-lr2e-3` with the 5,000 digits of `mnist_as_digits.py` has the steps of the
-150-epoch run.
+150-epoch run (`-e60`: twice them).
 `--diagnose` first prints, for the run's own explainer on the first `--images` test and train images,
 its MSE, the uniform efficient attribution's and the median correlation with the exact values of the
 predicted class, and adds each configuration's MSE on those train images to its row (`train_mse`).
@@ -164,6 +164,7 @@ CONFIGS = {
     "precomputed-v4shared-e150-lr2e-3-n315": _views(4, 600, **{"dataset.train_examples": 315}),
     # With --extra_images of 5,000 more digits (6,257 images): the steps of the 150-epoch run in 30.
     "precomputed-v4shared-e30-lr2e-3": _views(4, 30),
+    "precomputed-v4shared-e60-lr2e-3": _views(4, 60),
 }
 GROUPS = {
     "signals": [k for k in CONFIGS if not k.startswith(("wls-32-", "precomputed"))],
@@ -216,7 +217,7 @@ def train(name, seed, args, surrogate_dir, mesh):
     timing = os.path.join(path, "benchmark_seconds.json")
     if os.path.exists(timing):
         return path, json.load(open(timing))["seconds"], c
-    if signal == "precomputed" and not c.explainer.teachers and not args.extra_images:
+    if signal == "precomputed" and not c.explainer.teachers:
         share_labels(c, args.out, seed, path)
     start = time.perf_counter()
     explainer_stage.run(c, path, mesh)
@@ -238,6 +239,9 @@ def share_labels(c, out: str, seed: int, path: str) -> None:
         )
         if spec[0] != "precomputed" or not same_views or not os.path.exists(source):
             continue
+        with open(os.path.join(os.path.dirname(source), "config.json")) as f:
+            if json.load(f)["explainer"].get("extra_images", "") != c.explainer.get("extra_images", ""):
+                continue  # labels of other images
         with np.load(source) as saved:
             if int(saved["evals"]) != c.explainer.target_evals:
                 continue
