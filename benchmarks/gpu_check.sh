@@ -20,7 +20,9 @@
 # a machine is not started with under 4 minutes left). So, in that order:
 #   BUDGET=480 PARTS="step-bf16 attention torch-f32" bash benchmarks/gpu_check.sh WHEELS_DIR
 #   BUDGET=300 PARTS="attention-step profile signals memory" bash benchmarks/gpu_check.sh WHEELS_DIR
-# (timeout_s a minute above BUDGET; torch-bf16 when time is left).
+# (timeout_s a minute above BUDGET; torch-bf16 when time is left). Done on 2026-11-28 (docs/performance.md
+# (h2)): attention, torch-f32, profile, memory. Next, in one call:
+#   BUDGET=500 PARTS="attention-step step-bf16 signals" bash benchmarks/gpu_check.sh WHEELS_DIR
 #
 #   bash benchmarks/gpu_check.sh [WHEELS_DIR]      # on the GPU machine, from the repository root
 #   SMOKE=1 bash benchmarks/gpu_check.sh            # the same code paths at toy sizes (any CPU)
@@ -89,7 +91,9 @@ if $py -c "import torch, timm" 2>/dev/null; then
 else
   echo "== torch-f32, torch-bf16: skipped (no torch + timm for $py)"
 fi
-[ -z "${SMOKE:-}" ] && part profile 120 $py benchmarks/profile_ops.py --path=explainer --model=small \
+# Command buffers (CUDA graphs) would hide the kernels in a few command_buffer ops: off for the profile.
+[ -z "${SMOKE:-}" ] && part profile 120 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
+  $py benchmarks/profile_ops.py --path=explainer --model=small \
   --batch=$batch --top=8
 part signals 240 $py benchmarks/explainer_step.py --models=${models%%,*} --batch=$batch --steps=5 \
   --image_size=$size --dtype=bfloat16 --signals=wls,wls:reference_compat,kernelshap,permutation

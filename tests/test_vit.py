@@ -470,5 +470,8 @@ def test_the_library_attention_core_is_the_same_masked_model(setup):
     head_params = heads[0].init(key, tokens)["params"]
     head_params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(key, a.shape), head_params)
     np.testing.assert_allclose(*(h.apply({"params": head_params}, tokens) for h in heads), atol=1e-5)
+    # "cudnn" runs the matmul core on sequences of odd length (here 17 tokens): no cuDNN call on this CPU.
+    cudnn = _model("attention", depth=2, attention_impl="cudnn")
+    np.testing.assert_array_equal(apply(params, images, masks, cudnn), apply(params, images, masks, matmul))
     with pytest.raises(ValueError, match="attention impl='flash': must be one of matmul, xla, cudnn"):
         _model("attention", attention_impl="flash").init(key, images[:1])

@@ -208,11 +208,11 @@ class MultiHeadDotProductAttention(nn.Module):
     `impl` (`ATTENTION_IMPLS`) picks the attention core: "matmul" is the above; "xla" and "cudnn" are
     `jax.nn.dot_product_attention` with the boolean mask and that `implementation` (cuDNN's fused kernel
     never writes the [T, T] weights to memory; it takes bfloat16 or float16 inputs on an NVIDIA GPU
-    only, and refuses to differentiate through a masked pass of odd length, such as the 197 tokens of a
-    masked ViT-B/16 being trained: it is for passes that are not differentiated, such as the frozen
-    surrogate's in the explainer's step, or packed pairs of 198 tokens). All are the same masked model:
-    a held-out key's weight is exactly 0. With `inspect` the weights are needed, so the core is
-    "matmul" whatever `impl` says.
+    only). jax's cuDNN front end (0.10-0.11) refuses to differentiate a sequence of odd length, masked
+    or not (the 197 tokens of a ViT-B/16: measured on an H200), so "cudnn" runs cuDNN where both lengths
+    are even (the packed pairs' 198 tokens, the bulk of the explainer's step) and the "matmul" core
+    elsewhere. All are the same masked model: a held-out key's weight is exactly 0. With `inspect` the
+    weights are needed, so the core is "matmul" whatever `impl` says.
     """
 
     num_heads: int
@@ -241,7 +241,10 @@ class MultiHeadDotProductAttention(nn.Module):
         if mask is not None and queries is not None and mask.shape[2] > 1:
             mask = mask[:, :, jnp.array(queries)]
         q, k, v = (proj(name=name)(y) for name, y in (("query", rows), ("key", x), ("value", x)))
-        if self.impl == "matmul" or self.inspect:
+        impl = self.impl
+        if impl == "cudnn" and (q.shape[1] % 2 or k.shape[1] % 2):
+            impl = "matmul"  # cuDNN (jax 0.10-0.11) cannot differentiate odd lengths: the same model here
+        if impl == "matmul" or self.inspect:
             # [B, heads, T, head_dim]: XLA:CPU runs batched matmuls with leading batch dimensions several
             # times faster than the [B, T, heads, head_dim] layout (docs/performance.md).
             q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
@@ -251,9 +254,10 @@ class MultiHeadDotProductAttention(nn.Module):
                 weights = self.perturb("attention", weights)
             y = (weights.astype(v.dtype) @ v).transpose(0, 2, 1, 3)
         else:  # the library's [B, T, heads, head_dim] layout
-            if self.impl == "cudnn" and mask is not None:  # cuDNN takes a bias of [B|1, N|1, Tq, Tk]
-                mask = jnp.broadcast_to(mask, (*mask.shape[:2], q.shape[1], k.shape[1]))
-            y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.impl)
+            if impl == "cudnn" and mask is not None:  # cuDNN takes a bias of [B, N, Tq, Tk] (its
+                # batching rule under vmap reshapes it to exactly that shape)
+                mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
         return nn.DenseGeneral(
             features=width,
             axis=(-2, -1),
