@@ -544,6 +544,10 @@ def test_image_files_are_an_unlabeled_source_checked_before_use(tmp_path):
     np.testing.assert_array_equal(both[4]["image"], files[1]["image"])
     with pytest.raises(IndexError):
         both[5]
+    png = _encode(PIL.Image.fromarray(rgb), "PNG")
+    write_files(tmp_path / "cut", {"x.png": png[: len(png) // 2]})  # the header reads, the pixels do not
+    with pytest.raises(BadImageError, match=r"x.png cannot be decoded .*: remove it and rerun"):
+        data.ImageFiles(str(tmp_path / "cut"))[0]
     write_files(tmp_path / "more", {"c.jpg": b"broken"})
     with pytest.raises(BadImageError, match=r"config.explainer.extra_images: .*c.jpg is not an image Pillow"):
         data.ImageFiles(str(tmp_path / "more"))

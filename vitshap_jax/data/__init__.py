@@ -211,7 +211,8 @@ class ImageFiles:
     uint8 RGB `[H, W, 3]` (decoded as the datasets decode, `base.read_image`) and `label` -1
     (`config.explainer.extra_images`: images the explainer learns from, which need no class). Every file
     is opened once here (its header only), so a file Pillow cannot read is an error before any training,
-    naming it and `field`."""
+    naming it and `field`; one whose pixels then fail to decode (truncated) is an error naming it when
+    read."""
 
     def __init__(self, folder: str, field: str = "config.explainer.extra_images"):
         folder = os.path.abspath(os.path.expanduser(folder))
@@ -236,7 +237,12 @@ class ImageFiles:
         return len(self.paths)
 
     def __getitem__(self, i):
-        return {"image": read_image(self.paths[int(i)]), "label": np.int64(-1)}
+        path = self.paths[int(i)]
+        try:
+            image = read_image(path)
+        except (OSError, ValueError, SyntaxError) as error:  # a header that reads, pixels that do not
+            raise BadImageError(f"{path} cannot be decoded ({error}): remove it and rerun") from error
+        return {"image": image, "label": np.int64(-1)}
 
 
 class Concatenated:
