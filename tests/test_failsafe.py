@@ -251,10 +251,17 @@ def test_runs_recorded_before_a_field_existed_still_resume():
     new["model"]["from_checkpoint"] = "/weights/vit.npz"  # recorded by newer runs; where, not what
     assert common.settings_diff(old, new) == []
     new["model"]["matmul_precision"] = "bfloat16"  # a free field: another precision resumes the run
+    new["model"]["attention_impl"] = "xla"  # and so does another attention core (the same model)
+    new["explainer"] = {"extra_images": ""}  # a field with a default, at its default
     assert common.settings_diff(old, new) == []
     new["model"]["pool"] = "avg"
     new["optim"]["lr"] = 2e-3
-    assert common.settings_diff(old, new) == ["model.pool: 'token' -> 'avg'", "optim.lr: 0.001 -> 0.002"]
+    new["explainer"]["extra_images"] = "/more"  # other training images: not the recorded run
+    assert common.settings_diff(old, new) == [
+        "explainer.extra_images: '' -> '/more'",
+        "model.pool: 'token' -> 'avg'",
+        "optim.lr: 0.001 -> 0.002",
+    ]
 
 
 def test_eval_every_epochs_picks_every_kth_epoch_end_and_the_last():

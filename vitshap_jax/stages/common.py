@@ -55,6 +55,7 @@ _DEFAULTS = {f"model.{k}": v for k, v in ARCHITECTURE_OPTIONS.items()} | {
     "explainer.target_views": 1,
     "explainer.view_mix": 0.0,
     "explainer.teachers": "",
+    "explainer.extra_images": "",
     "dataset.train_examples": 0,
     "optim.ema_decay": 0.0,
 }
