@@ -178,7 +178,8 @@ def test_matmul_precision_reaches_every_matmul_of_the_vit_and_is_refused_for_a_r
 def test_attention_impl_reaches_every_attention_and_the_upstream_model(tmp_path, monkeypatch):
     """`model.attention_impl`: "auto" is the matmul core; a choice reaches the backbone, the explainer
     head and the upstream model a stage builds (whose recorded config stays as it was); cuDNN is refused
-    with float32 compute (and, on this CPU, at all); a rerun may change it (FREE_FIELDS)."""
+    with float32 compute and, for a new run, on this CPU, where a recorded run with it loads with the
+    matmul core; a rerun may change it (FREE_FIELDS)."""
     from vitshap_jax import checkpoints as ckpt_lib
     from vitshap_jax import models, parallel
     from vitshap_jax.files import write_json
@@ -195,10 +196,12 @@ def test_attention_impl_reaches_every_attention_and_the_upstream_model(tmp_path,
     c.model.update(dict(attention_impl="cudnn", dtype="float32"))
     with pytest.raises(ConfigError, match=r"attention_impl='cudnn': cuDNN's fused attention takes bfloat16"):
         validate(c)
+    c.model.dtype = "auto"
     with pytest.raises(
         ConfigError, match=r"attention_impl='cudnn': cuDNN's fused attention runs on an NVIDIA"
     ):
-        build_model(c)
+        validate(c)  # a new run asks for it on this CPU
+    assert build_model(c).attention_impl == "matmul"  # a recorded run trained with it loads here
     assert "model.attention_impl" in stages.FREE_FIELDS
     # The upstream model of a stage computes with this stage's core; its record is unchanged.
     up = load("surrogate", "digits")
