@@ -20,17 +20,10 @@ import PIL.Image
 from absl import logging
 
 from vitshap_jax.config import SPLITS
-from vitshap_jax.data.base import (
-    BadImageError,
-    DataNotFoundError,
-    Files,
-    ImageBuilder,
-    is_empty_dir,
-    read_image,
-)
+from vitshap_jax.data.base import BadImageError, DataNotFoundError, ImageBuilder, is_empty_dir, read_image
 from vitshap_jax.data.cifar import Cifar10, Cifar100
 from vitshap_jax.data.digits import Digits
-from vitshap_jax.data.folder import DEFAULT_FRACTIONS, Folder, is_image
+from vitshap_jax.data.folder import DEFAULT_FRACTIONS, Folder, is_image, list_files
 from vitshap_jax.data.imagenette import Imagenette
 from vitshap_jax.data.mura import Mura
 from vitshap_jax.data.pet import Pet
@@ -218,10 +211,7 @@ class ImageFiles:
         folder = os.path.abspath(os.path.expanduser(folder))
         if not os.path.isdir(folder):
             raise DataNotFoundError(f"{field}={folder!r}: no such folder; give a folder of image files")
-        listed = []
-        for _ in Files(folder).walk(lambda rel: listed.append(rel) and False):
-            pass
-        self.paths = [os.path.join(folder, rel) for rel in sorted(r for r in listed if is_image(r))]
+        self.paths = [os.path.join(folder, rel) for rel in sorted(list_files(folder)) if is_image(rel)]
         if not self.paths:
             raise DataNotFoundError(f"{field}={folder!r}: the folder holds no image files")
         for path in self.paths:

@@ -156,7 +156,7 @@ def scan(source: str, fractions: Sequence[float]) -> Scan:
         if not source.lower().endswith(".csv"):
             raise ValueError(f"folder: {source} is a file but not a .csv manifest. {INSTRUCTIONS}")
         return _scan_csv(source, fractions)
-    files = _list_files(source)
+    files = list_files(source)
     images = [p for p in files if is_image(p)]
     ignored = len(files) - len(images)
     if not images:
@@ -213,7 +213,7 @@ def scan(source: str, fractions: Sequence[float]) -> Scan:
     return Scan(source, layout, names, _assign(rows, fractions, source), ignored)
 
 
-def _list_files(root: str) -> list[str]:
+def list_files(root: str) -> list[str]:
     """Every non-hidden file under `root` (posix paths relative to it), listed without reading any."""
     found = []
 
