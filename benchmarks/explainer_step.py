@@ -294,12 +294,12 @@ def main():
         if args.steps:
             for packed in sorted(set(packings)):
                 path = "pairs in n+2 tokens" if packed else "plain masked passes"
-                for precision in precisions[1:]:
-                    ratio = rows[precision, impls[0], packed][0] / rows[precisions[0], impls[0], packed][0]
-                    print(f"ViT-{variant} {path}: {precision} / {precisions[0]} matmuls {ratio:.2f}x")
-                for impl in impls[1:]:
-                    ratio = rows[precisions[0], impl, packed][0] / rows[precisions[0], impls[0], packed][0]
-                    print(f"ViT-{variant} {path}: {impl} / {impls[0]} attention {ratio:.2f}x")
+                # Each other precision (first core) and each other core (first precision) to the first.
+                others = [(pr, impls[0], f"{pr} / {precisions[0]} matmuls") for pr in precisions[1:]]
+                others += [(precisions[0], im, f"{im} / {impls[0]} attention") for im in impls[1:]]
+                for precision, impl, label in others:
+                    ratio = rows[precision, impl, packed][0] / rows[precisions[0], impls[0], packed][0]
+                    print(f"ViT-{variant} {path}: {label} {ratio:.2f}x")
 
 
 def signals_report(args):

@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 16 and 18 as one prepared script, its parts in order of importance, each cut
-# off by its own time limit and all by BUDGET seconds (default 540), so a slow part cannot starve the
-# rest of the record:
-#   1. step-bf16: the explainer's train step at 224 px in bfloat16 (batch 32 x 32 paired coalitions;
+# The GPU checks of issues 16 and 18 as one prepared script, its parts in the order they run (what is
+# still open first), each cut off by its own time limit and all by BUDGET seconds (default 540), so a
+# slow part cannot starve the rest of the record:
+#   1. attention-step: the packed ViT-S step with config.model.attention_impl=matmul and =cudnn (decides
+#      attention_impl=auto on a GPU); torch-step: our explainer step against PyTorch + timm's, its
+#      surrogate calls batched as the reference implementation's and per image (this script's form until
+#      2026-11-28), on the same GPU (torch_reference.py --device=cuda);
+#   2. step-bf16: the explainer's train step at 224 px in bfloat16 (batch 32 x 32 paired coalitions;
 #      ViT-S with plain masked passes and packed pairs, ViT-B packed only), achieved matmul FLOP/s
 #      against the measured bf16 matmul peak, XLA's memory analysis and compile time of each step;
-#   2. attention: our attention core against jax.nn.dot_product_attention, XLA's and cuDNN's fused
+#   3. attention: our attention core against jax.nn.dot_product_attention, XLA's and cuDNN's fused
 #      kernel, at the step's shapes (attention_impl.py): speed, and exactness for the masked model;
-#      attention-step: the packed ViT-S step with config.model.attention_impl=matmul and =cudnn;
-#   3. torch-f32: ours against PyTorch + timm on the same GPU (torch_reference.py --device=cuda):
-#      masked forward, explainer step, classifier step, FLOPs of each side;
-#   4. profile: where the packed ViT-S explainer step's time goes (profile_ops.py; not yet run on a GPU);
-#   5. signals: the packed ViT-S step under each training signal (issue 18), images/s and the loss;
-#   6. torch-bf16: the forward and classifier comparison with bfloat16 matmuls (PyTorch autocast);
-#   7. memory: ViT-L's step compiled with and without remat (XLA's memory analysis).
+#   4. torch-f32: ours against PyTorch + timm on the same GPU: masked forward, explainer step,
+#      classifier step, FLOPs of each side;
+#   5. profile: where the packed ViT-S explainer step's time goes (profile_ops.py);
+#   6. signals: the packed ViT-S step under each training signal (issue 18), images/s and the loss;
+#   7. torch-bf16: the forward and classifier comparison with bfloat16 matmuls (PyTorch autocast);
+#   8. memory: ViT-L's step compiled with and without remat (XLA's memory analysis).
 # On the H200 (2026-11-27, docs/gpu-runs/) compiling dominated: each 224 px explainer step took tens of
 # seconds to compile (XLA's GEMM autotuning; turning it off made the kernels 10x slower), so all parts
 # do not fit one 10-minute call, nor two in a 15-minute device budget (each call's start takes ~35 s, and
@@ -21,8 +24,10 @@
 #   BUDGET=480 PARTS="step-bf16 attention torch-f32" bash benchmarks/gpu_check.sh WHEELS_DIR
 #   BUDGET=300 PARTS="attention-step profile signals memory" bash benchmarks/gpu_check.sh WHEELS_DIR
 # (timeout_s a minute above BUDGET; torch-bf16 when time is left). Done on 2026-11-28 (docs/performance.md
-# (h2)): attention, torch-f32, profile, memory. Next, in one call:
-#   BUDGET=500 PARTS="attention-step step-bf16 signals" bash benchmarks/gpu_check.sh WHEELS_DIR
+# (h2)): attention, torch-f32, profile, memory. Next (attention-step and torch-step run first):
+#   BUDGET=480 PARTS="attention-step torch-step signals" bash benchmarks/gpu_check.sh WHEELS_DIR
+#   MODELS=base BUDGET=200 PARTS=step-bf16 bash benchmarks/gpu_check.sh WHEELS_DIR   # if 4 min are left
+# (MODELS: the step's ViT variants, first one both paths, the second packed only; default small,base).
 #
 #   bash benchmarks/gpu_check.sh [WHEELS_DIR]      # on the GPU machine, from the repository root
 #   SMOKE=1 bash benchmarks/gpu_check.sh            # the same code paths at toy sizes (any CPU)
@@ -41,7 +46,7 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/gpu_check_jax
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 start=$SECONDS
 budget=${BUDGET:-540}
-parts=${PARTS:-step-bf16 attention attention-step torch-f32 profile signals torch-bf16 memory}
+parts=${PARTS:-attention-step torch-step step-bf16 attention torch-f32 profile signals torch-bf16 memory}
 if [ -n "${1:-}" ]; then
   $py -m pip install --quiet --no-deps --no-index "$1"/*.whl || echo "gpu_check: installing wheels from $1 failed"
 fi
@@ -57,7 +62,7 @@ if [ -n "${SMOKE:-}" ]; then
   models=micro,tiny; big=tiny; batch=2; size=32; peak=256; tsize=(--models=tiny --batch=2 --step_batch=1
     --coalitions=2 --classifier_batch=2 --repeats=1); device=cpu; fused=xla
 else
-  models=small,base; big=large; batch=32; size=224; peak=8192; tsize=(--models=small --batch=64
+  models=${MODELS:-small,base}; big=large; batch=32; size=224; peak=8192; tsize=(--models=small --batch=64
     --step_batch=32 --classifier_batch=64 --repeats=3); device=cuda; fused=cudnn
 fi
 # part NAME LIMIT CMD...: run CMD under min(LIMIT, what is left of BUDGET) seconds, output prefixed.
@@ -75,6 +80,15 @@ part() {
   ((rc != 0 && rc != 124 && rc != 137)) && echo "== $name: exit status $rc"
   return 0
 }
+# First what the 2026-11-28 calls left open: the whole packed step with each attention core
+# (config.model.attention_impl; cuDNN needs the GPU), which decides attention_impl=auto on a GPU, and the
+# explainer step against PyTorch with its surrogate batched as the reference implementation does.
+part attention-step 100 $py benchmarks/explainer_step.py --models=${models%%,*} --paths=packed \
+  --batch=$batch --steps=3 --image_size=$size --dtype=bfloat16 --memory --attention_impl=matmul,$fused
+if $py -c "import torch, timm" 2>/dev/null; then
+  part torch-step 150 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 $py benchmarks/torch_reference.py \
+    "${tsize[@]}" --batch=0 --classifier_batch=0 --device=$device --torch_batching=reference,per_image
+fi
 part step-bf16 150 $py benchmarks/explainer_step.py --models=${models%%,*} --batch=$batch --steps=3 \
   --image_size=$size --dtype=bfloat16 --flops --memory --peak_size=$peak
 [ "$models" != "${models%%,*}" ] && part step-bf16 120 $py benchmarks/explainer_step.py \
@@ -82,12 +96,9 @@ part step-bf16 150 $py benchmarks/explainer_step.py --models=${models%%,*} --bat
   --flops --memory --peak_size=$peak
 part attention 90 $py benchmarks/attention_impl.py --models=$models --sequences=$((batch * 32)) \
   --dtype=bfloat16
-# The whole packed step with each attention core (config.model.attention_impl; cuDNN needs the GPU).
-part attention-step 100 $py benchmarks/explainer_step.py --models=${models%%,*} --paths=packed \
-  --batch=$batch --steps=3 --image_size=$size --dtype=bfloat16 --memory --attention_impl=matmul,$fused
 if $py -c "import torch, timm" 2>/dev/null; then
   part torch-f32 200 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 $py benchmarks/torch_reference.py \
-    "${tsize[@]}" --device=$device
+    "${tsize[@]}" --device=$device --torch_batching=reference,per_image
 else
   echo "== torch-f32, torch-bf16: skipped (no torch + timm for $py)"
 fi

@@ -172,11 +172,38 @@ def torch_flops(fn) -> float:
     return counter.get_total_flops() + attention[0]
 
 
+def surrogate_calls(values, x, masks, batching: str):
+    """(v(all) [B, K], v(empty) [B or 1, K], v(coalitions) [B, C, K]) of images `x [B, ...]` and
+    coalitions `masks [B, C, n]` (True = visible) through `values(images, keep [M, n]) -> [M, K]`, in
+    the calls `batching` says (`torch_step_time`)."""
+    (batch, coalitions, n), device = masks.shape, masks.device
+    ends = torch.stack([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)]).to(device)
+    if batching == "per_image":
+        both = torch.stack([values(x[i : i + 1].expand(2, -1, -1, -1), ends) for i in range(batch)])
+        v = torch.stack([values(x[i : i + 1].expand(coalitions, -1, -1, -1), masks[i]) for i in range(batch)])
+        return both[:, 0], both[:, 1], v
+    if batching != "reference":
+        raise ValueError(f"--torch_batching: {batching!r} is neither reference nor per_image")
+    grand = values(x, ends[:1].expand(batch, -1))
+    null = values(x[:1], ends[1:])
+    v = values(x.repeat_interleave(coalitions, 0), masks.flatten(0, 1))
+    return grand, null, v.reshape(batch, coalitions, -1)
+
+
 def torch_step_time(
-    variant: str, batch: int, coalitions: int, repeats: int, precision: str = "float32"
+    variant: str,
+    batch: int,
+    coalitions: int,
+    repeats: int,
+    precision: str = "float32",
+    batching: str = "reference",
 ) -> tuple[float, float]:
     """(seconds per explainer train step in PyTorch, median of `repeats` after a warm-up; FLOPs of one
-    step)."""
+    step). `batching="reference"` evaluates the surrogate as the reference implementation does: every
+    image's coalitions in one call (the images repeated, `batch x coalitions` rows), v(all) in one call
+    and v(empty) on one image (under attention masking it does not depend on the image; the reference
+    computes it once and caches it). `"per_image"`: one call per image (`coalitions` rows) and v(all),
+    v(empty) per image, this script's form until 2026-11-28 (slower on a GPU, where the calls are small)."""
     classes, n = 10, 196
     surrogate = timm.create_model(f"vit_{variant}_patch16_224", pretrained=False, num_classes=classes)
     surrogate = surrogate.eval().to(DEVICE)
@@ -196,12 +223,8 @@ def torch_step_time(
         half = torch.rand(batch, coalitions // 2, n, generator=gen).to(DEVICE) < 0.5
         masks = torch.cat([half, ~half], 1)  # paired (sizes uniform here: the cost is the same)
         with torch.no_grad(), precision_context(precision):
-            ends = torch.stack([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)]).to(DEVICE)
-            grand_null = torch.stack([values(x[i : i + 1].expand(2, -1, -1, -1), ends) for i in range(batch)])
-            v = torch.stack(
-                [values(x[i : i + 1].expand(coalitions, -1, -1, -1), masks[i]) for i in range(batch)]
-            )
-        grand, null, v = grand_null[:, 0].float(), grand_null[:, 1].float(), v.float()
+            grand, null, v = surrogate_calls(values, x, masks, batching)
+        grand, null, v = grand.float(), null.float(), v.float()
         with precision_context(precision):
             raw = explainer(x).float()
         phi = raw + ((grand - null) - raw.sum(1))[:, None] / n
@@ -273,10 +296,16 @@ def jax_step_time(
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="tiny,small")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64, help="images of the masked forward (0: skip)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--step_batch", type=int, default=2, help="images per explainer step (0: skip)")
     p.add_argument("--coalitions", type=int, default=32)
+    p.add_argument(
+        "--torch_batching",
+        default="reference",
+        help="how PyTorch's step calls its surrogate: reference (all images' coalitions in one call, as "
+        "the reference implementation), per_image (one call per image), or both (reference,per_image)",
+    )
     p.add_argument("--classifier_batch", type=int, default=32, help="images per classifier step (0: skip)")
     p.add_argument(
         "--matmul_precision",
@@ -307,32 +336,35 @@ def main():
     rng = np.random.default_rng(0)
     images = rng.standard_normal((args.batch, 224, 224, 3)).astype(np.float32)
     keep = rng.random((args.batch, 196)) < 0.5
-    for variant in args.models.split(","):
+    for variant in args.models.split(",") if args.batch else []:
         print(compare(variant, images, keep, args.repeats, precision), flush=True)
     for variant in args.models.split(",") if args.step_batch else []:
         b, m = args.step_batch, args.coalitions
-        t_torch, f_torch = torch_step_time(variant, b, m, args.repeats, precision)
         t_plain, f_plain = jax_step_time(variant, b, m, False, args.repeats, precision)
         t_packed, f_packed = jax_step_time(variant, b, m, True, args.repeats, precision)
-        head = f"ViT-{variant} explainer step, batch {b} x {m} coalitions, {precision} matmuls"
-        print(
-            f"{head}: PyTorch+timm {b / t_torch:.2f} images/s, vitshap_jax {b / t_plain:.2f} plain masked "
-            f"({t_torch / t_plain:.2f}x), {b / t_packed:.2f} packed ({t_torch / t_packed:.2f}x PyTorch)",
-            flush=True,
-        )
-        rates = [
-            f"{name} {f / 1e9:.0f} GFLOP per step at {f / t / 1e9:.0f} GFLOP/s"
-            for name, f, t in (
-                ("PyTorch", f_torch, t_torch),
-                ("plain", f_plain, t_plain),
-                ("packed", f_packed, t_packed),
+        for batching in args.torch_batching.split(","):
+            t_torch, f_torch = torch_step_time(variant, b, m, args.repeats, precision, batching)
+            head = f"ViT-{variant} explainer step, batch {b} x {m} coalitions, {precision} matmuls"
+            head += f", PyTorch surrogate calls {batching.replace('_', ' ')}"
+            print(
+                f"{head}: PyTorch+timm {b / t_torch:.2f} images/s, vitshap_jax {b / t_plain:.2f} plain "
+                f"masked ({t_torch / t_plain:.2f}x), {b / t_packed:.2f} packed ({t_torch / t_packed:.2f}x "
+                "PyTorch)",
+                flush=True,
             )
-        ]
-        print(
-            f"{head}, work: {'; '.join(rates)}; PyTorch does {f_torch / f_packed:.2f}x the packed step's "
-            "FLOPs",
-            flush=True,
-        )
+            rates = [
+                f"{name} {f / 1e9:.0f} GFLOP per step at {f / t / 1e9:.0f} GFLOP/s"
+                for name, f, t in (
+                    ("PyTorch", f_torch, t_torch),
+                    ("plain", f_plain, t_plain),
+                    ("packed", f_packed, t_packed),
+                )
+            ]
+            print(
+                f"{head}, work: {'; '.join(rates)}; PyTorch does {f_torch / f_packed:.2f}x the packed "
+                "step's FLOPs",
+                flush=True,
+            )
     for variant in args.models.split(",") if args.classifier_batch else []:
         b = args.classifier_batch
         t_torch, t_jax = (

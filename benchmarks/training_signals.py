@@ -165,6 +165,7 @@ CONFIGS = {
     # With --extra_images of 5,000 more digits (6,257 images): the steps of the 150-epoch run in 30.
     "precomputed-v4shared-e30-lr2e-3": _views(4, 30),
     "precomputed-v4shared-e60-lr2e-3": _views(4, 60),
+    "precomputed-v4shared-e120-lr2e-3": _views(4, 120),
     # Its control: the 1,257 digits alone for those steps (twice the 150-epoch run's).
     "precomputed-v4shared-e300-lr2e-3": _views(4, 300),
 }
