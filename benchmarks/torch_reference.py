@@ -6,6 +6,7 @@
 1. The masked surrogate forward (below).
 2. The explainer's train step, `--step_batch` images with 32 paired coalitions each: in PyTorch, as the
    reference trains it (the frozen surrogate under `no_grad` on every coalition, v(all) and v(empty),
+   in the reference's calls: every image's coalitions at once, `--torch_batching`),
    the explainer = timm ViT backbone + our head's shape (one block, LayerNorm, a 3-layer MLP of width
    4D, tanh), the additive efficient normalization, the Shapley WLS loss, backward, AdamW); ours, the
    explainer stage's real jitted step (`benchmarks/explainer_step.py`), plain masked passes and packed
