@@ -323,6 +323,9 @@ def main():
         "precision; torch.backends.cuda.matmul.allow_tf32 set to match)",
     )
     args = p.parse_args()
+    unknown = set(args.torch_batching.split(",")) - {"reference", "per_image"}
+    if unknown:  # before minutes of compiling and timing, not after
+        p.error(f"--torch_batching: {', '.join(sorted(unknown))} unknown; give reference, per_image or both")
     global DEVICE
     DEVICE = torch.device(args.device)
     if DEVICE.type == "cuda":
