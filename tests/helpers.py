@@ -52,6 +52,15 @@ def tiny(stage, dataset, data_dir, **train):
     return c
 
 
+def perturbed(params, scale: float, seed: int):
+    """`params` plus `scale` times standard normal noise, drawn by NumPy: no XLA compile per leaf shape
+    (jax.random costs about 0.5 s per new shape on this CPU, the main cost of many small tests)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda x: jnp.asarray(np.asarray(x) + scale * rng.standard_normal(x.shape), x.dtype), params
+    )
+
+
 def assert_same_params(a: dict, b: dict, rtol=1e-5, atol=1e-6):
     """Flat param dicts equal within float tolerance, except attention key biases: their gradient is zero
     in exact arithmetic (softmax ignores a shift shared by all keys), so Adam turns float noise, which
@@ -391,9 +400,7 @@ def vit(depth=2, **kw):
         num_classes=3, patch_size=BASELINE_PATCH, hidden_size=16, depth=depth, num_heads=2, mlp_dim=32, **kw
     )
     images = jax.random.normal(jax.random.key(1), (3, 8, 8, 3))
-    params = model.init(jax.random.key(0), images)["params"]
-    params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(2), x.shape), params)
-    return model, params, images
+    return model, perturbed(model.init(jax.random.key(0), images)["params"], 0.3, 2), images
 
 
 BASELINE_CLASSES = jnp.array([0, 2, 1])

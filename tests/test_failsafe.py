@@ -64,6 +64,24 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_older_one(tmp_path, damag
     assert meta["step"] == 2
 
 
+def test_one_process_writes_whole_arrays_and_restores_them_replicated(tmp_path):
+    """On one process StageCheckpoints turns off orbax's replica-parallel writing (a compiled slicing
+    program per array shape; benchmarks/checkpoint_save.py): the state still comes back bit for bit,
+    replicated over all 8 devices."""
+    import orbax.checkpoint as ocp
+
+    target = _two_checkpoints(tmp_path)
+    handler = ocp.type_handlers.get_type_handler(jax.Array)
+    assert getattr(handler, "_use_replica_parallel", False) is False
+    manager = checkpoints.StageCheckpoints(str(tmp_path))
+    state, _, meta = manager.restore_latest(target)
+    manager.close()
+    want = jax.random.normal(jax.random.key(2), (128, 128)).at[0, 0].set(2)
+    assert meta["step"] == 2 and int(state["step"]) == 2
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.asarray(want))
+    assert state["w"].sharding.is_fully_replicated and len(state["w"].sharding.device_set) == 8
+
+
 def test_no_restorable_checkpoint_is_one_line(tmp_path):
     target = _two_checkpoints(tmp_path)
     for step in ("1", "2"):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import members, order_two_games
+from tests.helpers import members, order_two_games, perturbed
 from vitshap_jax.shapley.exact import exact_shapley
 from vitshap_jax.shapley.game import table_game
 from vitshap_jax.shapley.kernelshap import border_sizes, kernel_moments, kernelshap
@@ -325,8 +325,7 @@ def test_packed_pairs_give_the_same_estimates_on_a_vit_surrogate():
 
     model = ViT(num_classes=3, patch_size=4, hidden_size=16, depth=2, num_heads=2, mlp_dim=32)
     images = jax.random.normal(jax.random.key(1), (2, 12, 12, 3))  # 9 players
-    params = model.init(jax.random.key(0), images)["params"]
-    params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(2), x.shape), params)
+    params = perturbed(model.init(jax.random.key(0), images)["params"], 0.3, 2)
     packed, plain = (surrogate_game(model, params, "multiclass", packed=p) for p in (True, False))
     np.testing.assert_allclose(exact_shapley(packed, images, 9), exact_shapley(plain, images, 9), atol=1e-5)
     a, _ = kernelshap(

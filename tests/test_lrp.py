@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import BASELINE_CLASSES as CLASSES
-from tests.helpers import vit
+from tests.helpers import perturbed, vit
 from vitshap_jax.evaluation import lrp
 
 
@@ -107,8 +107,7 @@ def test_attention_relevance_against_a_float64_hand_computation():
 
     model = ViT(num_classes=3, patch_size=2, hidden_size=4, depth=1, num_heads=1, mlp_dim=8)
     image = jax.random.normal(jax.random.key(3), (1, 4, 4, 3))
-    params = model.init(jax.random.key(0), image)["params"]
-    params = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(jax.random.key(4), x.shape), params)
+    params = perturbed(model.init(jax.random.key(0), image)["params"], 0.5, 4)
     p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
     cls_index = 2
     # Forward in float64.

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import perturbed
 from vitshap_jax import parallel
 from vitshap_jax.models import ViT
 
@@ -48,8 +49,7 @@ def test_sharded_gradient_equals_single_device():
     model = ViT(num_classes=3, patch_size=4, hidden_size=32, depth=2, num_heads=4, mlp_dim=64)
     images = jax.random.normal(jax.random.key(0), (16, 16, 16, 3))
     masks = jax.random.bernoulli(jax.random.key(1), 0.5, (16, 16))
-    params = model.init(jax.random.key(2), images[:1])["params"]
-    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(3), x.shape), params)
+    params = perturbed(model.init(jax.random.key(2), images[:1])["params"], 0.1, 3)
     one_loss, one_grads = _grad_step(parallel.make_mesh(jax.devices()[:1]), model, params, images, masks)
     all_loss, all_grads = _grad_step(parallel.make_mesh(), model, params, images, masks)
     assert all_grads["head"]["kernel"].sharding.mesh.devices.size == 8

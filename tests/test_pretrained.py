@@ -8,6 +8,7 @@ import scipy.special
 from flax import traverse_util
 from safetensors.numpy import save_file
 
+from tests.helpers import perturbed
 from vitshap_jax.models import PretrainedMismatchError, ViT, load_pretrained
 
 D, DEPTH, HEADS, MLP, PATCH, IMAGE, CLASSES = 32, 2, 4, 64, 4, 16, 5
@@ -29,11 +30,7 @@ def _init(model, image=IMAGE, seed=0):
 
 
 def _random_like(params, seed):
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(
-        tree, [0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-    )
+    return perturbed(jax.tree.map(jnp.zeros_like, params), 0.3, seed)
 
 
 def _flat(params):

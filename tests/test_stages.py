@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from tests.helpers import _imagenette_tree, _mura_tree, assert_same_params, load, tiny
+from tests.helpers import _imagenette_tree, _mura_tree, assert_same_params, load, perturbed, tiny
 from vitshap_jax import checkpoints, data, parallel
 from vitshap_jax.models import build_explainer
 from vitshap_jax.stages import classifier, common, explainer, surrogate
@@ -340,8 +340,7 @@ def test_one_step_on_8_devices_equals_1_device(tmp_path, stage):
         "valid": np.ones(16, bool),
     }
     vit = build_model(config)
-    vit_params = vit.init(jax.random.key(1), batch["image"][:1])["params"]
-    vit_params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), vit_params)
+    vit_params = perturbed(vit.init(jax.random.key(1), batch["image"][:1])["params"], 0.05, 2)
     tx = common.make_optimizer(config, 100)
     if stage == "classifier":
         params, frozen = vit_params, ()
