@@ -41,11 +41,12 @@ def abstract(tree):
 
 def _whole_arrays_on_one_process() -> None:
     """On one process, orbax writes each array whole from one device instead of slicing it over its
-    replicas ("replica-parallel" saving, orbax's default except on GPU). Every replica is on this host, so
-    the split buys no write bandwidth, and slicing compiles a program per array shape: a ViT-Ti train
-    state on 8 CPU devices saved in 4.98 s first and 2.64 s after, against 1.00 s and 0.95 s whole
-    (benchmarks/checkpoint_save.py). Several processes keep orbax's default: each host writes its share.
-    (The handler's option is private in orbax 0.12; where it is absent nothing changes.)"""
+    replicas ("replica-parallel" saving: orbax's default unless JAX_PLATFORMS names a GPU, which it reads
+    when imported). Every replica is on this host, so the split buys no write bandwidth, and slicing
+    compiles a program per array shape: a ViT-Ti train state on 8 CPU devices saved in 4.98 s first and
+    2.64 s after, against 1.00 s and 0.95 s whole (benchmarks/checkpoint_save.py). Several processes
+    keep orbax's default: each host writes its share. (The handler's option is private in orbax 0.12;
+    where it is absent nothing changes.)"""
     if jax.process_count() > 1:
         return
     handler = ocp.type_handlers.get_type_handler(jax.Array)
