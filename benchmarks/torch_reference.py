@@ -173,6 +173,9 @@ def torch_flops(fn) -> float:
     return counter.get_total_flops() + attention[0]
 
 
+TORCH_BATCHINGS = ("reference", "per_image")  # the forms of --torch_batching (surrogate_calls)
+
+
 def surrogate_calls(values, x, masks, batching: str):
     """(v(all) [B, K], v(empty) [B or 1, K], v(coalitions) [B, C, K]) of images `x [B, ...]` and
     coalitions `masks [B, C, n]` (True = visible) through `values(images, keep [M, n]) -> [M, K]`, in
@@ -183,7 +186,7 @@ def surrogate_calls(values, x, masks, batching: str):
         both = torch.stack([values(x[i : i + 1].expand(2, -1, -1, -1), ends) for i in range(batch)])
         v = torch.stack([values(x[i : i + 1].expand(coalitions, -1, -1, -1), masks[i]) for i in range(batch)])
         return both[:, 0], both[:, 1], v
-    if batching != "reference":
+    if batching not in TORCH_BATCHINGS:
         raise ValueError(f"--torch_batching: {batching!r} is neither reference nor per_image")
     grand = values(x, ends[:1].expand(batch, -1))
     null = values(x[:1], ends[1:])
@@ -323,7 +326,7 @@ def main():
         "precision; torch.backends.cuda.matmul.allow_tf32 set to match)",
     )
     args = p.parse_args()
-    unknown = set(args.torch_batching.split(",")) - {"reference", "per_image"}
+    unknown = set(args.torch_batching.split(",")) - set(TORCH_BATCHINGS)
     if unknown:  # before minutes of compiling and timing, not after
         p.error(f"--torch_batching: {', '.join(sorted(unknown))} unknown; give reference, per_image or both")
     global DEVICE
