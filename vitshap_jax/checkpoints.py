@@ -11,7 +11,6 @@ saving leaves the previous checkpoints intact.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 
@@ -51,9 +50,9 @@ def _whole_arrays_on_one_process() -> None:
         return
     handler = ocp.type_handlers.get_type_handler(jax.Array)
     if getattr(handler, "_use_replica_parallel", False):
-        whole = copy.copy(handler)  # the registered handler's other options (its array metadata store) kept
-        whole._use_replica_parallel = False
-        ocp.type_handlers.register_type_handler(jax.Array, whole, override=True)
+        # Set on the registered handler itself: registering a changed copy would work too, but orbax logs
+        # a warning ("overriding jax.Array") in every run's log for it.
+        handler._use_replica_parallel = False
 
 
 class StageCheckpoints:
