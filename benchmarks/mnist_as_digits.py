@@ -43,6 +43,34 @@ def as_digit(image: np.ndarray, threshold: float = 127.5) -> np.ndarray:
     return (big > threshold).reshape(8, 4, 8, 4).sum((1, 3))
 
 
+def write_digits(out: str, digits: np.ndarray, labels: np.ndarray) -> None:
+    """8 x 8 digits (ints 0..16) as the digits dataset's 8-bit PNGs: `{out}/{class}/{index}.png`."""
+    for i, (digit, label) in enumerate(zip(digits, labels, strict=True)):
+        folder = os.path.join(out, str(label))
+        os.makedirs(folder, exist_ok=True)
+        pixels = np.round(digit * (255 / 16)).astype(np.uint8)
+        PIL.Image.fromarray(pixels, mode="L").save(os.path.join(folder, f"{i:05d}.png"))
+    print(f"{len(digits)} digits written to {out} (mean pixel {digits.mean():.2f} of 16)")
+
+
+def rate(workdir: str, digits: np.ndarray, labels: np.ndarray) -> None:
+    """Prints how well a finished digits run's classifier recognizes scikit-learn's digits and these."""
+    import jax
+    from sklearn.datasets import load_digits
+
+    from vitshap_jax.runs import TrainedRun
+
+    run = TrainedRun.load(workdir)
+    model, params = run.classifier()
+    predict = jax.jit(lambda p, x: model.apply({"params": p}, x).argmax(-1))
+    ours = load_digits()
+    for name, ims, labs in (("scikit-learn's", ours.images, ours.target), ("these", digits, labels)):
+        pixels = np.round(ims * (255 / 16)).astype(np.uint8)
+        x = np.stack([run.preprocess(np.repeat(u[..., None], 3, -1)) for u in pixels])
+        accuracy = float((np.asarray(predict(params, x)) == labs).mean())
+        print(f"{workdir}'s classifier on {name} {len(ims)} digits: accuracy {accuracy:.3f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder to write the PNG files into")
@@ -50,27 +78,9 @@ def main():
     args = p.parse_args()
     images, labels = mnist_5k()
     digits = np.stack([as_digit(x) for x in images])
-    for i, (digit, label) in enumerate(zip(digits, labels, strict=True)):
-        folder = os.path.join(args.out, str(label))
-        os.makedirs(folder, exist_ok=True)
-        pixels = np.round(digit * (255 / 16)).astype(np.uint8)
-        PIL.Image.fromarray(pixels, mode="L").save(os.path.join(folder, f"{i:04d}.png"))
-    print(f"{len(digits)} digits written to {args.out} (mean pixel {digits.mean():.2f} of 16)")
+    write_digits(args.out, digits, labels)
     if args.workdir:
-        import jax
-        from sklearn.datasets import load_digits
-
-        from vitshap_jax.runs import TrainedRun
-
-        run = TrainedRun.load(args.workdir)
-        model, params = run.classifier()
-        predict = jax.jit(lambda p, x: model.apply({"params": p}, x).argmax(-1))
-        ours = load_digits()
-        for name, ims, labs in (("scikit-learn's", ours.images, ours.target), ("these", digits, labels)):
-            pixels = np.round(ims * (255 / 16)).astype(np.uint8)
-            x = np.stack([run.preprocess(np.repeat(u[..., None], 3, -1)) for u in pixels])
-            accuracy = float((np.asarray(predict(params, x)) == labs).mean())
-            print(f"{args.workdir}'s classifier on {name} {len(ims)} digits: accuracy {accuracy:.3f}")
+        rate(args.workdir, digits, labels)
 
 
 if __name__ == "__main__":

@@ -152,3 +152,37 @@ def test_profile_ops_counts_only_device_events_where_a_device_has_them():
     gpu_trace = [named(1, "/host:CPU"), named(7, "/device:GPU:0 (stream 13)"), {"ph": "X", "pid": 7}]
     assert accelerator_pids(gpu_trace) == {7}
     assert accelerator_pids([named(1, "/host:CPU"), named(2, "python3")]) == set()
+
+
+def test_warped_digits_come_from_the_training_split_only_and_look_like_digits(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from warped_digits import training_digits, warp
+
+    from vitshap_jax.data.digits import split_indices
+
+    images, labels = training_digits()
+    everything = load_digits()
+    held_out = np.concatenate([split_indices()["test"], split_indices()["validation"]])
+    assert len(images) == 1257 and not any(
+        np.array_equal(everything.images[i], images[j]) for i in held_out[:20] for j in range(len(images))
+    ), "a validation or test digit among the ones to warp"
+    rng = np.random.default_rng(0)
+    still = [warp(x, rng, rotate=0, scale=0, shear=0, shift=0, alpha=0) for x in images[:50]]
+    assert np.abs(np.stack(still) - images[:50]).mean() < 1.0  # no warp: the digit, up to the bitmap
+    moved = np.stack([warp(x, rng) for x in images[:50]])
+    assert moved.dtype.kind == "i" and moved.min() >= 0 and moved.max() <= 16
+    assert 1.0 < np.abs(moved - images[:50]).mean() < 4.0  # warped, not destroyed
+
+    out = tmp_path / "warped"
+    printed = run("warped_digits.py", f"--out={out}", "--copies=1")
+    assert "1257 digits written" in printed
+    assert sum(len(files) for _, _, files in os.walk(out)) == 1257
+    again = subprocess.run(
+        [sys.executable, "benchmarks/warped_digits.py", f"--out={out}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode != 0 and "is not empty" in again.stderr  # nothing overwritten
