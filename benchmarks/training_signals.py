@@ -35,7 +35,8 @@ student's) for about the steps of `precomputed-v4shared-e150-lr2e-3`, or twice t
 (`dataset.train_examples`) for the same steps: the learning curve. `--extra_images=FOLDER` adds a
 folder of more images to every configuration's training set (`explainer.extra_images`);
 `precomputed-v4shared-e30-lr2e-3` with the 5,000 digits of `mnist_as_digits.py` has the steps of the
-150-epoch run (`-e60`: twice them).
+150-epoch run (`-e60`: twice them). The warped training digits of `warped_digits.py` serve the same way
+(`-e60` on 4 copies, `-e30` on 10, `-e10` on 30: about the same steps).
 `--diagnose` first prints, for the run's own explainer on the first `--images` test and train images,
 its MSE, the uniform efficient attribution's and the median correlation with the exact values of the
 predicted class, and adds each configuration's MSE on those train images to its row (`train_mse`).
@@ -168,6 +169,9 @@ CONFIGS = {
     "precomputed-v4shared-e120-lr2e-3": _views(4, 120),
     # Its control: the 1,257 digits alone for those steps (twice the 150-epoch run's).
     "precomputed-v4shared-e300-lr2e-3": _views(4, 300),
+    # With --extra_images of warped training digits (warped_digits.py): 30 copies (38,967 images) for
+    # about the steps of -e30 on 10 copies (13,827 images) and of -e60 on 4 (6,285).
+    "precomputed-v4shared-e10-lr2e-3": _views(4, 10),
 }
 GROUPS = {
     "signals": [k for k in CONFIGS if not k.startswith(("wls-32-", "precomputed"))],
