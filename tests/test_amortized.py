@@ -373,10 +373,14 @@ def test_precomputed_targets_are_the_exact_values_when_the_budget_enumerates(tmp
     labels = np.load(student / "explainer" / explainer.TARGETS_FILE)
     assert int(labels["evals"]) == 0 and str(labels["teachers"]) == str(tmp_path)
     # Equal up to bfloat16 matmul operands (matmul_precision=auto on this CPU): the batches differ, and
-    # a last-bit difference before a cast can flip a bfloat16 rounding (0.4%) in a rare image.
+    # a last-bit difference before a cast can flip a bfloat16 rounding (2^-8 = 0.4%) in a rare image
+    # (seen: one of the 128, all its values, by up to 0.41% of the largest); every other image agrees to
+    # float32 rounding. An absolute bound of 1e-3 was met by one such image and missed by another.
     teacher = np.asarray(run(images)["phi"])
     difference = np.abs(labels["targets"][picked] - teacher)
-    assert difference.max() < 1e-3 and np.median(difference) < 1e-7
+    flipped = np.unique(np.nonzero(difference > 1e-5)[0])
+    assert len(flipped) <= 2, f"images {flipped} of {len(picked)} differ from the teacher's outputs"
+    assert difference.max() < 0.01 * np.abs(teacher).max() and np.median(difference) < 1e-7
     assert ((labels["targets"][picked] - truth) ** 2).mean() > 100 * (difference**2).mean()  # not the truth
     d.explainer.teachers = f"{tmp_path},{tmp_path}"
     one, two = (re.escape(f"config.explainer.teachers={t}") for t in (tmp_path, f"{tmp_path},{tmp_path}"))
