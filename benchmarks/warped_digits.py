@@ -20,6 +20,7 @@ the range (`--threshold`) and its "on" pixels counted in 4 x 4 blocks (0..16): t
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 
@@ -75,6 +76,12 @@ def warp(
     return bitmap.reshape(8, SIZE // 8, 8, SIZE // 8).sum((1, 3))
 
 
+# The warp's knobs and their defaults, one --flag each.
+KNOBS = {
+    name: p.default for name, p in inspect.signature(warp).parameters.items() if p.default is not p.empty
+}
+
+
 def training_digits() -> tuple[np.ndarray, np.ndarray]:
     """(images [1257, 8, 8] 0..16, labels) of the digits dataset's training split only."""
     from sklearn.datasets import load_digits
@@ -92,15 +99,7 @@ def main():
     p.add_argument("--copies", type=int, default=4, help="warped versions of every training digit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default="", help="a finished digits run whose classifier rates them")
-    for name, default in (
-        ("rotate", 12.0),
-        ("scale", 0.12),
-        ("shear", 0.25),
-        ("shift", 2.0),
-        ("alpha", 30.0),
-        ("sigma", 4.0),
-        ("threshold", 8.0),
-    ):
+    for name, default in KNOBS.items():
         p.add_argument(f"--{name}", type=float, default=default)
     args = p.parse_args()
     if args.copies < 1:
@@ -109,15 +108,15 @@ def main():
         p.error(f"--out={args.out} is not empty: give a new folder (nothing there is overwritten)")
     images, labels = training_digits()
     rng = np.random.default_rng(args.seed)
-    knobs = {
-        k: getattr(args, k) for k in ("rotate", "scale", "shear", "shift", "alpha", "sigma", "threshold")
-    }
-    warped = np.stack([warp(x, rng, **knobs) for _ in range(args.copies) for x in images])
-    write_digits(args.out, warped, np.tile(labels, args.copies))
+    warped = np.stack(
+        [warp(x, rng, **{k: getattr(args, k) for k in KNOBS}) for _ in range(args.copies) for x in images]
+    )
+    labels = np.tile(labels, args.copies)
+    write_digits(args.out, warped, labels)
     change = np.abs(warped - np.tile(images, (args.copies, 1, 1))).mean()
     print(f"mean absolute change per pixel: {change:.2f} of 16")
     if args.workdir:
-        rate(args.workdir, warped, np.tile(labels, args.copies))
+        rate(args.workdir, warped, labels)
 
 
 if __name__ == "__main__":
