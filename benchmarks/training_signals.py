@@ -37,8 +37,7 @@ folder of more images to every configuration's training set (`explainer.extra_im
 `precomputed-v4shared-e30-lr2e-3` with the 5,000 digits of `mnist_as_digits.py` has the steps of the
 150-epoch run (`-e60`: twice them). The warped training digits of `warped_digits.py` serve the same way
 (`-e60` on 4 copies, `-e30` on 10, `-e10` on 30: about the same steps; `-e60` and `-e90` on 10 and
-`-e30` on 30: two and three times them; `precomputed-v4-e30-lr2e-3`: `-e30` with each view labelled
-with the whole budget, labels four times as accurate).
+`-e30` on 30: two and three times them).
 `--diagnose` first prints, for the run's own explainer on the first `--images` test and train images,
 its MSE, the uniform efficient attribution's and the median correlation with the exact values of the
 predicted class, and adds each configuration's MSE on those train images to its row (`train_mse`).
@@ -174,10 +173,8 @@ CONFIGS = {
     # With --extra_images of warped training digits (warped_digits.py): 30 copies (38,967 images) for
     # about the steps of -e30 on 10 copies (13,827 images) and of -e60 on 4 (6,285).
     "precomputed-v4shared-e10-lr2e-3": _views(4, 10),
-    # 10 copies for 1.5x and 2x the steps of -e30 (-e60 above).
+    # With 10 warped copies: three times the steps of -e30 (-e60 above: twice them).
     "precomputed-v4shared-e90-lr2e-3": _views(4, 90),
-    # -e30 with labels four times as accurate: each view labelled with the whole 1,020 evaluations.
-    "precomputed-v4-e30-lr2e-3": _views(4, 30, shared=False),
 }
 GROUPS = {
     "signals": [k for k in CONFIGS if not k.startswith(("wls-32-", "precomputed"))],
