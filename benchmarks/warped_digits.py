@@ -108,9 +108,8 @@ def main():
         p.error(f"--out={args.out} is not empty: give a new folder (nothing there is overwritten)")
     images, labels = training_digits()
     rng = np.random.default_rng(args.seed)
-    warped = np.stack(
-        [warp(x, rng, **{k: getattr(args, k) for k in KNOBS}) for _ in range(args.copies) for x in images]
-    )
+    knobs = {k: getattr(args, k) for k in KNOBS}
+    warped = np.stack([warp(x, rng, **knobs) for _ in range(args.copies) for x in images])
     labels = np.tile(labels, args.copies)
     write_digits(args.out, warped, labels)
     change = np.abs(warped - np.tile(images, (args.copies, 1, 1))).mean()
