@@ -142,6 +142,21 @@ def test_explain_vs_kernelshap_benchmark_on_a_trained_run(trained_run):
     assert "surrogate evaluations; break-even after" in out
 
 
+def test_break_even_sums_the_cost_of_several_runs(trained_run):
+    """Two runs are one explainer (their mean): twice the training evaluations of one, from its log."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from explain_vs_kernelshap import training_cost
+
+    from vitshap_jax.runs import load_explainer
+
+    _, evals = training_cost(load_explainer(str(trained_run)))
+    twice = (str(trained_run), str(trained_run))
+    out = run("break_even.py", *twice, "--evals=34", "--images=2", "--pairs_per_step=8")
+    assert "2 explainer run(s); 2 test images, 16 players" in out
+    assert "KernelSHAP (standard) at 34 evaluations:" in out
+    assert f"{2 * evals:,} surrogate evaluations; break-even after" in out
+
+
 def test_profile_ops_counts_only_device_events_where_a_device_has_them():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from profile_ops import accelerator_pids
