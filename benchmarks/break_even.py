@@ -23,11 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from explain_vs_kernelshap import break_even, timed, training_cost  # noqa: E402
+from explain_vs_kernelshap import break_even, kernelshap_seconds, timed, training_cost  # noqa: E402
 
 from vitshap_jax.models import num_patches  # noqa: E402
 from vitshap_jax.runs import load_explainer  # noqa: E402
-from vitshap_jax.shapley import kernelshap  # noqa: E402
 
 
 def main():
@@ -49,25 +48,13 @@ def main():
     print(f"{len(loaded)} explainer run(s); {b} test images, {n} players")
     explainer_seconds = sum(timed(one, images, repeats=5)[1] for one in loaded) / b
     costs = [training_cost(one) for one in loaded]
-
-    def once():
-        return kernelshap(
-            game,
-            images,
-            n,
-            key=jax.random.key(1),
-            threshold=None,
-            max_evals=args.evals,
-            pairs_per_step=args.pairs_per_step,
-        )[0]
-
-    kernelshap_seconds = timed(once, repeats=3)[1] / b
+    seconds = kernelshap_seconds(game, images, n, args.evals, args.pairs_per_step)
     print(
         f"explainer: {explainer_seconds * 1e3:.3f} ms per image; KernelSHAP (standard) at {args.evals:,} "
-        f"evaluations: {kernelshap_seconds * 1e3:.2f} ms per image"
+        f"evaluations: {seconds * 1e3:.2f} ms per image"
     )
     train_seconds, train_evals = sum(c[0] for c in costs), sum(c[1] for c in costs)
-    print(break_even(train_seconds, train_evals, explainer_seconds, kernelshap_seconds, args.evals))
+    print(break_even(train_seconds, train_evals, explainer_seconds, seconds, args.evals))
 
 
 if __name__ == "__main__":

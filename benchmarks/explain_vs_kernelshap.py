@@ -52,6 +52,25 @@ def timed(fn, *args, repeats: int = 1):
     return out, (time.perf_counter() - start) / repeats
 
 
+def kernelshap_seconds(game, images, n: int, evals: int, step_pairs: int, estimator: str = "standard"):
+    """Seconds per image of KernelSHAP at `evals` evaluations, all `images` in one batch, steps of
+    `step_pairs` pairs (key 1; compilation excluded, the mean of 3 runs)."""
+
+    def once():
+        return kernelshap(
+            game,
+            images,
+            n,
+            key=jax.random.key(1),
+            threshold=None,
+            max_evals=evals,
+            pairs_per_step=step_pairs,
+            estimator=estimator,
+        )[0]
+
+    return timed(once, repeats=3)[1] / len(images)
+
+
 def training_cost(loaded) -> tuple[float, int]:
     """(seconds, surrogate evaluations) of the explainer's training: the sum of its logged training
     intervals (metrics.jsonl: steps x batch / examples_per_sec; validation and checkpointing excluded,
@@ -213,21 +232,8 @@ def main():
     evals, _, _ = found
     # Timed again at that budget, compilation excluded, with the search's step and with steps of up to
     # --timing_pairs pairs; the faster counts (small steps pay per-step overhead, large ones memory).
-
-    def once(step_pairs):
-        return kernelshap(
-            game,
-            images,
-            n,
-            key=jax.random.key(1),
-            threshold=None,
-            max_evals=evals,
-            pairs_per_step=step_pairs,
-            estimator=args.estimator,
-        )[0]
-
     seconds = min(
-        timed(once, step_pairs, repeats=3)[1] / b
+        kernelshap_seconds(game, images, n, evals, step_pairs, args.estimator)
         for step_pairs in sorted({pairs, min(args.timing_pairs, (evals - 2) // 2)})
     )
     # Per image: the smallest budget tried whose error (mean over seeds) is at most the explainer's.
