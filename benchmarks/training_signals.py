@@ -37,7 +37,9 @@ folder of more images to every configuration's training set (`explainer.extra_im
 `precomputed-v4shared-e30-lr2e-3` with the 5,000 digits of `mnist_as_digits.py` has the steps of the
 150-epoch run (`-e60`: twice them). The warped training digits of `warped_digits.py` serve the same way
 (`-e60` on 4 copies, `-e30` on 10, `-e10` on 30: about the same steps; `-e60` and `-e90` on 10 and
-`-e30` and `-e40` on 30: two, three and four times them).
+`-e30` and `-e40` on 30: two, three and four times them); on 30, `-e10-lr2e-3-mini` and
+`-e10-lr2e-3-head3x8` give `-e10` more capacity (the `mini` backbone from scratch; 3 head blocks with
+an MLP of 8x the width), and `-e30-lr4e-3` twice the learning rate.
 `--diagnose` first prints, for the run's own explainer on the first `--images` test and train images,
 its MSE, the uniform efficient attribution's and the median correlation with the exact values of the
 predicted class, and adds each configuration's MSE on those train images to its row (`train_mse`).
@@ -177,6 +179,14 @@ CONFIGS = {
     "precomputed-v4shared-e90-lr2e-3": _views(4, 90),
     # With 30 warped copies: four times the steps of -e10 (-e30 above: three times them).
     "precomputed-v4shared-e40-lr2e-3": _views(4, 40),
+    # With 30 warped copies, the steps of -e10: capacity now that the training images are many (a
+    # larger backbone from scratch; the surrogate's with a larger head).
+    "precomputed-v4shared-e10-lr2e-3-mini": _views(4, 10, **_MINI),
+    "precomputed-v4shared-e10-lr2e-3-head3x8": _views(
+        4, 10, **{"explainer.head_blocks": 3, "explainer.mlp_ratio": 8}
+    ),
+    # With 30 warped copies: -e30 at twice the learning rate (fitting, not generalizing, limits there).
+    "precomputed-v4shared-e30-lr4e-3": _views(4, 30, **{"optim.lr": 4e-3}),
 }
 GROUPS = {
     "signals": [k for k in CONFIGS if not k.startswith(("wls-32-", "precomputed"))],
