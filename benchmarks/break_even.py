@@ -25,7 +25,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from explain_vs_kernelshap import break_even, kernelshap_seconds, timed, training_cost  # noqa: E402
 
-from vitshap_jax.models import num_patches  # noqa: E402
 from vitshap_jax.runs import load_explainer  # noqa: E402
 
 
@@ -43,7 +42,7 @@ def main():
     game = loaded[0].game()
     _, images, _ = loaded[0].examples("test", args.images, views=False)
     images = jnp.asarray(images)
-    b, n = len(images), num_patches(loaded[0].image_size, loaded[0].patch_size)
+    b, n = len(images), loaded[0].num_players
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"{len(loaded)} explainer run(s); {b} test images, {n} players")
     explainer_seconds = sum(timed(one, images, repeats=5)[1] for one in loaded) / b

@@ -38,7 +38,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vitshap_jax.models import num_patches  # noqa: E402
 from vitshap_jax.runs import load_explainer  # noqa: E402
 from vitshap_jax.shapley import exact_shapley, kernelshap  # noqa: E402
 from vitshap_jax.stages.explainer import TARGETS_FILE  # noqa: E402
@@ -134,7 +133,7 @@ def main():
     game = loaded.game()
     _, images, _ = loaded.examples("test", args.images, views=False)
     images = jnp.asarray(images)
-    b, n = len(images), num_patches(loaded.image_size, loaded.patch_size)
+    b, n = len(images), loaded.num_players
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"run: {args.workdir}; {b} test images, {n} players, {len(loaded.class_names)} classes")
 
