@@ -39,7 +39,8 @@ folder of more images to every configuration's training set (`explainer.extra_im
 (`-e60` on 4 copies, `-e30` on 10, `-e10` on 30: about the same steps; `-e60` and `-e90` on 10 and
 `-e30` and `-e40` on 30: two, three and four times them); on 30, `-e10-lr2e-3-mini` and
 `-e10-lr2e-3-head3x8` give `-e10` more capacity (the `mini` backbone from scratch; 3 head blocks with
-an MLP of 8x the width), and `-e30-lr4e-3` twice the learning rate.
+an MLP of 8x the width), and `-e30-lr4e-3` twice the learning rate; `-e20-lr2e-3-mini` is `mini` for
+twice the steps, `-e10-lr2e-3-wide192` a backbone 1.5x wider than `mini` (192, 6 heads, MLP 768).
 `--diagnose` first prints, for the run's own explainer on the first `--images` test and train images,
 its MSE, the uniform efficient attribution's and the median correlation with the exact values of the
 predicted class, and adds each configuration's MSE on those train images to its row (`train_mse`).
@@ -187,6 +188,11 @@ CONFIGS = {
     ),
     # With 30 warped copies: -e30 at twice the learning rate (fitting, not generalizing, limits there).
     "precomputed-v4shared-e30-lr4e-3": _views(4, 30, **{"optim.lr": 4e-3}),
+    # With 30 warped copies: the mini backbone for twice the steps, and a wider one (192, 6 heads of 32).
+    "precomputed-v4shared-e20-lr2e-3-mini": _views(4, 20, **_MINI),
+    "precomputed-v4shared-e10-lr2e-3-wide192": _views(
+        4, 10, **(_MINI | {"model.hidden_size": 192, "model.num_heads": 6, "model.mlp_dim": 768})
+    ),
 }
 GROUPS = {
     "signals": [k for k in CONFIGS if not k.startswith(("wls-32-", "precomputed"))],
