@@ -40,7 +40,8 @@ folder of more images to every configuration's training set (`explainer.extra_im
 `-e30` and `-e40` on 30: two, three and four times them); on 30, `-e10-lr2e-3-mini` and
 `-e10-lr2e-3-head3x8` give `-e10` more capacity (the `mini` backbone from scratch; 3 head blocks with
 an MLP of 8x the width), and `-e30-lr4e-3` twice the learning rate; `-e20-lr2e-3-mini` is `mini` for
-twice the steps, `-e10-lr2e-3-wide192` a backbone 1.5x wider than `mini` (192, 6 heads, MLP 768).
+twice the steps, `-e10-lr2e-3-wide192` a backbone 1.5x wider than `mini` (192, 6 heads, MLP 768);
+`-e5-lr2e-3-mini` on 60 copies is `mini` at about the steps of `-e10-lr2e-3-mini` on 30.
 `--diagnose` first prints, for the run's own explainer on the first `--images` test and train images,
 its MSE, the uniform efficient attribution's and the median correlation with the exact values of the
 predicted class, and adds each configuration's MSE on those train images to its row (`train_mse`).
@@ -193,6 +194,8 @@ CONFIGS = {
     "precomputed-v4shared-e10-lr2e-3-wide192": _views(
         4, 10, **(_MINI | {"model.hidden_size": 192, "model.num_heads": 6, "model.mlp_dim": 768})
     ),
+    # With 60 warped copies: mini for about the steps of -e10-lr2e-3-mini on 30 (twice the images).
+    "precomputed-v4shared-e5-lr2e-3-mini": _views(4, 5, **_MINI),
 }
 GROUPS = {
     "signals": [k for k in CONFIGS if not k.startswith(("wls-32-", "precomputed"))],
