@@ -42,6 +42,7 @@ folder of more images to every configuration's training set (`explainer.extra_im
 an MLP of 8x the width), and `-e30-lr4e-3` twice the learning rate; `-e20-lr2e-3-mini` is `mini` for
 twice the steps, `-e10-lr2e-3-wide192` a backbone 1.5x wider than `mini` (192, 6 heads, MLP 768);
 `-e5-lr2e-3-mini` on 60 copies is `mini` at about the steps of `-e10-lr2e-3-mini` on 30.
+These rows sized for the added images (`SIZED_FOR_EXTRA_IMAGES`) are in no group and warn without them.
 `--diagnose` first prints, for the run's own explainer on the first `--images` test and train images,
 its MSE, the uniform efficient attribution's and the median correlation with the exact values of the
 predicted class, and adds each configuration's MSE on those train images to its row (`train_mse`).
@@ -197,11 +198,34 @@ CONFIGS = {
     # With 60 warped copies: mini for about the steps of -e10-lr2e-3-mini on 30 (twice the images).
     "precomputed-v4shared-e5-lr2e-3-mini": _views(4, 5, **_MINI),
 }
+# Their epochs are sized for the thousands of images --extra_images adds (MNIST digits, warped copies);
+# on the 1,257 training digits alone they train a few hundred steps (a warning says so).
+SIZED_FOR_EXTRA_IMAGES = {
+    "precomputed-v4shared-e30-lr2e-3",
+    "precomputed-v4shared-e60-lr2e-3",
+    "precomputed-v4shared-e120-lr2e-3",
+    "precomputed-v4shared-e10-lr2e-3",
+    "precomputed-v4shared-e90-lr2e-3",
+    "precomputed-v4shared-e40-lr2e-3",
+    "precomputed-v4shared-e10-lr2e-3-mini",
+    "precomputed-v4shared-e10-lr2e-3-head3x8",
+    "precomputed-v4shared-e30-lr4e-3",
+    "precomputed-v4shared-e20-lr2e-3-mini",
+    "precomputed-v4shared-e10-lr2e-3-wide192",
+    "precomputed-v4shared-e5-lr2e-3-mini",
+}
 GROUPS = {
     "signals": [k for k in CONFIGS if not k.startswith(("wls-32-", "precomputed"))],
     "precomputed": ["wls-32", "precomputed"],
     "precomputed-schedules": [k for k in CONFIGS if k.startswith("precomputed-") and "-v" not in k],
-    "precomputed-views": ["precomputed-e300-lr2e-3", *[k for k in CONFIGS if k.startswith("precomputed-v")]],
+    # Named, not matched: later precomputed-v* rows are sized for --extra_images (SIZED_FOR_EXTRA_IMAGES).
+    "precomputed-views": [
+        "precomputed-e300-lr2e-3",
+        "precomputed-v4shared-e75-lr2e-3",
+        "precomputed-v4-e75-lr2e-3",
+        "precomputed-v4shared-e150-lr2e-3",
+        "precomputed-v8shared-e75-lr2e-3",
+    ],
     "schedules": [
         "wls-32",
         *[k for k in CONFIGS if k.startswith(("wls-32-lr", "wls-32-warmup", "wls-32-x"))],
@@ -330,6 +354,25 @@ def diagnose(run, images, truth, split: str) -> str:
     )
 
 
+def resolve_configs(configs: str, extra_images: str) -> list[str]:
+    """The configuration names of `--configs` (groups expanded, order kept, each once); unknown names
+    stop the benchmark, and a configuration sized for `--extra_images` without them is warned about."""
+    names = list(dict.fromkeys(n for key in configs.split(",") for n in GROUPS.get(key, [key])))
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(
+            f"unknown --configs {', '.join(unknown)}: choose from {', '.join([*CONFIGS, *GROUPS])}"
+        )
+    short = [n for n in names if n in SIZED_FOR_EXTRA_IMAGES and not extra_images]
+    if short:
+        print(
+            f"warning: {', '.join(short)} are sized for --extra_images (thousands of added images, "
+            "e.g. benchmarks/warped_digits.py's); without them they train few steps",
+            file=sys.stderr,
+        )
+    return names
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/digits", help="a finished pipeline (read only)")
@@ -366,6 +409,7 @@ def main():
         help="also the run's own explainer on train and test images (exact values of the train ones too)",
     )
     args = p.parse_args()
+    names = resolve_configs(args.configs, args.extra_images)  # before any work: a typo fails at once
     os.makedirs(args.out, exist_ok=True)
     main_run = load_explainer(args.workdir)
     game = main_run.game()
@@ -427,14 +471,8 @@ def main():
 
     mesh = parallel.make_mesh()
     rows = []
-    names = [n for key in args.configs.split(",") for n in GROUPS.get(key, [key])]
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        raise SystemExit(
-            f"unknown --configs {', '.join(unknown)}: choose from {', '.join([*CONFIGS, *GROUPS])}"
-        )
     outputs = []  # (test phi, train phi) per run, for --ensemble
-    for name in dict.fromkeys(names):
+    for name in names:
         for seed in [int(s) for s in args.seeds.split(",")]:
             path, seconds, c = train(name, seed, args, main_run.surrogate_dir, mesh)
             run = TrainedRun.load(path)

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -201,3 +203,23 @@ def test_warped_digits_come_from_the_training_split_only_and_look_like_digits(tm
         text=True,
     )
     assert again.returncode != 0 and "is not empty" in again.stderr  # nothing overwritten
+
+
+def test_training_signals_groups_name_their_rows_and_warn_of_rows_sized_for_more_images(capsys):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from training_signals import CONFIGS, GROUPS, SIZED_FOR_EXTRA_IMAGES, resolve_configs
+
+    assert all(name in CONFIGS for names in GROUPS.values() for name in names)
+    assert SIZED_FOR_EXTRA_IMAGES <= set(CONFIGS)
+    # The views group is the five rows of its table, not every precomputed-v* row added since.
+    views = resolve_configs("precomputed-views", extra_images="")
+    assert len(views) == 5 and not set(views) & SIZED_FOR_EXTRA_IMAGES
+    assert capsys.readouterr().err == ""
+    # A warped-digits row without the warped digits: it runs, with a warning naming it; each name once.
+    names = resolve_configs("precomputed-v4shared-e10-lr2e-3-mini,precomputed-views,wls-32,wls-32", "")
+    assert names == ["precomputed-v4shared-e10-lr2e-3-mini", *views, "wls-32"]
+    assert "precomputed-v4shared-e10-lr2e-3-mini are sized for --extra_images" in capsys.readouterr().err
+    resolve_configs("precomputed-v4shared-e10-lr2e-3-mini", extra_images="runs/warp30")
+    assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit, match="unknown --configs wls-33: choose from wls-32"):
+        resolve_configs("wls-32,wls-33", "")
