@@ -215,7 +215,7 @@ SIZED_FOR_EXTRA_IMAGES = {
     "precomputed-v4shared-e5-lr2e-3-mini",
 }
 GROUPS = {
-    "signals": [k for k in CONFIGS if not k.startswith(("wls-32-", "precomputed"))],
+    "signals": [k for k in CONFIGS if not k.startswith(("wls-32-", "precomputed", "distill"))],
     "precomputed": ["wls-32", "precomputed"],
     "precomputed-schedules": [k for k in CONFIGS if k.startswith("precomputed-") and "-v" not in k],
     # Named, not matched: later precomputed-v* rows are sized for --extra_images (SIZED_FOR_EXTRA_IMAGES).
@@ -248,9 +248,7 @@ def train(name, seed, args, surrogate_dir, mesh):
     c.explainer.update(dict(signal=signal, sampler=sampler, num_coalitions=coalitions))
     c.train.epochs = max(1, round(args.epochs * scale))
     views = overrides.pop("views", 1)
-    if overrides.pop("teachers", False):
-        if not args.teachers:
-            raise SystemExit(f"--configs={name} distills finished explainers: give them as --teachers")
+    if overrides.pop("teachers", False):  # given: resolve_configs checked
         c.explainer.teachers = args.teachers
     if signal == "precomputed":  # wls-32's surrogate evaluations, spent before training
         budget = args.epochs * (coalitions + 2) / (views if overrides.pop("shared_budget", False) else 1)
@@ -354,14 +352,19 @@ def diagnose(run, images, truth, split: str) -> str:
     )
 
 
-def resolve_configs(configs: str, extra_images: str) -> list[str]:
+def resolve_configs(configs: str, extra_images: str = "", teachers: str = "") -> list[str]:
     """The configuration names of `--configs` (groups expanded, order kept, each once); unknown names
-    stop the benchmark, and a configuration sized for `--extra_images` without them is warned about."""
+    and a distill-* configuration without `--teachers` stop the benchmark, and a configuration sized for
+    `--extra_images` without them is warned about."""
     names = list(dict.fromkeys(n for key in configs.split(",") for n in GROUPS.get(key, [key])))
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         raise SystemExit(
             f"unknown --configs {', '.join(unknown)}: choose from {', '.join([*CONFIGS, *GROUPS])}"
+        )
+    if distill := [n for n in names if n.startswith("distill") and not teachers]:
+        raise SystemExit(
+            f"--configs {', '.join(distill)} distill finished explainers: give those as --teachers"
         )
     short = [n for n in names if n in SIZED_FOR_EXTRA_IMAGES and not extra_images]
     if short:
@@ -409,7 +412,7 @@ def main():
         help="also the run's own explainer on train and test images (exact values of the train ones too)",
     )
     args = p.parse_args()
-    names = resolve_configs(args.configs, args.extra_images)  # before any work: a typo fails at once
+    names = resolve_configs(args.configs, args.extra_images, args.teachers)  # before any work
     os.makedirs(args.out, exist_ok=True)
     main_run = load_explainer(args.workdir)
     game = main_run.game()

@@ -223,3 +223,8 @@ def test_training_signals_groups_name_their_rows_and_warn_of_rows_sized_for_more
     assert capsys.readouterr().err == ""
     with pytest.raises(SystemExit, match="unknown --configs wls-33: choose from wls-32"):
         resolve_configs("wls-32,wls-33", "")
+    # The default group trains without teachers; a distillation row needs them, said before any work.
+    assert not [n for n in resolve_configs("signals") if n.startswith("distill")]
+    with pytest.raises(SystemExit, match="distill-v16-e38-lr2e-3 distill finished explainers: give those"):
+        resolve_configs("wls-32,distill-v16-e38-lr2e-3")
+    assert resolve_configs("distill-v16-e38-lr2e-3", teachers="runs/a,runs/b") == ["distill-v16-e38-lr2e-3"]
