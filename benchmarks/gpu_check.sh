@@ -30,7 +30,7 @@
 # (MODELS: the step's ViT variants, first one both paths, the second packed only; default small,base).
 #
 #   bash benchmarks/gpu_check.sh [WHEELS_DIR]      # on the GPU machine, from the repository root
-#   SMOKE=1 bash benchmarks/gpu_check.sh            # the same code paths at toy sizes (any CPU)
+#   SMOKE=1 PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh   # toy sizes, any CPU (no profile)
 #   PYTHON=.venv/bin/python BUDGET=400 PARTS="step-bf16 signals" ...   # interpreter, seconds, parts
 #
 # WHEELS_DIR: wheels to install first with --no-deps (the device image lacks grain,
@@ -47,9 +47,17 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENT
 start=$SECONDS
 budget=${BUDGET:-540}
 parts=${PARTS:-attention-step torch-step step-bf16 attention torch-f32 profile signals torch-bf16 memory}
+known=" attention-step torch-step step-bf16 attention torch-f32 profile signals torch-bf16 memory "
+for name in $parts; do  # a misspelt part would otherwise run nothing, silently, on a lent machine
+  [[ "$known" == *" $name "* ]] || { echo "gpu_check: unknown part '$name': choose from$known"; exit 2; }
+done
 if [ -n "${1:-}" ]; then
   $py -m pip install --quiet --no-deps --no-index "$1"/*.whl || echo "gpu_check: installing wheels from $1 failed"
 fi
+$py -c "import jax" 2>/dev/null || {
+  echo "gpu_check: $py cannot import jax: name an interpreter that can, e.g. PYTHON=.venv/bin/python"
+  exit 2
+}
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 # What float32 matmuls do on this backend (TF32 rounds operands to 10 mantissa bits: error ~1e-3).
 $py - <<'EOF'
@@ -100,7 +108,7 @@ if $py -c "import torch, timm" 2>/dev/null; then
   part torch-f32 200 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 $py benchmarks/torch_reference.py \
     "${tsize[@]}" --device=$device --torch_batching=reference,per_image
 else
-  echo "== torch-f32, torch-bf16: skipped (no torch + timm for $py)"
+  echo "== torch-step, torch-f32, torch-bf16: skipped (no torch + timm for $py)"
 fi
 # Command buffers (CUDA graphs) would hide the kernels in a few command_buffer ops: off for the profile.
 [ -z "${SMOKE:-}" ] && part profile 120 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \

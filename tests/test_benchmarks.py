@@ -228,3 +228,13 @@ def test_training_signals_groups_name_their_rows_and_warn_of_rows_sized_for_more
     with pytest.raises(SystemExit, match="distill-v16-e38-lr2e-3 distill finished explainers: give those"):
         resolve_configs("wls-32,distill-v16-e38-lr2e-3")
     assert resolve_configs("distill-v16-e38-lr2e-3", teachers="runs/a,runs/b") == ["distill-v16-e38-lr2e-3"]
+
+
+def test_gpu_check_refuses_a_misspelt_part_before_running_anything():
+    # A part name that matched nothing used to run nothing, silently, on a machine lent for minutes.
+    env = dict(os.environ, PARTS="signals step_bf16", PYTHON=sys.executable)
+    out = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2 and "unknown part 'step_bf16': choose from" in out.stdout
+    assert "gpu_check: jax" not in out.stdout  # stopped before the first check ran
