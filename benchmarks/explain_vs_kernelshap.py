@@ -129,6 +129,11 @@ def main():
         "budget (e.g. while the explainer is retrained), else computed and written",
     )
     args = p.parse_args()
+    if args.truth_file:  # np.savez adds the suffix: without it the cache would be written, never read
+        if not args.truth_file.endswith(".npz"):
+            args.truth_file += ".npz"
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.truth_file))):
+            raise SystemExit(f"--truth_file={args.truth_file}: its folder does not exist; create it first")
     loaded = load_explainer(args.workdir)
     game = loaded.game()
     _, images, _ = loaded.examples("test", args.images, views=False)

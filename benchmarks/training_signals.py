@@ -61,7 +61,10 @@ KernelSHAP's error on the same images at doubling budgets (`--kernelshap_seeds` 
 at which KernelSHAP matches each explainer (log-log interpolation). The rows (results.json) also split
 the MSE between the test images whose surrogate's top class is below 0.9 (`mse_unsure`: the error of the
 digits explainers concentrates there) and the others (`mse_sure`), as the KernelSHAP curve is split too.
-A finished run directory is reused (its seconds are read back), so an interrupted benchmark resumes.
+A finished run directory is reused (its seconds are read back), so an interrupted benchmark resumes;
+one trained with other settings (another `--epochs` or `--extra_images`) is refused, as is an `{out}`
+that holds another surrogate's ground truth (`{out}/surrogate.txt`). `--configs`, `--seeds`,
+`--teachers` and `--extra_images` are checked before any work.
 """
 
 from __future__ import annotations
@@ -236,8 +239,8 @@ GROUPS = {
 KERNELSHAP_BUDGETS = (66, 130, 258, 514, 1026, 2050)
 
 
-def train(name, seed, args, surrogate_dir, mesh):
-    """Trains configuration `name` with `seed` (or reads it back): (run dir, seconds, config)."""
+def configure(name, seed, args, surrogate_dir):
+    """The explainer stage's config of configuration `name` with `seed` under this call's flags."""
     signal, sampler, coalitions, scale, *rest = CONFIGS[name]
     overrides = dict(rest[0]) if rest else {}
     warmup_fraction = overrides.pop("warmup_fraction", 0.1)
@@ -266,17 +269,34 @@ def train(name, seed, args, surrogate_dir, mesh):
     c.optim.warmup_steps = max(1, int(steps * warmup_fraction))
     c.train.log_every_steps = 1000
     validate(c)
+    return c
+
+
+def train(name, seed, args, surrogate_dir, mesh):
+    """Trains configuration `name` with `seed` (or reads it back): (run dir, seconds, config)."""
+    c = configure(name, seed, args, surrogate_dir)
     path = os.path.join(args.out, f"{name}-s{seed}")
     timing = os.path.join(path, "benchmark_seconds.json")
-    if os.path.exists(timing):
+    if os.path.exists(timing):  # finished: read back, if it is this configuration
+        with open(os.path.join(path, "explainer", "config.json")) as f:
+            changed = [d for d in common.settings_diff(json.load(f), c.to_dict()) if d.startswith(COMPARED)]
+        if changed:
+            raise SystemExit(
+                f"{path} holds a run with other settings ({'; '.join(changed)}: another --epochs or "
+                "--extra_images than this call's): give another --out, or move that folder away"
+            )
         return path, json.load(open(timing))["seconds"], c
-    if signal == "precomputed" and not c.explainer.teachers:
+    if c.explainer.signal == "precomputed" and not c.explainer.teachers:
         share_labels(c, args.out, seed, path)
     start = time.perf_counter()
     explainer_stage.run(c, path, mesh)
     seconds = time.perf_counter() - start
     json.dump({"seconds": seconds}, open(timing, "w"))
     return path, seconds, c
+
+
+# The settings this benchmark sets per configuration: a finished run is reused only with the same ones.
+COMPARED = ("seed:", "train.epochs:", "optim.", "explainer.", "dataset.train_examples:", "model.hidden_size:")
 
 
 def share_labels(c, out: str, seed: int, path: str) -> None:
@@ -352,6 +372,23 @@ def diagnose(run, images, truth, split: str) -> str:
     )
 
 
+def keep_one_surrogate(out: str, surrogate_dir: str) -> None:
+    """`out` keeps the exact values and the KernelSHAP curve of one surrogate's game (its runs train on
+    it): recorded in `{out}/surrogate.txt` on first use, and another surrogate refused."""
+    record, mine = os.path.join(out, "surrogate.txt"), os.path.realpath(surrogate_dir)
+    if os.path.exists(record):
+        with open(record) as f:
+            theirs = f.read().strip()
+        if theirs != mine:
+            raise SystemExit(
+                f"--out={out} holds the ground truth and runs of the surrogate {theirs}, not of --workdir's "
+                f"{mine}: give another --out"
+            )
+    else:
+        with open(record, "w") as f:
+            f.write(mine + "\n")
+
+
 def resolve_configs(configs: str, extra_images: str = "", teachers: str = "") -> list[str]:
     """The configuration names of `--configs` (groups expanded, order kept, each once); unknown names
     and a distill-* configuration without `--teachers` stop the benchmark, and a configuration sized for
@@ -413,8 +450,15 @@ def main():
     )
     args = p.parse_args()
     names = resolve_configs(args.configs, args.extra_images, args.teachers)  # before any work
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"--seeds={args.seeds}: give comma-separated integers, e.g. --seeds=0,1") from None
+    if args.extra_images:
+        data.ImageFiles(args.extra_images, field="--extra_images")  # the folder's own errors, now
     os.makedirs(args.out, exist_ok=True)
     main_run = load_explainer(args.workdir)
+    keep_one_surrogate(args.out, main_run.surrogate_dir)
     game = main_run.game()
     _, images, _ = main_run.examples("test", args.images, views=False)
     images = jnp.asarray(images)
@@ -476,7 +520,7 @@ def main():
     rows = []
     outputs = []  # (test phi, train phi) per run, for --ensemble
     for name in names:
-        for seed in [int(s) for s in args.seeds.split(",")]:
+        for seed in seeds:
             path, seconds, c = train(name, seed, args, main_run.surrogate_dir, mesh)
             run = TrainedRun.load(path)
             phi = np.asarray(run(images)["phi"])

@@ -128,15 +128,13 @@ def test_matmul_precision_benchmark_on_a_trained_run(trained_run):
     assert "exact Shapley values of 2 test images (16 players" in out and "mean squared difference" in out
 
 
-def test_explain_vs_kernelshap_benchmark_on_a_trained_run(trained_run):
-    out = run(
-        "explain_vs_kernelshap.py",
-        f"--workdir={trained_run}",
-        "--images=2",
-        "--pairs_per_step=8",
-        "--max_budget=4096",
-    )
+def test_explain_vs_kernelshap_benchmark_on_a_trained_run(trained_run, tmp_path):
+    common = (f"--workdir={trained_run}", "--images=2", "--pairs_per_step=8")
+    out = run("explain_vs_kernelshap.py", *common, "--max_budget=4096", f"--truth_file={tmp_path}/truth")
     assert "ground truth: exact (65,536 evaluations per image)" in out
+    # The ground truth kept under the name np.savez gives it, and read back from there the next time.
+    again = run("explain_vs_kernelshap.py", *common, "--max_budget=64", f"--truth_file={tmp_path}/truth")
+    assert f"(read from {tmp_path}/truth.npz)" in again
     assert "explainer: MSE" in out
     assert "x faster" in out
     assert "(smallest budget, to 16 evaluations)" in out or "did not reach the explainer's error" in out
@@ -238,3 +236,34 @@ def test_gpu_check_refuses_a_misspelt_part_before_running_anything():
     )
     assert out.returncode == 2 and "unknown part 'step_bf16': choose from" in out.stdout
     assert "gpu_check: jax" not in out.stdout  # stopped before the first check ran
+
+
+def test_training_signals_reads_back_a_finished_run_only_if_it_has_this_calls_settings(tmp_path):
+    # A finished run folder is reused (an interrupted benchmark resumes), but not under other settings:
+    # its MSE would be reported in a row that states this call's epochs and evaluations.
+    import argparse
+    import json
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from training_signals import configure, train
+
+    args = argparse.Namespace(epochs=4, extra_images="", out=str(tmp_path), teachers="", train_images=1257)
+    path = tmp_path / "wls-32-s0"  # a finished run of wls-32, seed 0, with --epochs=4, as train records it
+    (path / "explainer").mkdir(parents=True)
+    config = configure("wls-32", 0, args, "surrogate").to_dict()
+    (path / "explainer" / "config.json").write_text(json.dumps(config))
+    (path / "benchmark_seconds.json").write_text(json.dumps({"seconds": 12.5}))
+    assert train("wls-32", 0, args, "surrogate", None)[:2] == (str(path), 12.5)
+    args.epochs = 8
+    with pytest.raises(SystemExit, match=r"other settings \(.*train.epochs: 4 -> 8.*give another --out"):
+        train("wls-32", 0, args, "surrogate", None)
+
+
+def test_training_signals_out_folder_keeps_one_surrogates_ground_truth(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from training_signals import keep_one_surrogate
+
+    keep_one_surrogate(str(tmp_path), "runs/a/surrogate")
+    keep_one_surrogate(str(tmp_path), "runs/a/surrogate")  # the same one again: its files are reused
+    with pytest.raises(SystemExit, match="holds the ground truth and runs of the surrogate .*a/surrogate"):
+        keep_one_surrogate(str(tmp_path), "runs/b/surrogate")
