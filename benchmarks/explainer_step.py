@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 
 from configs import explainer as explainer_config  # noqa: E402
 from vitshap_jax import parallel  # noqa: E402
+from vitshap_jax.config import ATTENTION_IMPLS, EXPLAINER_SAMPLERS, EXPLAINER_SIGNALS, MATMUL_PRECISIONS  # noqa: E402
 from vitshap_jax.models import build_explainer, build_model  # noqa: E402
 from vitshap_jax.stages import common  # noqa: E402
 from vitshap_jax.stages import explainer as stage  # noqa: E402
@@ -239,13 +240,9 @@ def main():
         "first printed (cudnn: an NVIDIA GPU and --dtype=bfloat16)",
     )
     args = p.parse_args()
+    precisions, impls, paths = check_args(p, args)  # before the first (long) compile
     if args.signals:
         return signals_report(args)
-    precisions = args.matmul_precision.split(",")
-    impls = args.attention_impl.split(",")
-    paths = args.paths.split(",")
-    if not paths or set(paths) - {"plain", "packed"}:
-        p.error(f"--paths={args.paths}: plain, packed or plain,packed")
     packings = [path == "packed" for path in paths]
     mesh = parallel.make_mesh()
     kind, count = jax.devices()[0].device_kind, len(jax.devices())
@@ -302,6 +299,41 @@ def main():
                     print(f"ViT-{variant} {path}: {label} {ratio:.2f}x")
 
 
+def check_args(p, args) -> tuple[list[str], list[str], list[str]]:
+    """The matmul precisions, attention cores and paths to measure; a value no step can take, a core
+    this backend lacks, or (with `--signals`) a flag that mode does not measure stops it before any
+    compile, rather than after the first settings were timed."""
+    precisions, impls, paths = (
+        v.split(",") for v in (args.matmul_precision, args.attention_impl, args.paths)
+    )
+    for flag, values, known in (
+        ("--matmul_precision", precisions, MATMUL_PRECISIONS),
+        ("--attention_impl", impls, ATTENTION_IMPLS),
+        ("--paths", paths, ("plain", "packed")),
+    ):
+        if bad := [v for v in values if v not in known]:
+            p.error(f"{flag}: {', '.join(bad)} unknown; choose from {', '.join(known)}")
+    if "cudnn" in impls and jax.default_backend() not in ("gpu", "cuda"):  # would time matmul as cudnn
+        p.error(f"--attention_impl=cudnn needs an NVIDIA GPU, not {jax.default_backend()}: try matmul,xla")
+    for spec in filter(None, args.signals.split(",")):
+        signal, _, sampler = spec.partition(":")
+        if signal not in STEP_SIGNALS or sampler not in ("", *EXPLAINER_SAMPLERS):
+            p.error(
+                f"--signals: {spec} unknown; give signal[:sampler], signal one of {', '.join(STEP_SIGNALS)}, "
+                f"sampler one of {', '.join(EXPLAINER_SAMPLERS)}"
+            )
+    if args.signals and (len(precisions) > 1 or len(impls) > 1 or args.flops or args.memory):
+        p.error(
+            "--signals measures the packed step at one matmul precision and attention core: drop "
+            "--flops and --memory, and give one --matmul_precision and --attention_impl"
+        )
+    return precisions, impls, paths
+
+
+# The signals that train from the surrogate inside the step (precomputed reads labels made before).
+STEP_SIGNALS = tuple(s for s in EXPLAINER_SIGNALS if s != "precomputed")
+
+
 def signals_report(args):
     """The packed explainer step under each training signal: speed and whether it trains.
 
@@ -330,11 +362,12 @@ def signals_report(args):
                 args.image_size,
                 args.remat,
                 False,
-                args.matmul_precision.split(",")[0],
+                args.matmul_precision,
                 signal,
                 sampler or "shapley",
                 losses,
                 warmup_steps=1,  # the configured learning rate from the first step (no 500-step warmup)
+                attention_impl=args.attention_impl,
             )
             print(
                 f"ViT-{variant} {args.image_size}px signal {spec}, {coalitions} evaluations per image: "

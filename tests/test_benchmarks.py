@@ -267,3 +267,27 @@ def test_training_signals_out_folder_keeps_one_surrogates_ground_truth(tmp_path)
     keep_one_surrogate(str(tmp_path), "runs/a/surrogate")  # the same one again: its files are reused
     with pytest.raises(SystemExit, match="holds the ground truth and runs of the surrogate .*a/surrogate"):
         keep_one_surrogate(str(tmp_path), "runs/b/surrogate")
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (("--signals=wls,kernelshap:bogus",), "--signals: kernelshap:bogus unknown"),
+        (("--attention_impl=matmul,cudnn",), "--attention_impl=cudnn needs an NVIDIA GPU, not cpu"),
+        (("--matmul_precision=float32,fp8",), "--matmul_precision: fp8 unknown"),
+        (("--signals=wls", "--flops"), "--signals measures the packed step at one matmul precision"),
+    ],
+)
+def test_explainer_step_refuses_settings_it_cannot_measure_before_compiling(flags, said):
+    # Each used to fail (or, cudnn on a CPU, time the matmul core under cudnn's name) only after the
+    # settings before it had been compiled and timed.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "benchmarks/explainer_step.py", *TOY_STEP, *flags],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and said in out.stderr and "images/s" not in out.stdout, out.stderr[-2000:]
