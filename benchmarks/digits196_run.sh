@@ -9,7 +9,8 @@
 # docs/performance.md, section (b)).
 # Usage: bash benchmarks/digits196_run.sh WORKDIR
 set -euo pipefail
-workdir=${1:?usage: bash benchmarks/digits196_run.sh WORKDIR}
+workdir=$(realpath -m "${1:?usage: bash benchmarks/digits196_run.sh WORKDIR}")
+cd "$(dirname "$0")/.."  # launch.py's folder: the script runs from anywhere
 flags=()
 for stage in classifier surrogate explainer; do
   for kv in dataset.image_size=56 dataset.resize_size=56 model.patch_size=4 model.hidden_size=32 \

@@ -87,15 +87,21 @@ def forward(variant: str, batch: int, size: int, repeats: int) -> str:
     )
 
 
-def shapley_values(workdir: str, images: int) -> str:
-    from benchmarks.training_signals import exact_in_groups
+def load_small_run(workdir: str):
+    """The finished run for the Shapley values, loaded and checked before any timing."""
     from vitshap_jax.runs import load_explainer
-    from vitshap_jax.shapley.game import surrogate_game
 
     run = load_explainer(workdir)
+    if run.num_players > 20:
+        raise SystemExit(f"--workdir={workdir}: {run.num_players} players; exact values need at most 20")
+    return run
+
+
+def shapley_values(run, workdir: str, images: int) -> str:
+    from benchmarks.training_signals import exact_in_groups
+    from vitshap_jax.shapley.game import surrogate_game
+
     n = run.num_players
-    if n > 20:
-        raise SystemExit(f"{workdir}: {n} players; exact values need at most 20")
     _, x, _ = run.examples("test", images, views=False)
     x = jnp.asarray(x)
     values, times = {}, {}
@@ -123,13 +129,14 @@ def main():
     p.add_argument("--workdir", default="", help="a finished run (<= 20 players) for the Shapley values")
     p.add_argument("--images", type=int, default=32)
     args = p.parse_args()
+    run = load_small_run(args.workdir) if args.workdir else None
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     tokens = args.batch * ((args.image_size // 16) ** 2 + 1)
     for variant in args.models.split(","):
         print(matmuls(variant, tokens, args.repeats), flush=True)
         print(forward(variant, args.batch, args.image_size, args.repeats), flush=True)
-    if args.workdir:
-        print(shapley_values(args.workdir, args.images), flush=True)
+    if run is not None:
+        print(shapley_values(run, args.workdir, args.images), flush=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 
 from configs import roar as roar_config  # noqa: E402
+from vitshap_jax.config import EVALUATION_METHODS  # noqa: E402
 from vitshap_jax.evaluation import methods  # noqa: E402
 from vitshap_jax.runs import TrainedRun  # noqa: E402
 
@@ -32,6 +33,8 @@ def main():
     p.add_argument("--fraction", type=float, default=0.5, help="share of patches removed")
     p.add_argument("--methods", default="explainer,kernelshap,leave_one_out,random")
     args = p.parse_args()
+    if unknown := [m for m in args.methods.split(",") if m not in EVALUATION_METHODS]:
+        p.error(f"--methods: {', '.join(unknown)} unknown; choose from {', '.join(EVALUATION_METHODS)}")
     loaded = TrainedRun.load(args.workdir)
     config = roar_config.get_config(loaded.config.dataset.name)
     config.methods = args.methods

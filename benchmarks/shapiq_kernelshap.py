@@ -68,6 +68,10 @@ def digits_table(workdir: str) -> np.ndarray:
     from vitshap_jax.runs import load_explainer
 
     loaded = load_explainer(workdir)
+    if loaded.num_players != N:  # every coalition is tabulated: a 16-player game only
+        raise SystemExit(
+            f"--workdir={workdir}: {loaded.num_players} players; this benchmark's games have {N}"
+        )
     _, images, labels = loaded.examples("test", 1, views=False)
     game = loaded.game()
     return surrogate_table(game, jnp.asarray(images), int(labels[0]))
@@ -117,14 +121,17 @@ def main():
     p.add_argument("--budgets", default="64,256,1024,4096")
     p.add_argument("--seeds", type=int, default=20)
     args = p.parse_args()
+    try:
+        budgets = [int(b) for b in args.budgets.split(",")]
+    except ValueError:
+        raise SystemExit(f"--budgets={args.budgets}: give comma-separated integers, e.g. 64,256") from None
     from importlib.metadata import version
 
     from shapiq import ExactComputer
 
     print(f"shapiq {version('shapiq')}, jax {jax.__version__}, {args.seeds} seeds")
-    games = {"mlp": mlp_table(), "vit": vit_table()}
-    if args.workdir:
-        games["digits"] = digits_table(args.workdir)
+    games = {"digits": digits_table(args.workdir)} if args.workdir else {}  # first: it checks the run
+    games = {"mlp": mlp_table(), "vit": vit_table(), **games}
     weights = 1 << np.arange(N)
     for name, table in games.items():
         exact = np.asarray(
@@ -140,7 +147,7 @@ def main():
         print(f"\ngame {name}: exact values agree with shapiq's ExactComputer to {gap:.1e} (relative)")
         print("| budget | method | relative L2 error (mean over seeds) | its std error |")
         print("|---|---|---|---|")
-        for budget in [int(b) for b in args.budgets.split(",")]:
+        for budget in budgets:
             errors: dict[str, list[float]] = {}
             for seed in range(args.seeds):
                 for method, phi in shapiq_estimates(table, budget, seed).items():

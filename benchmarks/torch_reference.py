@@ -30,7 +30,7 @@ Both get the same weights (ours converted from timm's state dict through `models
 the logits are compared first. Prints images/s of both (median of `--repeats` after a warm-up) and our
 speed as a fraction of PyTorch's. `--matmul_precision=bfloat16` compares the two at bfloat16 matmuls:
 ours with `config.model.matmul_precision=bfloat16` (bfloat16 operands, float32 sums and outputs),
-PyTorch under `torch.autocast("cpu", torch.bfloat16)` (its way: matmuls in bfloat16, their outputs
+PyTorch under `torch.autocast` on its device in bfloat16 (its way: matmuls in bfloat16, their outputs
 bfloat16 too); run it once per precision. Set the same malloc environment for both sides when
 comparing (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`; see issue 16): this script does not.
 """

@@ -12,7 +12,8 @@ Argument: the dataset of the run. Method settings (RISE masks, noise samples, ..
 
 from configs import evaluate
 
-ROAR_EPOCHS = {"digits": 30, "imagenette": 5, "pet": 5, "mura": 5}
+# Epochs of each retrained classifier (CIFAR: about the digits' share of the classifier's epochs; not tuned).
+ROAR_EPOCHS = {"digits": 30, "imagenette": 5, "pet": 5, "mura": 5, "cifar10": 15, "cifar100": 15, "folder": 5}
 
 
 def get_config(arg=None):

@@ -4,6 +4,7 @@
 import importlib
 
 from configs import common
+from configs.roar import ROAR_EPOCHS
 from vitshap_jax import config, data
 from vitshap_jax.models import explainer_head, resnet, vit
 
@@ -11,6 +12,7 @@ from vitshap_jax.models import explainer_head, resnet, vit
 def test_registries_cover_exactly_the_names_a_config_accepts():
     assert set(data.BUILDERS) == set(config.DATASETS)
     assert set(common.DATASET_PRESETS) == set(config.DATASETS)
+    assert set(ROAR_EPOCHS) == set(config.DATASETS)  # configs/roar.py:cifar10 was a KeyError
     assert set(vit.ACTIVATIONS) == set(config.MLP_ACTIVATIONS)
     assert set(explainer_head.ACTIVATIONS) == set(config.ACTIVATIONS)
     assert config.NORMALIZATIONS == ("auto", *config.NORMALIZATION_STATS)
