@@ -301,21 +301,21 @@ def main():
 
 def check_args(p, args) -> tuple[list[str], list[str], list[str]]:
     """The matmul precisions, attention cores and paths to measure; a value no step can take, a core
-    this backend lacks, or (with `--signals`) a flag that mode does not measure stops it before any
-    compile, rather than after the first settings were timed."""
+    this backend lacks, or (with `--signals`) `--flops`, `--memory` or several precisions or cores stops
+    it before any compile, rather than after the first settings were timed."""
     precisions, impls, paths = (
         v.split(",") for v in (args.matmul_precision, args.attention_impl, args.paths)
     )
     for flag, values, known in (
         ("--matmul_precision", precisions, MATMUL_PRECISIONS),
-        ("--attention_impl", impls, ATTENTION_IMPLS),
+        ("--attention_impl", impls, ("auto", *ATTENTION_IMPLS)),
         ("--paths", paths, ("plain", "packed")),
     ):
         if bad := [v for v in values if v not in known]:
             p.error(f"{flag}: {', '.join(bad)} unknown; choose from {', '.join(known)}")
     if "cudnn" in impls and jax.default_backend() not in ("gpu", "cuda"):  # would time matmul as cudnn
         p.error(f"--attention_impl=cudnn needs an NVIDIA GPU, not {jax.default_backend()}: try matmul,xla")
-    for spec in filter(None, args.signals.split(",")):
+    for spec in args.signals.split(",") if args.signals else []:
         signal, _, sampler = spec.partition(":")
         if signal not in STEP_SIGNALS or sampler not in ("", *EXPLAINER_SAMPLERS):
             p.error(

@@ -76,8 +76,8 @@ def main():
     p.add_argument("--out", required=True, help="folder to write the PNG files into")
     p.add_argument("--workdir", default="", help="a finished digits run whose classifier rates them")
     args = p.parse_args()
-    if os.path.exists(args.out) and os.listdir(args.out):
-        p.error(f"--out={args.out} is not empty: give a new folder (nothing there is overwritten)")
+    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+        p.error(f"--out={args.out} is a file or not empty: give a new folder (nothing is overwritten)")
     images, labels = mnist_5k()
     digits = np.stack([as_digit(x) for x in images])
     write_digits(args.out, digits, labels)

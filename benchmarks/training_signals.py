@@ -42,7 +42,8 @@ folder of more images to every configuration's training set (`explainer.extra_im
 an MLP of 8x the width), and `-e30-lr4e-3` twice the learning rate; `-e20-lr2e-3-mini` is `mini` for
 twice the steps, `-e10-lr2e-3-wide192` a backbone 1.5x wider than `mini` (192, 6 heads, MLP 768);
 `-e5-lr2e-3-mini` on 60 copies is `mini` at about the steps of `-e10-lr2e-3-mini` on 30.
-These rows sized for the added images (`SIZED_FOR_EXTRA_IMAGES`) are in no group and warn without them.
+The groups hold rows named before `--configs=precomputed-views`; later rows are named one by one, and
+those sized for the added images (`SIZED_FOR_EXTRA_IMAGES`) warn without them.
 `--diagnose` first prints, for the run's own explainer on the first `--images` test and train images,
 its MSE, the uniform efficient attribution's and the median correlation with the exact values of the
 predicted class, and adds each configuration's MSE on those train images to its row (`train_mse`).
@@ -62,8 +63,9 @@ at which KernelSHAP matches each explainer (log-log interpolation). The rows (re
 the MSE between the test images whose surrogate's top class is below 0.9 (`mse_unsure`: the error of the
 digits explainers concentrates there) and the others (`mse_sure`), as the KernelSHAP curve is split too.
 A finished run directory is reused (its seconds are read back), so an interrupted benchmark resumes;
-one trained with other settings (another `--epochs` or `--extra_images`) is refused, as is an `{out}`
-that holds another surrogate's ground truth (`{out}/surrogate.txt`). `--configs`, `--seeds`,
+one trained with other settings (another `--epochs` or `--extra_images`) or from another surrogate run
+is refused, as is an `{out}` that holds another surrogate run's ground truth (its id in
+`{out}/surrogate.txt`). `--configs`, `--seeds`,
 `--teachers` and `--extra_images` are checked before any work.
 """
 
@@ -251,7 +253,9 @@ def configure(name, seed, args, surrogate_dir):
     c.explainer.update(dict(signal=signal, sampler=sampler, num_coalitions=coalitions))
     c.train.epochs = max(1, round(args.epochs * scale))
     views = overrides.pop("views", 1)
-    if overrides.pop("teachers", False):  # given: resolve_configs checked
+    if overrides.pop("teachers", False):
+        if not args.teachers:  # resolve_configs says so before any work; this guards other callers
+            raise SystemExit(f"--configs={name} distills finished explainers: give those as --teachers")
         c.explainer.teachers = args.teachers
     if signal == "precomputed":  # wls-32's surrogate evaluations, spent before training
         budget = args.epochs * (coalitions + 2) / (views if overrides.pop("shared_budget", False) else 1)
@@ -279,7 +283,14 @@ def train(name, seed, args, surrogate_dir, mesh):
     timing = os.path.join(path, "benchmark_seconds.json")
     if os.path.exists(timing):  # finished: read back, if it is this configuration
         with open(os.path.join(path, "explainer", "config.json")) as f:
-            changed = [d for d in common.settings_diff(json.load(f), c.to_dict()) if d.startswith(COMPARED)]
+            saved = json.load(f)
+        changed = [
+            d for d in common.settings_diff(as_paths(saved), as_paths(c.to_dict())) if d.startswith(COMPARED)
+        ]
+        if saved.get("upstream_run_id") != surrogate_run_id(surrogate_dir):
+            changed.append(
+                f"upstream_run_id: {saved.get('upstream_run_id')} -> {surrogate_run_id(surrogate_dir)}"
+            )
         if changed:
             raise SystemExit(
                 f"{path} holds a run with other settings ({'; '.join(changed)}: another --epochs or "
@@ -293,6 +304,17 @@ def train(name, seed, args, surrogate_dir, mesh):
     seconds = time.perf_counter() - start
     json.dump({"seconds": seconds}, open(timing, "w"))
     return path, seconds, c
+
+
+def as_paths(config: dict) -> dict:
+    """`config` with its folder settings (extra images, teachers) as real paths: one folder, one value."""
+    e = config["explainer"]
+    folders = {
+        k: ",".join(os.path.realpath(p) for p in e[k].split(","))
+        for k in ("extra_images", "teachers")
+        if e.get(k)
+    }
+    return config | {"explainer": e | folders}
 
 
 # The settings this benchmark sets per configuration: a finished run is reused only with the same ones.
@@ -372,21 +394,34 @@ def diagnose(run, images, truth, split: str) -> str:
     )
 
 
-def keep_one_surrogate(out: str, surrogate_dir: str) -> None:
-    """`out` keeps the exact values and the KernelSHAP curve of one surrogate's game (its runs train on
-    it): recorded in `{out}/surrogate.txt` on first use, and another surrogate refused."""
-    record, mine = os.path.join(out, "surrogate.txt"), os.path.realpath(surrogate_dir)
+def surrogate_run_id(surrogate_dir: str) -> str:
+    """The surrogate run's id (`run_id` in its config.json): retrained in the same folder, it changes."""
+    with open(os.path.join(surrogate_dir, "config.json")) as f:
+        return json.load(f)["run_id"]
+
+
+def keep_one_surrogate(out: str, run_id: str) -> None:
+    """`out` keeps the exact values and the KernelSHAP curve of one surrogate run's game (its runs train on
+    it): its id recorded in `{out}/surrogate.txt` on first use, and another surrogate refused."""
+    record = os.path.join(out, "surrogate.txt")
     if os.path.exists(record):
         with open(record) as f:
             theirs = f.read().strip()
-        if theirs != mine:
+        if theirs != run_id:
             raise SystemExit(
-                f"--out={out} holds the ground truth and runs of the surrogate {theirs}, not of --workdir's "
-                f"{mine}: give another --out"
+                f"--out={out} holds the ground truth and runs of surrogate run {theirs}, not of --workdir's "
+                f"surrogate (run {run_id}, retrained or another one): give another --out"
             )
     else:
-        with open(record, "w") as f:
-            f.write(mine + "\n")
+        with open(record + ".tmp", "w") as f:
+            f.write(run_id + "\n")
+        os.replace(record + ".tmp", record)
+
+
+def needs_teachers(name: str) -> bool:
+    """Whether configuration `name` distills finished explainers (`--teachers`)."""
+    spec = CONFIGS[name]
+    return len(spec) > 4 and bool(spec[4].get("teachers"))
 
 
 def resolve_configs(configs: str, extra_images: str = "", teachers: str = "") -> list[str]:
@@ -399,7 +434,7 @@ def resolve_configs(configs: str, extra_images: str = "", teachers: str = "") ->
         raise SystemExit(
             f"unknown --configs {', '.join(unknown)}: choose from {', '.join([*CONFIGS, *GROUPS])}"
         )
-    if distill := [n for n in names if n.startswith("distill") and not teachers]:
+    if distill := [n for n in names if needs_teachers(n) and not teachers]:
         raise SystemExit(
             f"--configs {', '.join(distill)} distill finished explainers: give those as --teachers"
         )
@@ -454,11 +489,11 @@ def main():
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise SystemExit(f"--seeds={args.seeds}: give comma-separated integers, e.g. --seeds=0,1") from None
-    if args.extra_images:
-        data.ImageFiles(args.extra_images, field="--extra_images")  # the folder's own errors, now
+    if args.extra_images and not os.path.isdir(args.extra_images):
+        raise SystemExit(f"--extra_images={args.extra_images}: no such folder; give a folder of image files")
     os.makedirs(args.out, exist_ok=True)
     main_run = load_explainer(args.workdir)
-    keep_one_surrogate(args.out, main_run.surrogate_dir)
+    keep_one_surrogate(args.out, surrogate_run_id(main_run.surrogate_dir))
     game = main_run.game()
     _, images, _ = main_run.examples("test", args.images, views=False)
     images = jnp.asarray(images)

@@ -239,34 +239,45 @@ def test_gpu_check_refuses_a_misspelt_part_before_running_anything():
 
 
 def test_training_signals_reads_back_a_finished_run_only_if_it_has_this_calls_settings(tmp_path):
-    # A finished run folder is reused (an interrupted benchmark resumes), but not under other settings:
-    # its MSE would be reported in a row that states this call's epochs and evaluations.
+    # A finished run folder is reused (an interrupted benchmark resumes), but not under other settings
+    # nor from another surrogate run: its MSE would be reported in a row that states this call's.
     import argparse
     import json
 
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from training_signals import configure, train
+    from training_signals import as_paths, configure, train
 
+    surrogate = tmp_path / "surrogate"
+    surrogate.mkdir()
+    (surrogate / "config.json").write_text(json.dumps({"run_id": "abc"}))
     args = argparse.Namespace(epochs=4, extra_images="", out=str(tmp_path), teachers="", train_images=1257)
     path = tmp_path / "wls-32-s0"  # a finished run of wls-32, seed 0, with --epochs=4, as train records it
     (path / "explainer").mkdir(parents=True)
-    config = configure("wls-32", 0, args, "surrogate").to_dict()
+    config = configure("wls-32", 0, args, str(surrogate)).to_dict() | {"upstream_run_id": "abc"}
     (path / "explainer" / "config.json").write_text(json.dumps(config))
     (path / "benchmark_seconds.json").write_text(json.dumps({"seconds": 12.5}))
-    assert train("wls-32", 0, args, "surrogate", None)[:2] == (str(path), 12.5)
+    assert train("wls-32", 0, args, str(surrogate), None)[:2] == (str(path), 12.5)
     args.epochs = 8
     with pytest.raises(SystemExit, match=r"other settings \(.*train.epochs: 4 -> 8.*give another --out"):
-        train("wls-32", 0, args, "surrogate", None)
+        train("wls-32", 0, args, str(surrogate), None)
+    args.epochs = 4
+    (surrogate / "config.json").write_text(json.dumps({"run_id": "def"}))  # retrained in the same folder
+    with pytest.raises(SystemExit, match=r"other settings \(upstream_run_id: abc -> def"):
+        train("wls-32", 0, args, str(surrogate), None)
+    # One folder spelt two ways is one setting.
+    spelt = [as_paths({"explainer": {"extra_images": p}}) for p in ("runs/warp30/", "./runs/warp30")]
+    assert spelt[0] == spelt[1]
 
 
 def test_training_signals_out_folder_keeps_one_surrogates_ground_truth(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from training_signals import keep_one_surrogate
 
-    keep_one_surrogate(str(tmp_path), "runs/a/surrogate")
-    keep_one_surrogate(str(tmp_path), "runs/a/surrogate")  # the same one again: its files are reused
-    with pytest.raises(SystemExit, match="holds the ground truth and runs of the surrogate .*a/surrogate"):
-        keep_one_surrogate(str(tmp_path), "runs/b/surrogate")
+    keep_one_surrogate(str(tmp_path), "abc")
+    keep_one_surrogate(str(tmp_path), "abc")  # the same surrogate run again: its files are reused
+    with pytest.raises(SystemExit, match="holds the ground truth and runs of surrogate run abc, not"):
+        keep_one_surrogate(str(tmp_path), "def")
+    assert os.listdir(tmp_path) == ["surrogate.txt"]
 
 
 @pytest.mark.parametrize(
@@ -276,6 +287,7 @@ def test_training_signals_out_folder_keeps_one_surrogates_ground_truth(tmp_path)
         (("--attention_impl=matmul,cudnn",), "--attention_impl=cudnn needs an NVIDIA GPU, not cpu"),
         (("--matmul_precision=float32,fp8",), "--matmul_precision: fp8 unknown"),
         (("--signals=wls", "--flops"), "--signals measures the packed step at one matmul precision"),
+        (("--signals=wls,",), "--signals:  unknown"),
     ],
 )
 def test_explainer_step_refuses_settings_it_cannot_measure_before_compiling(flags, said):
