@@ -65,8 +65,8 @@ digits explainers concentrates there) and the others (`mse_sure`), as the Kernel
 A finished run directory is reused (its seconds are read back), so an interrupted benchmark resumes;
 one trained with other settings (another `--epochs` or `--extra_images`) or from another surrogate run
 is refused, as is an `{out}` that holds another surrogate run's ground truth (its id in
-`{out}/surrogate.txt`). `--configs`, `--seeds`,
-`--teachers` and `--extra_images` are checked before any work.
+`{out}/surrogate.txt`). `--configs`, `--seeds`, `--teachers` and `--extra_images` are checked before
+any work.
 """
 
 from __future__ import annotations
