@@ -46,10 +46,10 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/gpu_check_jax
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 start=$SECONDS
 budget=${BUDGET:-540}
-parts=${PARTS:-attention-step torch-step step-bf16 attention torch-f32 profile signals torch-bf16 memory}
-known=" attention-step torch-step step-bf16 attention torch-f32 profile signals torch-bf16 memory "
+all_parts="attention-step torch-step step-bf16 attention torch-f32 profile signals torch-bf16 memory"
+parts=${PARTS:-$all_parts}
 for name in $parts; do  # a misspelt part would otherwise run nothing, silently, on a lent machine
-  [[ "$known" == *" $name "* ]] || { echo "gpu_check: unknown part '$name': choose from$known"; exit 2; }
+  [[ " $all_parts " == *" $name "* ]] || { echo "gpu_check: unknown part '$name': choose from $all_parts"; exit 2; }
 done
 if [ -n "${1:-}" ]; then
   $py -m pip install --quiet --no-deps --no-index "$1"/*.whl || echo "gpu_check: installing wheels from $1 failed"

@@ -287,10 +287,8 @@ def train(name, seed, args, surrogate_dir, mesh):
         changed = [
             d for d in common.settings_diff(as_paths(saved), as_paths(c.to_dict())) if d.startswith(COMPARED)
         ]
-        if saved.get("upstream_run_id") != surrogate_run_id(surrogate_dir):
-            changed.append(
-                f"upstream_run_id: {saved.get('upstream_run_id')} -> {surrogate_run_id(surrogate_dir)}"
-            )
+        if saved.get("upstream_run_id") != (upstream := surrogate_run_id(surrogate_dir)):
+            changed.append(f"upstream_run_id: {saved.get('upstream_run_id')} -> {upstream}")
         if changed:
             raise SystemExit(
                 f"{path} holds a run with other settings ({'; '.join(changed)}: another --epochs or "
