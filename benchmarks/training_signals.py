@@ -295,6 +295,13 @@ def train(name, seed, args, surrogate_dir, mesh):
                 "--extra_images than this call's): give another --out, or move that folder away"
             )
         return path, json.load(open(timing))["seconds"], c
+    started = os.path.join(path, "explainer", "checkpoints")
+    if os.path.isdir(started) and os.listdir(started):
+        raise SystemExit(
+            f"{path} holds an interrupted run (its checkpoints): resumed, its seconds would count only the "
+            f"rest. Delete {started} (and the run's other files but {explainer_stage.TARGETS_FILE}, "
+            "whose labels are then read back) to train it again from the start"
+        )
     if c.explainer.signal == "precomputed" and not c.explainer.teachers:
         share_labels(c, args.out, seed, path)
     start = time.perf_counter()
@@ -322,7 +329,11 @@ COMPARED = ("seed:", "train.epochs:", "optim.", "explainer.", "dataset.train_exa
 def share_labels(c, out: str, seed: int, path: str) -> None:
     """Copies the KernelSHAP labels of an earlier precomputed run with the same seed, budget and views
     (the same number, blended alike: identical by construction) into `path`, which the stage then reads
-    back instead of computing them again."""
+    back instead of computing them again. Labels already in `path` (a start stopped after its labels)
+    are kept: the stage reads them back and checks them."""
+    if os.path.exists(os.path.join(path, "explainer", explainer_stage.TARGETS_FILE)):
+        print(f"labels of an earlier start of {path} reused: the seconds below exclude computing them")
+        return
     for name, spec in CONFIGS.items():
         source = os.path.join(out, f"{name}-s{seed}", "explainer", explainer_stage.TARGETS_FILE)
         settings = spec[4] if len(spec) > 4 else {}

@@ -269,6 +269,34 @@ def test_training_signals_reads_back_a_finished_run_only_if_it_has_this_calls_se
     assert spelt[0] == spelt[1]
 
 
+def test_training_signals_times_runs_from_their_start_and_keeps_labels_of_a_stopped_start(tmp_path, capsys):
+    # A run stopped after its labels used to crash when started again (its own labels copied onto
+    # themselves); one stopped while training would resume and time only the rest.
+    import argparse
+    import json
+
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from training_signals import configure, share_labels, train
+
+    surrogate = tmp_path / "surrogate"
+    surrogate.mkdir()
+    (surrogate / "config.json").write_text(json.dumps({"run_id": "abc"}))
+    args = argparse.Namespace(epochs=4, extra_images="", out=str(tmp_path), teachers="", train_images=1257)
+    c = configure("precomputed", 0, args, str(surrogate))
+    path = tmp_path / "precomputed-s0"
+    (path / "explainer").mkdir(parents=True)
+    (path / "explainer" / "config.json").write_text(json.dumps(c.to_dict()))
+    labels = path / "explainer" / "targets.npz"
+    np.savez(labels, targets=np.zeros((2, 16, 10)), evals=c.explainer.target_evals)
+    share_labels(c, str(tmp_path), 0, str(path))
+    assert "labels of an earlier start" in capsys.readouterr().out
+    (path / "explainer" / "checkpoints" / "120").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="holds an interrupted run .* its seconds would count only the rest"):
+        train("precomputed", 0, args, str(surrogate), None)
+
+
 def test_training_signals_out_folder_keeps_one_surrogates_ground_truth(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from training_signals import keep_one_surrogate
