@@ -48,7 +48,8 @@ those sized for the added images (`SIZED_FOR_EXTRA_IMAGES`) warn without them.
 its MSE, the uniform efficient attribution's and the median correlation with the exact values of the
 predicted class, and adds each configuration's MSE on those train images to its row (`train_mse`).
 `--ensemble` also scores the mean of all the runs' outputs (every configuration and seed) as one
-explainer: with the same configuration and two seeds, how much of the error is the seed's.
+explainer: with the same configuration and two seeds, how much of the error is the seed's;
+`--ensemble_runs` joins finished runs of other folders (e.g. trained on other `--extra_images`) to it.
 
 Every configuration spends `--epochs` x 32 coalition evaluations per training image (permutation with
 n = 16 players: 30 per pair, so 6% fewer), plus v(all) and v(empty) in every step. The schedule is the
@@ -59,14 +60,16 @@ for every signal), and the mean squared error of the explainer's values (every c
 Shapley values of the surrogate's game on the first `--images` test images (kept in `{out}` with the
 KernelSHAP curve, for the next invocation); with the standard
 KernelSHAP's error on the same images at doubling budgets (`--kernelshap_seeds` runs each), the budget
-at which KernelSHAP matches each explainer (log-log interpolation). The rows (results.json) also split
+at which KernelSHAP matches each explainer (log-log interpolation). The rows (`{out}/results.json`,
+which keeps the rows and ensembles of earlier calls into the same `{out}`) also split
 the MSE between the test images whose surrogate's top class is below 0.9 (`mse_unsure`: the error of the
 digits explainers concentrates there) and the others (`mse_sure`), as the KernelSHAP curve is split too.
 A finished run directory is reused (its seconds are read back), so an interrupted benchmark resumes;
 one trained with other settings (another `--epochs` or `--extra_images`) or from another surrogate run
-is refused, as is an `{out}` that holds another surrogate run's ground truth (its id in
-`{out}/surrogate.txt`). `--configs`, `--seeds`, `--teachers` and `--extra_images` are checked before
-any work.
+is refused, as is one stopped while training (its seconds would miss the start; one stopped after its
+labels starts again with them), and an `{out}` that holds another surrogate run's ground truth (its id
+in `{out}/surrogate.txt`). `--configs`, `--seeds`, `--teachers`, `--extra_images` and `--ensemble_runs`
+are checked before any work.
 """
 
 from __future__ import annotations
@@ -355,6 +358,52 @@ def share_labels(c, out: str, seed: int, path: str) -> None:
         return
 
 
+def ensemble_runs(paths: str, surrogate: str, own=()) -> list[str]:
+    """`--ensemble_runs` as real paths, each a finished explainer run of surrogate run `surrogate`
+    (checked before any work: their mean with this call's runs is only meaningful for one game), none
+    of them twice nor one of this call's runs `own` (it would weigh double)."""
+    runs = [os.path.realpath(p) for p in paths.split(",") if p]
+    twice = sorted({p for p in runs if runs.count(p) > 1} | (set(runs) & {os.path.realpath(p) for p in own}))
+    if twice:
+        raise SystemExit(
+            f"--ensemble_runs: {', '.join(twice)} given twice (or also by --configs and --seeds)"
+        )
+    for path in runs:
+        config = os.path.join(path, "explainer", "config.json")
+        if not os.path.exists(os.path.join(path, "explainer", "results.json")):
+            raise SystemExit(
+                f"--ensemble_runs: {path} holds no finished explainer run ({path}/explainer/results.json)"
+            )
+        with open(config) as f:
+            upstream = json.load(f).get("upstream_run_id")
+        if upstream != surrogate:
+            raise SystemExit(
+                f"--ensemble_runs: {path} explains surrogate run {upstream}, not {surrogate} (--workdir's): "
+                "give runs trained against --workdir's surrogate"
+            )
+    return runs
+
+
+def save_results(out: str, curves: dict, rows: list[dict], ensemble: dict) -> None:
+    """`{out}/results.json`: the KernelSHAP curves, and this call's rows and ensemble added to those of
+    earlier calls into the same `out` (a row of the same configuration and seed, an ensemble of the same
+    runs, replaced), so that a call for one seed keeps the rows of the others. Written whole or not at all."""
+    file = os.path.join(out, "results.json")
+    saved = json.load(open(file)) if os.path.exists(file) else {}
+    keys = {(r["name"], r["seed"]) for r in rows}
+    kept = [r for r in saved.get("rows", []) if (r["name"], r["seed"]) not in keys]
+    older = [saved["ensemble"]] if saved.get("ensemble") else []  # files of before "ensembles"
+    earlier = saved.get("ensembles", []) + older
+    ensembles = [e for e in earlier if e.get("runs") != ensemble.get("runs")]
+    with open(f"{file}.tmp", "w") as f:
+        json.dump(
+            curves | {"rows": kept + rows, "ensembles": ensembles + ([ensemble] if ensemble else [])},
+            f,
+            indent=1,
+        )
+    os.replace(f"{file}.tmp", file)
+
+
 def evals_per_image(c, n: int) -> int:
     """Surrogate evaluations per training image over the whole run (v(all) and v(empty) included)."""
     e = c.explainer
@@ -477,6 +526,12 @@ def main():
         help="also the mean of all the runs' outputs (every configuration and seed given) as one explainer",
     )
     p.add_argument(
+        "--ensemble_runs",
+        default="",
+        help="comma-separated finished explainer runs of --workdir's surrogate (e.g. {out}/{name}-s{seed} of "
+        "another --out, trained on other --extra_images) joined to the --ensemble mean (implies --ensemble)",
+    )
+    p.add_argument(
         "--teachers",
         default="",
         help="comma-separated finished explainer runs (of --workdir's surrogate) for the distill-* configs",
@@ -500,8 +555,11 @@ def main():
         raise SystemExit(f"--seeds={args.seeds}: give comma-separated integers, e.g. --seeds=0,1") from None
     if args.extra_images and not os.path.isdir(args.extra_images):
         raise SystemExit(f"--extra_images={args.extra_images}: no such folder; give a folder of image files")
-    os.makedirs(args.out, exist_ok=True)
     main_run = load_explainer(args.workdir)
+    own = [os.path.join(args.out, f"{name}-s{seed}") for name in names for seed in seeds]
+    joined = ensemble_runs(args.ensemble_runs, surrogate_run_id(main_run.surrogate_dir), own)
+    args.ensemble = args.ensemble or bool(joined)
+    os.makedirs(args.out, exist_ok=True)
     keep_one_surrogate(args.out, surrogate_run_id(main_run.surrogate_dir))
     game = main_run.game()
     _, images, _ = main_run.examples("test", args.images, views=False)
@@ -598,27 +656,31 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
     ensemble = {}
+    members = [os.path.realpath(os.path.join(args.out, f"{r['name']}-s{r['seed']}")) for r in rows]
+    mses = [r["mse"] for r in rows]
+    for path in joined:  # finished runs of other folders: scored as members, not trained
+        run = TrainedRun.load(path)
+        phi = np.asarray(run(images)["phi"])
+        outputs.append((phi, np.asarray(run(train_images)["phi"]) if args.diagnose else None))
+        members.append(path)
+        mses.append(float(((phi - truth) ** 2).mean()))
+        print(f"{path} (--ensemble_runs): test MSE {mses[-1]:.3e}", flush=True)
     if args.ensemble and len(outputs) > 1:
         # Each member is efficient for the same surrogate, so their mean is too: one explainer that
         # costs len(outputs) forward passes.
         phi = np.mean([o[0] for o in outputs], axis=0)
-        ensemble = dict(members=len(outputs), mse=float(((phi - truth) ** 2).mean()))
+        ensemble = dict(members=len(outputs), runs=members, mse=float(((phi - truth) ** 2).mean()))
         ensemble["kernelshap_evals"] = matching_budget(ensemble["mse"], curve)
         if args.diagnose:
             train_phi = np.mean([o[1] for o in outputs], axis=0)
             ensemble["train_mse"] = float(((train_phi - train_truth) ** 2).mean())
-        members = np.mean([r["mse"] for r in rows])
         print(
             f"the mean of the {len(outputs)} runs' outputs: test MSE {ensemble['mse']:.3e} (the runs' mean "
-            f"{members:.3e}), KernelSHAP evaluations to match {ensemble['kernelshap_evals']}"
+            f"{np.mean(mses):.3e}), KernelSHAP evaluations to match {ensemble['kernelshap_evals']}"
             + (f", train MSE {ensemble['train_mse']:.3e}" if args.diagnose else ""),
             flush=True,
         )
-    json.dump(
-        {"kernelshap": curve, "kernelshap_unsure": curve_unsure, "rows": rows, "ensemble": ensemble},
-        open(os.path.join(args.out, "results.json"), "w"),
-        indent=1,
-    )
+    save_results(args.out, {"kernelshap": curve, "kernelshap_unsure": curve_unsure}, rows, ensemble)
 
     print(
         "\n| configuration | signal | sampler | coalitions | epochs | evaluations / image | seconds | "

@@ -297,6 +297,53 @@ def test_training_signals_times_runs_from_their_start_and_keeps_labels_of_a_stop
         train("precomputed", 0, args, str(surrogate), None)
 
 
+def test_training_signals_results_keep_earlier_calls_rows_and_join_only_runs_of_this_surrogate(tmp_path):
+    # A call for seed 1 used to overwrite the results.json of the call for seed 0 in the same --out.
+    import json
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from training_signals import ensemble_runs, save_results
+
+    curves = {"kernelshap": {"66": 1e-3}, "kernelshap_unsure": {}}
+    save_results(
+        str(tmp_path),
+        curves,
+        [{"name": "a", "seed": 0, "mse": 2.0}, {"name": "b", "seed": 0, "mse": 3.0}],
+        {},
+    )
+    save_results(
+        str(tmp_path), curves, [{"name": "a", "seed": 1, "mse": 1.0}], {"runs": ["x", "y"], "mse": 1.5}
+    )
+    save_results(
+        str(tmp_path), curves, [{"name": "a", "seed": 0, "mse": 0.5}], {"runs": ["x", "y"], "mse": 1.2}
+    )
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["name"], r["seed"], r["mse"]) for r in saved["rows"]] == [
+        ("b", 0, 3.0),
+        ("a", 1, 1.0),
+        ("a", 0, 0.5),
+    ]
+    assert saved["ensembles"] == [{"runs": ["x", "y"], "mse": 1.2}]  # the same runs again: replaced
+    assert saved["kernelshap"] == {"66": 1e-3}
+
+    def finished(name, upstream):
+        (tmp_path / name / "explainer").mkdir(parents=True)
+        (tmp_path / name / "explainer" / "config.json").write_text(json.dumps({"upstream_run_id": upstream}))
+        (tmp_path / name / "explainer" / "results.json").write_text("{}")
+        return str(tmp_path / name)
+
+    mine, other = finished("mine", "abc"), finished("other", "def")
+    assert ensemble_runs(f"{mine},", "abc") == [os.path.realpath(mine)]
+    with pytest.raises(SystemExit, match="explains surrogate run def, not abc"):
+        ensemble_runs(f"{mine},{other}", "abc")
+    with pytest.raises(SystemExit, match="holds no finished explainer run"):
+        ensemble_runs(str(tmp_path / "nowhere"), "abc")
+    with pytest.raises(SystemExit, match="given twice"):
+        ensemble_runs(f"{mine},{mine}/", "abc")
+    with pytest.raises(SystemExit, match="given twice .or also by --configs and --seeds"):
+        ensemble_runs(mine, "abc", own=[mine])
+
+
 def test_training_signals_out_folder_keeps_one_surrogates_ground_truth(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from training_signals import keep_one_surrogate
