@@ -106,7 +106,8 @@ def break_even(
     by_time = train_seconds / max(kernelshap_seconds - explainer_seconds, 1e-12)
     by_evals = train_evals / max(kernelshap_evals - 2, 1)  # the explainer needs v(all) and v(empty)
     return (
-        f"training the explainer: {train_seconds / 60:.1f} min of train steps, {train_evals:,} surrogate "
+        f"training the explainer: {train_seconds / 60:.1f} min (logged train steps, plus the labels of "
+        f"signal=precomputed), {train_evals:,} surrogate "
         f"evaluations; break-even after {'at most ' if bound else ''}{by_time:,.0f} explained images by "
         f"wall-clock, {'at most ' if bound else ''}{by_evals:,.0f} by surrogate evaluations"
     )
