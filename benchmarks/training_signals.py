@@ -557,10 +557,11 @@ def main():
         raise SystemExit(f"--extra_images={args.extra_images}: no such folder; give a folder of image files")
     main_run = load_explainer(args.workdir)
     own = [os.path.join(args.out, f"{name}-s{seed}") for name in names for seed in seeds]
-    joined = ensemble_runs(args.ensemble_runs, surrogate_run_id(main_run.surrogate_dir), own)
+    surrogate = surrogate_run_id(main_run.surrogate_dir)
+    joined = ensemble_runs(args.ensemble_runs, surrogate, own)
     args.ensemble = args.ensemble or bool(joined)
     os.makedirs(args.out, exist_ok=True)
-    keep_one_surrogate(args.out, surrogate_run_id(main_run.surrogate_dir))
+    keep_one_surrogate(args.out, surrogate)
     game = main_run.game()
     _, images, _ = main_run.examples("test", args.images, views=False)
     images = jnp.asarray(images)
@@ -620,7 +621,7 @@ def main():
 
     mesh = parallel.make_mesh()
     rows = []
-    outputs = []  # (test phi, train phi) per run, for --ensemble
+    outputs, members = [], []  # (test phi, train phi) and the run's folder per run, for --ensemble
     for name in names:
         for seed in seeds:
             path, seconds, c = train(name, seed, args, main_run.surrogate_dir, mesh)
@@ -637,6 +638,7 @@ def main():
                 train_phi = np.asarray(run(train_images)["phi"])
                 train_mse = {"train_mse": float(((train_phi - train_truth) ** 2).mean())}
             outputs.append((phi, train_phi))
+            members.append(os.path.realpath(path))
             val = json.load(open(os.path.join(path, "explainer", "results.json")))["validation"]["loss"]
             row = dict(
                 name=name,
@@ -656,7 +658,6 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
     ensemble = {}
-    members = [os.path.realpath(os.path.join(args.out, f"{r['name']}-s{r['seed']}")) for r in rows]
     mses = [r["mse"] for r in rows]
     for path in joined:  # finished runs of other folders: scored as members, not trained
         run = TrainedRun.load(path)

@@ -1,6 +1,7 @@
 """The README and docs/ are a map: every relative link names a file of this repository and, with
 `#anchor`, a heading of that file (GitHub's anchors), so a renamed section or file breaks this test."""
 
+import functools
 import glob
 import os
 import re
@@ -15,10 +16,14 @@ PAGES = [
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
+def strip_fences(text: str) -> str:
+    """`text` without fenced code blocks (a `# comment` in one is no heading, a link in one no link)."""
+    return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+
+
 def strip_code(text: str) -> str:
     """`text` without fenced code blocks and inline code (links in code are not links)."""
-    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
-    return re.sub(r"`[^`\n]*`", "", text)
+    return re.sub(r"`[^`\n]*`", "", strip_fences(text))
 
 
 def anchors(text: str) -> set[str]:
@@ -26,14 +31,19 @@ def anchors(text: str) -> set[str]:
     underscores dropped, spaces as hyphens; a repeated heading gets -1, -2, ..."""
     seen: dict[str, int] = {}
     out = set()
-    for heading in re.findall(
-        r"^#{1,6} (.+?)\s*#*$", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M), re.M
-    ):
+    for heading in re.findall(r"^#{1,6} (.+?)\s*#*$", strip_fences(text), re.M):
         slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
         count = seen.get(slug, 0)
         seen[slug] = count + 1
         out.add(slug if count == 0 else f"{slug}-{count}")
     return out
+
+
+@functools.cache
+def anchors_of(file: str) -> frozenset[str]:
+    """`anchors` of a page, read once however many links point into it."""
+    with open(file) as f:
+        return frozenset(anchors(f.read()))
 
 
 def test_anchors_follow_githubs_rules():
@@ -65,8 +75,6 @@ def test_every_relative_link_names_a_file_and_a_heading_that_exist(page):
         )
         if not os.path.exists(file):
             broken.append(f"{target}: no file {os.path.relpath(file, ROOT)}")
-        elif anchor and file.endswith(".md"):
-            with open(file) as f:
-                if anchor not in anchors(f.read()):
-                    broken.append(f"{target}: no heading with the anchor #{anchor}")
+        elif anchor and file.endswith(".md") and anchor not in anchors_of(file):
+            broken.append(f"{target}: no heading with the anchor #{anchor}")
     assert not broken, f"{page}: " + "; ".join(broken)
